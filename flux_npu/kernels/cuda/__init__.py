@@ -1,0 +1,1 @@
+"""CUDA kernels (Triton, SDPA). Importing this package registers them."""

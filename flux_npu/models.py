@@ -1,0 +1,110 @@
+"""Random-init Flux models of real shapes, and their inputs. No weights are ever downloaded.
+
+Presets (diffusers `FluxTransformer2DModel` configs):
+- flux-dev:  19 double + 38 single blocks, 24 heads x 128 (hidden 3072), T5-XXL width 4096.
+- flux-mini: 5 double + 10 single blocks at Flux-dev width (FluxKits' distilled Flux-mini).
+- tiny:      2 + 2 blocks, 2 heads x 16, for tests and the README's main job.
+- block:     1 + 1 blocks at Flux width (24 x 128): the "Flux-width block" of the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+PRESETS: Dict[str, dict] = {
+    "flux-dev": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "flux-mini": dict(
+        patch_size=1, in_channels=64, num_layers=5, num_single_layers=10, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "block": dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "tiny": dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+}
+
+
+def preset_config(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown Flux preset {name!r}; presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def build_diffusers_flux(preset: str = "tiny", dtype=torch.float32, device="cpu", seed: int = 0, **overrides):
+    """A random-init diffusers FluxTransformer2DModel of the preset's shape."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = preset_config(preset)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**cfg)
+    return model.to(device=device, dtype=dtype)
+
+
+@dataclass
+class FluxInputs:
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    pooled_projections: torch.Tensor
+    timestep: torch.Tensor
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+    guidance: Optional[torch.Tensor]
+
+    def as_kwargs(self) -> dict:
+        d = dict(self.__dict__)
+        if d["guidance"] is None:
+            d.pop("guidance")
+        return d
+
+
+def image_tokens(resolution: int) -> int:
+    """Latent tokens for a square image: VAE downsamples 8x, Flux packs 2x2 latents per token."""
+    side = resolution // 16
+    return side * side
+
+
+def image_ids(resolution: int, device="cpu") -> torch.Tensor:
+    side = resolution // 16
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return ids.reshape(side * side, 3).to(device)
+
+
+def make_inputs(config: dict, resolution: int = 256, text_len: int = 16, batch: int = 1, dtype=torch.float32,
+                device="cpu", seed: int = 0, requires_grad: bool = False) -> FluxInputs:
+    """Random inputs of the right shapes for a diffusers Flux config (latent tokens from the
+    resolution; text length `text_len`: 512 for T5 in Flux-dev training, less in tests)."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = image_tokens(resolution)
+    c_in = config["in_channels"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    hs = rnd(batch, n_img, c_in).requires_grad_(requires_grad)
+    ehs = rnd(batch, text_len, config["joint_attention_dim"]).requires_grad_(requires_grad)
+    return FluxInputs(
+        hidden_states=hs,
+        encoder_hidden_states=ehs,
+        pooled_projections=rnd(batch, config["pooled_projection_dim"]),
+        timestep=torch.rand(batch, generator=g).to(device=device, dtype=dtype),
+        img_ids=image_ids(resolution, device),
+        txt_ids=torch.zeros(text_len, 3, device=device),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if config.get("guidance_embeds") else None,
+    )

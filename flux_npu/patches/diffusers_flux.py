@@ -1,0 +1,242 @@
+"""Patches for diffusers' FluxTransformer2DModel.
+
+- `FluxAttnProcessor.__call__`: the attention processor of every Flux attention module, rewritten
+  on our ops: QK RMSNorms (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`) -> ops.rms_norm,
+  RoPE -> ops.apply_rope, attention -> ops.attention in diffusers' (B, S, H, D) layout (so the npu
+  backend can hand it to the fused op without a transpose). Processors configured for another
+  diffusers attention backend or for context parallelism keep the stock path.
+- `FluxPosEmbed.forward`: RoPE frequencies -> ops.rope_freqs (float32 on devices without float64).
+- `AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous.forward`: the AdaLN
+  LayerNorm + modulation -> ops.layer_norm_modulate (only the no-affine LayerNorm form Flux uses;
+  other configurations keep the stock forward).
+- `embeddings.apply_rotary_emb` (and its by-name imports): the Flux (cos, sin) form ->
+  ops.apply_rope; any other form goes to the original. Reaches processors we do not rewrite
+  (e.g. the IP-adapter one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .engine import PatchSet, Spec, exact, register_patch_set
+
+FLUX_MODULE = "diffusers.models.transformers.transformer_flux"
+NORM_MODULE = "diffusers.models.normalization"
+EMB_MODULE = "diffusers.models.embeddings"
+
+
+def _rms(module, x, backend):
+    """A QK norm through ops.rms_norm when it is a plain torch.nn.RMSNorm over the head dim."""
+    if type(module) is torch.nn.RMSNorm and tuple(module.normalized_shape) == (x.shape[-1],):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return ops.rms_norm(x, module.weight, eps, backend=backend)
+    return module(x)
+
+
+def build_processor_call(original, backend):
+    get_qkv = original.__globals__["_get_qkv_projections"]
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if getattr(self, "_attention_backend", None) is not None or getattr(self, "_parallel_config", None) is not None:
+            return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        q, k, v, eq, ek, ev = get_qkv(attn, hidden_states, encoder_hidden_states)
+        q = _rms(attn.norm_q, q.unflatten(-1, (-1, attn.head_dim)), backend)
+        k = _rms(attn.norm_k, k.unflatten(-1, (-1, attn.head_dim)), backend)
+        v = v.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            eq = _rms(attn.norm_added_q, eq.unflatten(-1, (-1, attn.head_dim)), backend)
+            ek = _rms(attn.norm_added_k, ek.unflatten(-1, (-1, attn.head_dim)), backend)
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        if image_rotary_emb is not None:
+            q = ops.apply_rope(q, image_rotary_emb, sequence_dim=1, backend=backend)
+            k = ops.apply_rope(k, image_rotary_emb, sequence_dim=1, backend=backend)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2:  # (B, Sk) key-padding mask, as diffusers' native path
+            mask = mask[:, None, None, :]
+        out = ops.attention(q, k, v, mask=mask, layout="BSHD", backend=backend)
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+            enc, img = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+            img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+            enc = attn.to_add_out(enc.contiguous())
+            return img, enc
+        return out
+
+    __call__.__wrapped_original__ = original
+    return __call__
+
+
+class _Processor:
+    """A per-instance processor object running the rewritten processor body."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, fn, original_processor):
+        self._fn = fn
+        self.original_processor = original_processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._fn(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def _processor_instances(module, model, backend, handle, spec, original):
+    fn = spec.build(original, backend)
+    cls = module.FluxAttnProcessor
+    count = skipped = 0
+    for sub in model.modules():
+        proc = getattr(sub, "processor", None)
+        if proc is None:
+            continue
+        if type(proc) is cls:
+            if handle.set_attr(sub, "processor", _Processor(fn, proc)) is None:
+                count += 1
+        else:
+            skipped += 1
+    status = "patched" if count else "skipped"
+    note = f"{spec.what} on {count} attention module(s)"
+    if skipped:
+        note += f"; {skipped} with another processor class left as is"
+    handle.add_row(module.__name__, spec.symbol, status, note if count else f"no FluxAttnProcessor in the model{'' if not skipped else ' (' + str(skipped) + ' other processors)'}")
+
+
+def build_pos_embed_forward(original, backend):
+    def forward(self, ids):
+        n_axes = ids.shape[-1]
+        pos = ids.float()
+        cos_out, sin_out = [], []
+        for i in range(n_axes):
+            cos, sin = ops.rope_freqs(pos[:, i], self.axes_dim[i], self.theta, form="cos_sin", backend=backend)
+            cos_out.append(cos)
+            sin_out.append(sin)
+        return torch.cat(cos_out, dim=-1).to(ids.device), torch.cat(sin_out, dim=-1).to(ids.device)
+
+    return forward
+
+
+def _plain_layer_norm(norm) -> bool:
+    return type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None
+
+
+def build_ada_zero_forward(original, backend):
+    def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+        if self.emb is not None or not _plain_layer_norm(self.norm):
+            return original(self, x, timestep, class_labels, hidden_dtype, emb)
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        x = ops.layer_norm_modulate(x, shift_msa[:, None], scale_msa[:, None], self.norm.eps, backend=backend)
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+    return forward
+
+
+def build_ada_single_forward(original, backend):
+    def forward(self, x, emb=None):
+        if not _plain_layer_norm(self.norm):
+            return original(self, x, emb)
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
+        x = ops.layer_norm_modulate(x, shift_msa[:, None], scale_msa[:, None], self.norm.eps, backend=backend)
+        return x, gate_msa
+
+    return forward
+
+
+def build_ada_continuous_forward(original, backend):
+    def forward(self, x, conditioning_embedding):
+        if not _plain_layer_norm(self.norm):
+            return original(self, x, conditioning_embedding)
+        emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        return ops.layer_norm_modulate(x, shift[:, None, :], scale[:, None, :], self.norm.eps, backend=backend)
+
+    return forward
+
+
+def build_apply_rotary_emb(original, backend):
+    def apply_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        if (
+            use_real
+            and use_real_unbind_dim == -1
+            and sequence_dim in (1, 2)
+            and isinstance(freqs_cis, (tuple, list))
+            and len(freqs_cis) == 2
+            and x.dim() == 4
+            and freqs_cis[0].dim() == 2
+            and tuple(freqs_cis[0].shape) == (x.shape[sequence_dim], x.shape[-1])
+            and freqs_cis[0].device == x.device
+        ):
+            return ops.apply_rope(x, tuple(freqs_cis), sequence_dim=sequence_dim, backend=backend)
+        return original(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
+
+    apply_rotary_emb.__wrapped_original__ = original
+    return apply_rotary_emb
+
+
+PROCESSOR_PARAMS = ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
+
+register_patch_set(
+    PatchSet(
+        target="diffusers",
+        matches=exact(FLUX_MODULE),
+        import_names=(FLUX_MODULE,),
+        specs=[
+            Spec(
+                "FluxAttnProcessor.__call__",
+                build_processor_call,
+                "attention -> ops.attention (BSHD), QK RMSNorms -> ops.rms_norm, RoPE -> ops.apply_rope",
+                params=PROCESSOR_PARAMS,
+                instance=_processor_instances,
+            ),
+            Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs", params=("self", "ids")),
+        ],
+    )
+)
+
+register_patch_set(
+    PatchSet(
+        target="diffusers",
+        matches=exact(NORM_MODULE),
+        import_names=(NORM_MODULE,),
+        specs=[
+            Spec(
+                "AdaLayerNormZero.forward",
+                build_ada_zero_forward,
+                "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
+                params=("self", "x", "timestep", "class_labels", "hidden_dtype", "emb"),
+            ),
+            Spec(
+                "AdaLayerNormZeroSingle.forward",
+                build_ada_single_forward,
+                "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
+                params=("self", "x", "emb"),
+            ),
+            Spec(
+                "AdaLayerNormContinuous.forward",
+                build_ada_continuous_forward,
+                "AdaLN (norm_out) LayerNorm+modulate -> ops.layer_norm_modulate",
+                params=("self", "x", "conditioning_embedding"),
+            ),
+        ],
+    )
+)
+
+register_patch_set(
+    PatchSet(
+        target="diffusers",
+        matches=exact(EMB_MODULE),
+        import_names=(EMB_MODULE,),
+        specs=[
+            Spec(
+                "apply_rotary_emb",
+                build_apply_rotary_emb,
+                "RoPE (Flux cos/sin form) -> ops.apply_rope; other forms keep the original",
+                params=("x", "freqs_cis", "use_real", "use_real_unbind_dim", "sequence_dim"),
+                rebind=True,
+            ),
+        ],
+    )
+)
