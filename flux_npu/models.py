@@ -47,12 +47,18 @@ def preset_config(name: str) -> dict:
 def build_diffusers_flux(preset: str = "tiny", dtype=torch.float32, device="cpu", seed: int = 0, **overrides):
     """A random-init diffusers FluxTransformer2DModel of the preset's shape."""
     from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as dlogging
 
     cfg = preset_config(preset)
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(**cfg)
-    return model.to(device=device, dtype=dtype)
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # random init: the "keep in float32 / from_pretrained" hint does not apply
+    try:
+        return model.to(device=device, dtype=dtype)
+    finally:
+        dlogging.set_verbosity(level)
 
 
 @dataclass

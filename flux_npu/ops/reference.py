@@ -1,7 +1,8 @@
 """Plain-torch references: what "correct" means for every op.
 
-Each reference is written for clarity, not speed, computes in float32 (or wider where asked) and
-returns the input's dtype unless stated. They are the fallback when a backend declines an input,
+Each reference is written for clarity, not speed, computes in float32 (float64 for float64 inputs,
+so a float64 call is the high-precision oracle of the tests) and returns the input's dtype unless
+stated. They are the fallback when a backend declines an input,
 the oracle of the tests and the baseline of the benchmarks. No backend kernel is imported here.
 
 Conventions shared with Flux code:
@@ -18,6 +19,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .precision import compute_dtype as accumulation_dtype
+
 Freqs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 LAYOUTS = ("BHSD", "BSHD")
@@ -33,7 +36,8 @@ def attention(q, k, v, mask=None, scale=None, layout="BHSD"):
     if layout == "BSHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qf, kf, vf = q.float(), k.float(), v.float()
+    cd = accumulation_dtype(q.dtype)
+    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
     if kf.shape[1] != qf.shape[1]:
         rep = qf.shape[1] // kf.shape[1]
         kf, vf = kf.repeat_interleave(rep, dim=1), vf.repeat_interleave(rep, dim=1)
@@ -42,7 +46,7 @@ def attention(q, k, v, mask=None, scale=None, layout="BHSD"):
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.float()
+            scores = scores + mask.to(cd)
     out = torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
     return out.transpose(1, 2) if layout == "BSHD" else out
 
@@ -73,14 +77,14 @@ def apply_rope(x, freqs: Freqs, sequence_dim: int = 2):
       (B, H, S) dims (x is (B, H, S, D)); `sequence_dim` is ignored.
     freqs a (cos, sin) pair: each (S, D); x's sequence axis is `sequence_dim` (1: BSHD, 2: BHSD).
     """
-    xf = x.float()
-    pairs = xf.reshape(*x.shape[:-1], -1, 2)  # (..., D/2, 2)
+    cd = accumulation_dtype(x.dtype)
+    pairs = x.to(cd).reshape(*x.shape[:-1], -1, 2)  # (..., D/2, 2)
     if isinstance(freqs, torch.Tensor):
-        m = freqs.float()
+        m = freqs.to(cd)
         out0 = m[..., 0, 0] * pairs[..., 0] + m[..., 0, 1] * pairs[..., 1]
         out1 = m[..., 1, 0] * pairs[..., 0] + m[..., 1, 1] * pairs[..., 1]
     else:
-        cos, sin = (t.float() for t in freqs)
+        cos, sin = (t.to(cd) for t in freqs)
         shape = [1] * x.dim()
         shape[sequence_dim] = cos.shape[0]
         shape[-1] = cos.shape[-1]
@@ -94,26 +98,29 @@ def apply_rope(x, freqs: Freqs, sequence_dim: int = 2):
 def rms_norm(x, weight=None, eps=1e-6, out_dtype=None):
     """x * rsqrt(mean(x^2, -1) + eps) * weight over the last dim, in float32; one rounding at the
     end to `out_dtype` (default x.dtype). weight None means no affine scale."""
-    xf = x.float()
+    cd = accumulation_dtype(x.dtype)
+    xf = x.to(cd)
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(cd)
     return y.to(out_dtype or x.dtype)
 
 
 def layer_norm_modulate(x, shift, scale, eps=1e-6):
     """AdaLN: (1 + scale) * LayerNorm(x) + shift (LayerNorm without affine, over the last dim),
     in float32; output dtype = x.dtype. shift and scale broadcast against x, e.g. (B, 1, D)."""
-    xf = x.float()
+    cd = accumulation_dtype(x.dtype)
+    xf = x.to(cd)
     mean = xf.mean(dim=-1, keepdim=True)
     var = (xf - mean).pow(2).mean(dim=-1, keepdim=True)
     y = (xf - mean) * torch.rsqrt(var + eps)
-    return (y * (1.0 + scale.float()) + shift.float()).to(x.dtype)
+    return (y * (1.0 + scale.to(cd)) + shift.to(cd)).to(x.dtype)
 
 
 def gated_residual(x, gate, y):
     """x + gate * y in float32; output dtype = x.dtype (Flux's `x + gate * attn_out`)."""
-    return (x.float() + gate.float() * y.float()).to(x.dtype)
+    cd = accumulation_dtype(x.dtype)
+    return (x.to(cd) + gate.to(cd) * y.to(cd)).to(x.dtype)
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs: Freqs, eps=1e-6, sequence_dim: int = 2):

@@ -1,0 +1,260 @@
+"""The op catalogue on the cpu backend: each kernel against the float64 reference, forward and
+backward, odd shapes, three dtypes; the references against the stock Flux code they stand for;
+clear errors for bad input; fallback and strict mode."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import flux_npu
+from flux_npu import ops
+from flux_npu.backends import Backend
+from flux_npu.ops import reference
+from flux_npu.testing import assert_close, rel_err, tolerance
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _leaf(t, dtype):
+    return t.to(dtype).detach().requires_grad_(True)
+
+
+def _check_fwd_bwd(fn, ref, tensors, dtype, scale=1.0):
+    """fn(*inputs in dtype) vs ref(*inputs in float64): output and every input gradient."""
+    low = [_leaf(t, dtype) for t in tensors]
+    high = [_leaf(t, torch.float64) for t in tensors]
+    out, out_ref = fn(*low), ref(*high)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, dtype, scale, "forward")
+    g = torch.randn_like(out_ref)
+    out.backward(g.to(dtype))
+    out_ref.backward(g)
+    for i, (a, b) in enumerate(zip(low, high)):
+        assert_close(a.grad, b.grad, dtype, scale, f"grad of input {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("shape", [(1, 3, 17, 16), (2, 2, 33, 24)])
+def test_attention(dtype, layout, shape, seed):
+    B, H, S, D = shape
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    if layout == "BSHD":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    _check_fwd_bwd(lambda q, k, v: ops.attention(q, k, v, layout=layout),
+                   lambda q, k, v: reference.attention(q, k, v, layout=layout), [q, k, v], dtype, scale=2.0)
+    assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_masks_and_gqa(dtype, seed):
+    q = torch.randn(2, 4, 9, 16)
+    k, v = torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    keep = torch.rand(2, 1, 1, 11) > 0.3
+    keep[..., 0] = True  # every query attends to at least one key
+    _check_fwd_bwd(lambda q, k, v: ops.attention(q, k, v, mask=keep),
+                   lambda q, k, v: reference.attention(q, k, v, mask=keep), [q, k, v], dtype, scale=2.0)
+    additive = torch.where(keep, 0.0, -1e4)
+    out = ops.attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=additive.to(dtype))
+    assert_close(out, reference.attention(q.double(), k.double(), v.double(), mask=keep), dtype, 2.0)
+
+
+def test_attention_reference_is_sdpa_maths(seed):
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    expect = torch.softmax(scores, -1) @ v
+    assert_close(reference.attention(q, k, v), expect, torch.float64)
+    assert_close(reference.attention(q, k, v, scale=0.3), torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v, torch.float64)
+
+
+def _cos_sin(S, D, theta=10000.0):
+    return reference.rope_freqs(torch.arange(S, dtype=torch.float32) * 1.5, D, theta, form="cos_sin")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_dim", [1, 2])
+def test_apply_rope_cos_sin(dtype, seq_dim, seed):
+    B, H, S, D = 2, 3, 13, 24
+    x = torch.randn(B, S, H, D) if seq_dim == 1 else torch.randn(B, H, S, D)
+    cs = _cos_sin(S, D)
+    _check_fwd_bwd(lambda x: ops.apply_rope(x, cs, seq_dim),
+                   lambda x: reference.apply_rope(x, tuple(t.double() for t in cs), seq_dim), [x], dtype)
+    assert ops.dispatch_stats()["served"][("apply_rope", "cpu", "torch.complex_mul")] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_rope_bfl_and_strided_input(dtype, seed):
+    B, H, S, D = 2, 3, 11, 20
+    pos = torch.randint(0, 50, (B, S)).float()
+    freqs = reference.rope_freqs(pos, D, 10000.0, form="bfl").unsqueeze(1)  # (B, 1, S, D/2, 2, 2)
+    qkv = torch.randn(B, S, 3, H, D).permute(2, 0, 3, 1, 4)  # BFL's strided q/k/v views
+    x = qkv[1]
+    assert not x.is_contiguous()
+    out = ops.apply_rope(x.to(dtype), freqs)
+    assert_close(out, reference.apply_rope(x.double(), freqs.double()), dtype)
+    _check_fwd_bwd(lambda x: ops.apply_rope(x, freqs), lambda x: reference.apply_rope(x, freqs.double()), [x], dtype)
+
+
+def test_rope_reference_matches_stock_diffusers_and_bfl(seed):
+    from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
+    from flux import math as bfl_math
+
+    S, D = 19, 16
+    pos = torch.arange(S, dtype=torch.float32) * 0.5
+    cos_d, sin_d = get_1d_rotary_pos_embed(D, pos, 10000, use_real=True, repeat_interleave_real=True,
+                                           freqs_dtype=torch.float64)
+    cos_r, sin_r = reference.rope_freqs(pos, D, 10000.0, form="cos_sin")
+    assert_close(cos_r, cos_d, torch.float32) and assert_close(sin_r, sin_d, torch.float32)
+    mats = reference.rope_freqs(pos[None], D, 10000.0, form="bfl")
+    assert_close(mats, bfl_math.rope(pos[None], D, 10000), torch.float32)
+    x = torch.randn(2, S, 3, D)
+    assert_close(reference.apply_rope(x, (cos_r, sin_r), 1), apply_rotary_emb(x, (cos_d, sin_d), sequence_dim=1),
+                 torch.float32)
+    xb = x.transpose(1, 2)
+    q_ref, _ = bfl_math.apply_rope(xb, xb, mats[:, None])
+    assert_close(reference.apply_rope(xb, mats[:, None]), q_ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 7, 64), (3, 5, 128), (2, 3, 96), (5, 131)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm(dtype, shape, with_weight, seed):
+    x = torch.randn(*shape)
+    if with_weight:
+        w = torch.rand(shape[-1]) + 0.5
+        _check_fwd_bwd(lambda x, w: ops.rms_norm(x, w, 1e-6), lambda x, w: reference.rms_norm(x, w, 1e-6), [x, w], dtype)
+    else:
+        _check_fwd_bwd(lambda x: ops.rms_norm(x, None, 1e-6), lambda x: reference.rms_norm(x, None, 1e-6), [x], dtype)
+
+
+def test_rms_norm_mixed_dtypes_and_out_dtype(seed):
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    w = torch.rand(64) + 0.5  # float32 weight on a bf16 input, as a bf16-autocast model holds it
+    out = ops.rms_norm(x, w, 1e-6, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert_close(out, reference.rms_norm(x.double(), w.double(), 1e-6), torch.float32, scale=1e2)  # input is bf16
+    assert_close(ops.rms_norm(x, w), torch.nn.functional.rms_norm(x.float(), (64,), w, 1e-6), torch.bfloat16)
+
+
+def test_rms_norm_reference_matches_torch_rmsnorm(seed):
+    m = torch.nn.RMSNorm(48, eps=1e-6, dtype=torch.float64)
+    torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    x = torch.randn(4, 48, dtype=torch.float64)
+    assert_close(reference.rms_norm(x, m.weight, 1e-6), m(x), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 9, 64), (1, 5, 200)])
+def test_layer_norm_modulate(dtype, shape, seed):
+    B, S, D = shape
+    x, shift, scale = torch.randn(B, S, D), torch.randn(B, 1, D), torch.randn(B, 1, D) * 0.5
+    _check_fwd_bwd(lambda x, a, b: ops.layer_norm_modulate(x, a, b, 1e-6),
+                   lambda x, a, b: reference.layer_norm_modulate(x, a, b, 1e-6), [x, shift, scale], dtype, scale=2.0)
+
+
+def test_layer_norm_modulate_reference_matches_adaln(seed):
+    norm = torch.nn.LayerNorm(40, elementwise_affine=False, eps=1e-6, dtype=torch.float64)
+    x, shift, scale = torch.randn(2, 6, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    stock = norm(x) * (1 + scale[:, None]) + shift[:, None]
+    assert_close(reference.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6), stock, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_residual(dtype, seed):
+    x, g, y = torch.randn(2, 7, 48), torch.randn(2, 1, 48), torch.randn(2, 7, 48)
+    _check_fwd_bwd(lambda x, g, y: ops.gated_residual(x, g, y), reference.gated_residual, [x, g, y], dtype, scale=2.0)
+
+
+class _RecordDtypes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        return out
+
+
+def test_rope_freqs_without_float64_and_its_precision(seed):
+    """A backend without float64 builds RoPE frequencies in float32: no float64 tensor is created,
+    and the result stays within float32 tolerance of the float64 reference at Flux positions."""
+    no_f64 = Backend("nof64", "cpu", lambda: None, frozenset({torch.float32}), False, "gloo", "cpu")
+    side = torch.arange(128, dtype=torch.float32)  # 2048 px: 128 latent tokens per side
+    for dim in (16, 56):
+        with _RecordDtypes() as rec:
+            f32 = ops.rope_freqs(side, dim, 10000.0, form="cos_sin", backend=no_f64)
+        assert torch.float64 not in rec.dtypes
+        f64 = reference.rope_freqs(side, dim, 10000.0, form="cos_sin", compute_dtype=torch.float64)
+        for a, b in zip(f32, f64):
+            assert rel_err(a, b) < 1e-5
+    with _RecordDtypes() as rec:
+        ops.rope_freqs(side, 16, 10000.0, form="cos_sin", backend="cpu")
+    assert torch.float64 in rec.dtypes  # the cpu backend keeps the BFL float64 maths
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 6), torch.randn(1, 2, 4, 6)), "head dims differ"),
+        (lambda: ops.attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), "not a multiple"),
+        (lambda: ops.attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)), "must be 4-D"),
+        (lambda: ops.attention(*(torch.randn(1, 2, 4, 8),) * 3, mask=torch.ones(3, 3, dtype=torch.bool)), "does not broadcast"),
+        (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8).half(), torch.randn(1, 2, 4, 8)), "dtypes differ"),
+        (lambda: ops.attention(*(torch.randn(1, 2, 4, 8),) * 3, layout="SBHD"), "layout must be"),
+        (lambda: ops.rms_norm(torch.randn(2, 8), torch.ones(7)), r"weight must be \(8,\)"),
+        (lambda: ops.rms_norm(torch.randint(0, 3, (2, 8)), torch.ones(8)), "dtype torch.int64"),
+        (lambda: ops.apply_rope(torch.randn(1, 2, 4, 7), _cos_sin(4, 8)), "must be even"),
+        (lambda: ops.apply_rope(torch.randn(1, 2, 4, 8), _cos_sin(5, 8)), "cos/sin must be"),
+        (lambda: ops.apply_rope(torch.randn(1, 2, 4, 8), torch.randn(4, 3, 2, 2)), "BFL freqs"),
+        (lambda: ops.layer_norm_modulate(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.randn(2, 1, 8)), "does not broadcast"),
+        (lambda: ops.rope_freqs(torch.arange(4.0), 7), "positive even"),
+        (lambda: ops.gated_residual(torch.randn(2, 3), torch.randn(2, 1), torch.randn(2, 4)), "must have x's shape"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_fallback_records_reason_and_strict_mode_raises():
+    picky = Backend("picky", "cpu", lambda: None, frozenset({torch.float32}), True, "gloo", "cpu")
+    flux_npu.register_backend(picky, replace=True)
+    try:
+        ops.register_kernel("rms_norm", "picky", "picky.rms",
+                            check=lambda b, x, w, eps, od: None if x.shape[-1] <= 64 else f"row {x.shape[-1]} > 64")(
+            lambda b, x, w, eps, od: F.rms_norm(x, (x.shape[-1],), w, eps))
+        x = torch.randn(2, 128)
+        out = ops.rms_norm(x, None, backend="picky")
+        assert_close(out, reference.rms_norm(x.double(), None), torch.float32)
+        stats = ops.dispatch_stats()
+        assert stats["fallback"][("rms_norm", "picky", "picky.rms: row 128 > 64")] == 1
+        assert stats["served"][("rms_norm", "picky", "reference")] == 1
+        ops.rms_norm(torch.randn(2, 32), None, backend="picky")
+        assert ops.dispatch_stats()["served"][("rms_norm", "picky", "picky.rms")] == 1
+        ops.set_strict(True)
+        with pytest.raises(ops.KernelDeclined, match="row 128 > 64"):
+            ops.rms_norm(x, None, backend="picky")
+        assert ops.explain("rms_norm", picky, x, None, 1e-6, None) == (None, ["picky.rms: row 128 > 64"])
+    finally:
+        flux_npu.backends.unregister_backend("picky")
+
+
+def test_use_backend_context_sets_the_active_backend():
+    seen = []
+    ctx = Backend("ctxb", "cpu", lambda: None, frozenset({torch.float32}), True, "gloo", "cpu")
+    flux_npu.register_backend(ctx, replace=True)
+    try:
+        ops.register_kernel("gated_residual", "ctxb", "ctx.gr")(lambda b, x, g, y: seen.append(b.name) or x + g * y)
+        x = torch.randn(2, 4)
+        with ops.use_backend("ctxb"):
+            ops.gated_residual(x, x, x)
+        ops.gated_residual(x, x, x)
+        assert seen == ["ctxb"]
+    finally:
+        flux_npu.backends.unregister_backend("ctxb")
