@@ -316,12 +316,20 @@ class PatchHandle:
                 if ps.matches(name):
                     self.apply_set(ps, module)
         top = name.split(".")[0]
-        for original, replacement, scope in list(self._rebind_scopes.values()):
-            if scope != top:
-                continue
-            for k, v in list(vars(module).items()):
+        scopes = [(o, r) for o, r, scope in self._rebind_scopes.values() if scope == top]
+        if not scopes:
+            return
+        for k, v in list(vars(module).items()):
+            for original, replacement in scopes:
                 if v is original and self.set_attr(module, k, replacement) is None:
                     self.add_row(name, k, PATCHED, "rebound on import to the patched replacement")
+                elif v is replacement and (id(module), k) not in _LIVE:
+                    # `from patched.module import name` ran after patching and bound the replacement
+                    # itself: record it so undo() puts the original there too.
+                    with _LOCK:
+                        self._records.append(_Record(module, k, original, replacement, True))
+                        _LIVE[(id(module), k)] = self
+                    self.add_row(name, k, PATCHED, "imported the patched replacement by name (restored on undo)")
 
 
 # -- import hook ------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Test helpers shared by the whole-model tests: run a model forward and backward and collect the
+output, the input gradients and every parameter gradient; compare two such runs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from flux_npu import models
+from flux_npu.testing import rel_err
+
+
+def diffusers_run(model, inputs):
+    """Forward + backward of a diffusers Flux model on FluxInputs with grad-requiring inputs."""
+    for t in (inputs.hidden_states, inputs.encoder_hidden_states):
+        t.grad = None
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs.as_kwargs()).sample
+    torch.manual_seed(99)
+    g = torch.randn(out.shape)
+    out.backward(g.to(out.dtype))
+    res = {"out": out.detach().clone(), "d_hidden": inputs.hidden_states.grad.clone(),
+           "d_text": inputs.encoder_hidden_states.grad.clone()}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            res["d_" + name] = p.grad.clone()
+    return res
+
+
+def diffusers_model_and_inputs(preset="tiny", dtype=torch.float32, res=128, text_len=8, seed=0):
+    model = models.build_diffusers_flux(preset, dtype=dtype, seed=seed)
+    inputs = models.make_inputs(models.preset_config(preset), resolution=res, text_len=text_len, dtype=dtype,
+                                seed=seed, requires_grad=True)
+    return model, inputs
+
+
+def cast_inputs(inputs, dtype):
+    new = copy.copy(inputs)
+    for k, v in inputs.__dict__.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in ("img_ids", "txt_ids"):
+            nv = v.detach().to(dtype)
+            if v.requires_grad:
+                nv.requires_grad_(True)
+            setattr(new, k, nv)
+    return new
+
+
+def errors(run, ref):
+    """{name: rel_err(run[name], ref[name])} over the tensors both runs have."""
+    assert run.keys() == ref.keys(), set(run) ^ set(ref)
+    return {k: rel_err(run[k], ref[k]) for k in ref}
+
+
+def bfl_model(dtype=torch.float32, seed=0, hidden=64, heads=4, depth=2, single=2, axes=(4, 6, 6)):
+    from flux.model import Flux, FluxParams
+
+    torch.manual_seed(seed)
+    p = FluxParams(in_channels=16, vec_in_dim=24, context_in_dim=40, hidden_size=hidden, num_heads=heads,
+                   depth=depth, depth_single_blocks=single, axes_dim=axes)
+    return Flux(p).to(dtype)
+
+
+def bfl_inputs(model, batch=1, side=6, text_len=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = model.params
+    img = torch.randn(batch, side * side, p.in_channels, generator=g)
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return dict(
+        img=img.to(dtype).requires_grad_(True),
+        img_ids=ids.reshape(1, side * side, 3).repeat(batch, 1, 1),
+        txt=torch.randn(batch, text_len, p.context_in_dim, generator=g).to(dtype).requires_grad_(True),
+        txt_ids=torch.zeros(batch, text_len, 3),
+        timesteps=torch.rand(batch, generator=g).to(dtype),
+        y=torch.randn(batch, p.vec_in_dim, generator=g).to(dtype),
+        guidance=torch.full((batch,), 3.5).to(dtype),
+    )
+
+
+def bfl_run(model, inputs):
+    for k in ("img", "txt"):
+        inputs[k].grad = None
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    torch.manual_seed(99)
+    out.backward(torch.randn(out.shape).to(out.dtype))
+    res = {"out": out.detach().clone(), "d_img": inputs["img"].grad.clone(), "d_txt": inputs["txt"].grad.clone()}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            res["d_" + name] = p.grad.clone()
+    return res
+
+
+def cast_bfl_inputs(inputs, dtype):
+    out = {}
+    for k, v in inputs.items():
+        nv = v.detach().to(dtype) if k not in ("img_ids", "txt_ids") else v
+        if v.requires_grad:
+            nv.requires_grad_(True)
+        out[k] = nv
+    return out

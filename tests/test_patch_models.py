@@ -1,0 +1,175 @@
+"""Whole models, patched vs stock, forward and backward (output, input grads, every parameter
+grad): diffusers FluxTransformer2DModel (tiny and a Flux-width block), the BFL-layout model and
+the T5 encoder. float32 within the tolerance table; bfloat16 no further from the float32
+reference than the stock bfloat16 run (a small factor at most). Routing counts prove the patched
+ops ran."""
+
+import copy
+
+import pytest
+import torch
+
+import flux_npu
+from flux_npu import ops
+from flux_npu.testing import tolerance
+
+from flux_helpers import (
+    bfl_inputs,
+    bfl_model,
+    bfl_run,
+    cast_bfl_inputs,
+    cast_inputs,
+    diffusers_model_and_inputs,
+    diffusers_run,
+    errors,
+)
+
+BF16_FACTOR = 2.0  # patched bf16 error may be at most this multiple of the stock bf16 error (+ a floor)
+BF16_FLOOR = 1e-3
+
+
+def _assert_fp32(run, ref):
+    errs = errors(run, ref)
+    bad = {k: e for k, e in errs.items() if not e <= tolerance(torch.float32)}
+    assert not bad, f"float32 patched vs stock beyond {tolerance(torch.float32)}: {bad}"
+
+
+def _assert_bf16(patched, stock, ref32):
+    e_p, e_s = errors(patched, ref32), errors(stock, ref32)
+    bad = {k: (e_p[k], e_s[k]) for k in ref32 if not e_p[k] <= BF16_FACTOR * e_s[k] + BF16_FLOOR}
+    assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
+
+
+@pytest.mark.parametrize("preset,res", [("tiny", 128), ("block", 128)])
+def test_diffusers_flux_float32(preset, res):
+    model, inputs = diffusers_model_and_inputs(preset, res=res, text_len=8)
+    stock = diffusers_run(model, inputs)
+    with flux_npu.patch("cpu"):
+        patched = diffusers_run(model, inputs)
+    assert len(stock) > 20
+    _assert_fp32(patched, stock)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "block"])
+def test_diffusers_flux_bfloat16(preset):
+    model, inputs = diffusers_model_and_inputs(preset, res=128, text_len=8)
+    ref32 = diffusers_run(model, inputs)
+    m16, i16 = copy.deepcopy(model).to(torch.bfloat16), cast_inputs(inputs, torch.bfloat16)
+    stock = diffusers_run(m16, i16)
+    with flux_npu.patch("cpu"):
+        patched = diffusers_run(m16, i16)
+    _assert_bf16(patched, stock, ref32)
+
+
+def test_diffusers_patched_ops_actually_ran():
+    model, inputs = diffusers_model_and_inputs("tiny")
+    with flux_npu.patch("cpu"):
+        ops.reset_dispatch_stats()
+        model(**inputs.as_kwargs())
+    served = ops.dispatch_stats()["served"]
+    # tiny: 2 double + 2 single blocks, 3 RoPE axes
+    assert served[("attention", "cpu", "torch.sdpa")] == 4
+    assert served[("apply_rope", "cpu", "torch.complex_mul")] == 8  # q and k in every block
+    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 2 * 4 + 2 * 2  # norm_q/k/added_q/added_k; norm_q/k
+    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * 2 + 2 + 1  # norm1(+context), single, norm_out
+    assert served[("rope_freqs", "cpu", "reference")] == 3
+    assert not ops.dispatch_stats()["fallback"]
+    ops.reset_dispatch_stats()
+    model(**inputs.as_kwargs())  # after undo: stock code, no dispatch
+    assert not ops.dispatch_stats()["served"]
+
+
+def test_diffusers_instance_level_patch_leaves_other_models_alone():
+    model, inputs = diffusers_model_and_inputs("tiny")
+    other, _ = diffusers_model_and_inputs("tiny", seed=1)
+    stock = diffusers_run(model, inputs)
+    procs = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    handle = flux_npu.patch("cpu", model=model)
+    rows = {r.symbol: r for r in handle.report()}
+    assert rows["FluxAttnProcessor.__call__"].status == "patched"
+    assert "on 4 attention module(s)" in rows["FluxAttnProcessor.__call__"].reason
+    assert rows["apply_rotary_emb"].status == "skipped" and "instance-only" in rows["apply_rotary_emb"].reason
+    ops.reset_dispatch_stats()
+    other(**inputs.as_kwargs())
+    assert not ops.dispatch_stats()["served"], "a model not handed to patch(model=) was patched"
+    patched = diffusers_run(model, inputs)
+    assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 4
+    _assert_fp32(patched, stock)
+    handle.undo()
+    assert [m.processor for m in model.modules() if hasattr(m, "processor")] == procs
+    assert all(p is q for p, q in zip([m.processor for m in model.modules() if hasattr(m, "processor")], procs))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_bfl_model_float32_and_routing():
+    model = bfl_model()
+    inputs = bfl_inputs(model)
+    stock = bfl_run(model, inputs)
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = bfl_run(model, inputs)
+        served = ops.dispatch_stats()["served"]
+    _assert_fp32(patched, stock)
+    assert served[("attention", "cpu", "torch.sdpa")] == 4
+    assert served[("apply_rope", "cpu", "torch.complex_mul")] == 8
+    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 12  # QKNorm q and k: 2 per stream in 2 double, 1 in 2 single
+    assert served[("rope_freqs", "cpu", "reference")] == 3
+
+
+def test_bfl_model_bfloat16():
+    model = bfl_model()
+    inputs = bfl_inputs(model, batch=2)
+    ref32 = bfl_run(model, inputs)
+    m16, i16 = copy.deepcopy(model).to(torch.bfloat16), cast_bfl_inputs(inputs, torch.bfloat16)
+    stock = bfl_run(m16, i16)
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        patched = bfl_run(m16, i16)
+    _assert_bf16(patched, stock, ref32)
+
+
+def test_bfl_instance_level_reaches_norms_and_embedder_only():
+    model = bfl_model()
+    inputs = bfl_inputs(model)
+    stock = bfl_run(model, inputs)
+    with flux_npu.patch("cpu", targets=["bfl"], model=model) as handle:
+        rows = {r.symbol: r for r in handle.report()}
+        assert rows["attention"].status == "skipped" and "module-level" in rows["attention"].reason
+        assert rows["QKNorm.forward"].status == "patched" and "6 instance(s)" in rows["QKNorm.forward"].reason
+        ops.reset_dispatch_stats()
+        patched = bfl_run(model, inputs)
+        assert ops.dispatch_stats()["served"][("rms_norm", "cpu", "torch.rms_norm")] == 12
+    _assert_fp32(patched, stock)
+
+
+def _t5(dtype=torch.float32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    return T5EncoderModel(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_t5_encoder(dtype):
+    model = _t5()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
+
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids=ids).last_hidden_state
+        out.float().pow(2).mean().backward()
+        return {"out": out.detach().clone(), **{n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}}
+
+    ref32 = run(model)
+    m = copy.deepcopy(model).to(dtype)
+    stock = run(m)
+    with flux_npu.patch("cpu", targets=["transformers"]):
+        ops.reset_dispatch_stats()
+        patched = run(m)
+        # 2 layers x 2 sublayer norms + the final norm
+        assert ops.dispatch_stats()["served"][("rms_norm", "cpu", "torch.rms_norm")] == 5
+    if dtype == torch.float32:
+        _assert_fp32(patched, stock)
+    else:
+        _assert_bf16(patched, stock, ref32)
