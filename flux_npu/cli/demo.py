@@ -33,29 +33,28 @@ def _grads(model, inputs):
     loss.backward()
     grads = {"output": out.detach().clone(), "d hidden_states": inputs.hidden_states.grad.clone(),
              "d encoder_hidden_states": inputs.encoder_hidden_states.grad.clone()}
-    for name, p in model.named_parameters():
-        if p.grad is not None and ("norm_q" in name or "to_q.weight" in name or "norm1.linear" in name):
-            grads[f"d {name}"] = p.grad.clone()
+    params = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     inputs.hidden_states.grad = None
     inputs.encoder_hidden_states.grad = None
-    return grads
+    return grads, params
 
 
-def check_patched_model(backend, preset="tiny", dtype=torch.float32, res=256, out=sys.stdout):
+def check_patched_model(backend, preset="tiny", dtype=torch.float32, res=256, out=None):
     """Stock vs patched tiny Flux forward+backward; returns True when every tensor is within tolerance."""
     from .. import models, ops, patch
     from ..testing import rel_err, tolerance
     from ..utils.table import format_table
 
+    out = out or sys.stdout
     model = models.build_diffusers_flux(preset, dtype=dtype, device=backend.device())
     cfg = models.preset_config(preset)
     inputs = models.make_inputs(cfg, resolution=res, text_len=16, dtype=dtype, device=backend.device(),
                                 requires_grad=True)
-    stock = _grads(model, inputs)
+    stock, stock_params = _grads(model, inputs)
     ops.reset_dispatch_stats()
     with patch(backend) as handle:
-        patched = _grads(model, inputs)
+        patched, patched_params = _grads(model, inputs)
     print(handle.report_table(), file=out)
     # bf16: both runs round differently from each other; allow the small factor the tests allow
     tol = tolerance(dtype, 1.0 if dtype == torch.float32 else 2.0)
@@ -65,6 +64,10 @@ def check_patched_model(backend, preset="tiny", dtype=torch.float32, res=256, ou
         good = err <= tol
         ok &= good
         rows.append((name, tuple(ref.shape), f"{err:.2e}", f"{tol:.0e}", "ok" if good else "FAIL"))
+    worst_name, worst = max(((n, rel_err(patched_params[n], g)) for n, g in stock_params.items()), key=lambda t: t[1])
+    ok &= worst <= tol and patched_params.keys() == stock_params.keys()
+    rows.append((f"d parameters ({len(stock_params)} tensors, worst: {worst_name})", "", f"{worst:.2e}", f"{tol:.0e}",
+                 "ok" if worst <= tol else "FAIL"))
     print(f"\ntiny Flux ({preset}, {str(dtype).replace('torch.', '')}): patched vs stock, forward and backward", file=out)
     print(format_table(("tensor", "shape", "rel err", "tol", "result"), rows), file=out)
     served = ops.dispatch_stats()["served"]

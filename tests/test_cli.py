@@ -1,0 +1,59 @@
+"""The flux-npu command line: info, demo, conventions (help, version, exit codes, errors on stderr)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from flux_npu.cli import main
+
+
+def test_info_lists_backends_reasons_and_routing(capsys):
+    assert main(["info", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "torch_npu not importable" in out  # why npu is unavailable here
+    assert "selected: cpu" in out
+    assert "op routing on backend cpu" in out and "torch.sdpa" in out
+    for pkg in ("torch", "diffusers", "transformers", "deepspeed", "triton", "torch_npu"):
+        assert pkg in out
+
+
+def test_info_json_and_patches(capsys):
+    assert main(["info", "--json", "--patches", "--backend", "cpu"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    names = {b["name"]: b for b in data["backends"]}
+    assert set(names) >= {"cpu", "cuda", "npu"}
+    assert names["cpu"]["available"] and not names["npu"]["available"]
+    assert names["npu"]["dist_backend"] == "hccl" and names["npu"]["float64"] is False
+    statuses = {(p["target"], p["symbol"]): p["status"] for p in data["patches"]}
+    assert statuses[("diffusers.models.transformers.transformer_flux", "FluxAttnProcessor.__call__")] == "patched"
+    from flux_npu.patches import live_handles
+
+    assert not live_handles()  # the dry run undid itself
+
+
+def test_demo_checks_tiny_flux(capsys):
+    assert main(["demo", "--no-bench", "--res", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "patched model matches stock" in out
+    assert "FAIL" not in out
+    assert "torch.complex_mul" in out  # the kernel table shows what served
+
+
+def test_unknown_backend_exits_1_with_message_on_stderr():
+    env = dict(os.environ, FLUX_NPU_BACKEND="")
+    res = subprocess.run([sys.executable, "-m", "flux_npu", "demo", "--backend", "tpu", "--no-bench"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 1
+    assert "unknown flux_npu backend 'tpu'" in res.stderr and "known backends" in res.stderr
+    assert res.stdout == ""
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+    try:
+        main(["--version"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert "flux-npu 0.1.0" in capsys.readouterr().out
