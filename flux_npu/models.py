@@ -14,22 +14,18 @@ from typing import Dict, Optional
 
 import torch
 
+_FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
 PRESETS: Dict[str, dict] = {
-    "flux-dev": dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
-    "flux-mini": dict(
-        patch_size=1, in_channels=64, num_layers=5, num_single_layers=10, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
-    "block": dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
+    "flux-dev": _FLUX_DEV,
+    "flux-mini": {**_FLUX_DEV, "num_layers": 5, "num_single_layers": 10},
+    # one block of each kind at Flux width; narrow text/pooled inputs keep the embedders small
+    "block": {**_FLUX_DEV, "num_layers": 1, "num_single_layers": 1, "joint_attention_dim": 256,
+              "pooled_projection_dim": 64},
     "tiny": dict(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
