@@ -11,7 +11,7 @@ EXTRAS = {
         "pyyaml",
     ],
     "triton": ["triton>=3.9,<3.10"],
-    "deepspeed": ["deepspeed==0.19.8"],
+    "deepspeed": ["deepspeed==0.19.8", "accelerate>=1.15,<1.16", "omegaconf", "packaging"],
     "plot": ["matplotlib"],
     "test": ["pytest>=8", "pytest-benchmark>=5", "pytest-timeout"],
 }

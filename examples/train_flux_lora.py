@@ -1,0 +1,168 @@
+"""LoRA fine-tuning of a Flux transformer with accelerate + DeepSpeed ZeRO-2.
+
+Written the way Flux training scripts are usually written (x-flux / FluxKits / diffusers'
+train_dreambooth_lora_flux.py): accelerate drives the loop, DeepSpeed comes from the accelerate
+environment (`accelerate launch --config_file ...`, or `ACCELERATE_USE_DEEPSPEED=true` +
+`ACCELERATE_DEEPSPEED_CONFIG_FILE=...`) or from `--deepspeed_config PATH`, LoRA adapters come from
+peft, the loss is rectified-flow matching, checkpoints are `accelerator.save_state` folders named
+`checkpoint-<step>` and `--resume_from_checkpoint latest` picks the newest one up.
+
+So that it runs anywhere without downloads, the model is a random-init *tiny*
+`FluxTransformer2DModel` and the data set is a fixed set of random "cached latents" with their
+noise and timesteps drawn once: a small, learnable regression problem whose loss falls within a
+few steps. Swap in real latents, text embeddings and a real checkpoint for actual training.
+
+    accelerate launch --config_file configs/accelerate_zero2_lora_cuda.yaml examples/train_flux_lora.py --output_dir out
+    accelerate launch ... examples/train_flux_lora.py --output_dir out --max_train_steps 12 --resume_from_checkpoint latest
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import FluxTransformer2DModel
+from peft import LoraConfig
+from torch.utils.data import DataLoader, Dataset
+
+TINY_FLUX = dict(
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="LoRA fine-tuning of a (tiny, random-init) Flux transformer.")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--max_train_steps", type=int, default=6)
+    p.add_argument("--checkpointing_steps", type=int, default=3)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-<step> folder or 'latest'")
+    p.add_argument("--learning_rate", type=float, default=1e-2)
+    p.add_argument("--train_batch_size", type=int, default=2)
+    p.add_argument("--num_samples", type=int, default=4)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed JSON; default: the accelerate environment (ACCELERATE_DEEPSPEED_CONFIG_FILE)")
+    return p.parse_args(argv)
+
+
+class CachedLatents(Dataset):
+    """Random packed latents (B, H*W, C), text states, pooled text, noise and timesteps, drawn once."""
+
+    def __init__(self, n, height=4, width=4, txt_len=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        c, d = TINY_FLUX["in_channels"], TINY_FLUX["joint_attention_dim"]
+        self.latents = torch.randn(n, height * width, c, generator=g)
+        self.noise = torch.randn(n, height * width, c, generator=g)
+        self.t = torch.sigmoid(torch.randn(n, generator=g))  # logit-normal timesteps, as in SD3 / Flux
+        self.txt = torch.randn(n, txt_len, d, generator=g)
+        self.pooled = torch.randn(n, TINY_FLUX["pooled_projection_dim"], generator=g)
+        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        self.img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+        self.txt_ids = torch.zeros(txt_len, 3)
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return dict(latents=self.latents[i], noise=self.noise[i], t=self.t[i], txt=self.txt[i], pooled=self.pooled[i])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    project = ProjectConfiguration(project_dir=args.output_dir)
+    plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed_config) if args.deepspeed_config else None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=project,
+        deepspeed_plugin=plugin,
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    transformer = FluxTransformer2DModel(**TINY_FLUX)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(
+        r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    ))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    accelerator.print(f"trainable LoRA parameters: {sum(p.numel() for p in params)}")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+
+    data = CachedLatents(args.num_samples, seed=args.seed)
+    loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=False)
+    transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            found = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] \
+                if os.path.isdir(args.output_dir) else []
+            path = os.path.join(args.output_dir, max(found, key=lambda d: int(d.split("-")[1]))) if found else None
+        if path is None:
+            accelerator.print("no checkpoint found: starting a new run")
+        else:
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            accelerator.print(f"resumed from {path} at step {global_step}")
+            _log(accelerator, args, {"event": "resumed", "step": global_step, "checkpoint": path})
+
+    # DeepSpeed bf16/fp16 holds the model in the low-precision dtype: feed it inputs of that dtype
+    # (x-flux and FluxKits do the same); the loss is computed in float32.
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    img_ids, txt_ids = data.img_ids.to(accelerator.device), data.txt_ids.to(accelerator.device)
+    transformer.train()
+    while global_step < args.max_train_steps:
+        for batch in loader:
+            with accelerator.accumulate(transformer):
+                x1, x0, t = batch["latents"], batch["noise"], batch["t"]
+                tb = t[:, None, None]
+                xt = (1 - tb) * x1 + tb * x0  # rectified flow: data at t=0, noise at t=1
+                pred = transformer(
+                    hidden_states=xt.to(weight_dtype), encoder_hidden_states=batch["txt"].to(weight_dtype),
+                    pooled_projections=batch["pooled"].to(weight_dtype), timestep=t.to(weight_dtype),
+                    img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+                )[0]
+                loss = F.mse_loss(pred.float(), (x0 - x1).float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            accelerator.print(f"step {global_step} loss {mean_loss:.6f}")
+            _log(accelerator, args, {"event": "step", "step": global_step, "loss": mean_loss})
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                accelerator.save_state(save_path)  # every rank: ZeRO shards live on each
+                accelerator.print(f"saved {save_path}")
+                _log(accelerator, args, {"event": "saved", "step": global_step, "checkpoint": save_path})
+            if global_step >= args.max_train_steps:
+                break
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _log(accelerator, args, record):
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "train_log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
