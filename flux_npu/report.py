@@ -81,6 +81,12 @@ def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
             entry["fused_ops"] = registry.fused_ops(b)
         except Exception as exc:
             entry["fused_ops"] = [f"error: {exc}"]
+        rows_fn = b.option("capability_rows")
+        if rows_fn is not None:
+            try:
+                entry["capabilities"] = [list(r) for r in rows_fn()]
+            except Exception as exc:
+                entry["capabilities"] = [["error", f"{type(exc).__name__}: {exc}"]]
         if reason is None:
             try:
                 entry["device_name"] = b.utils.device_name()
@@ -133,6 +139,11 @@ def render(data: Dict) -> str:
         out.append(f"selected: none ({sel['error']})")
     else:
         out.append(f"selected: {sel.get('backend')} ({sel.get('how')})")
+    for b in data["backends"]:
+        if b.get("capabilities"):
+            out.append("")
+            out.append(f"{b['name']} capabilities")
+            out.append(format_table(("capability", "value"), b["capabilities"]))
     for b in data["backends"]:
         if "routing" not in b:
             continue

@@ -136,7 +136,8 @@ class Backend:
     utils_factory: builds the DeviceUtils (called lazily; may import the vendor module).
     kernel_modules: modules that register this backend's kernels in the op table; imported on
         the first dispatch to this backend (so Triton / torch_npu load lazily).
-    options: free-form backend options as (key, value) pairs.
+    options: free-form backend options as (key, value) pairs; `capability_rows` (a callable
+        returning (capability, value) rows, e.g. per-SoC limits) is shown by `flux-npu info`.
     """
 
     name: str

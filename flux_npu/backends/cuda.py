@@ -1,8 +1,21 @@
-"""The CUDA backend: NVIDIA GPUs, Triton kernels, SDPA attention, nccl."""
+"""The CUDA backend: NVIDIA GPUs, Triton kernels, SDPA attention, nccl.
+
+The probe asks for a real CUDA device: `torch_npu.contrib.transfer_to_npu` makes
+`torch.cuda.is_available()` answer True on an Ascend machine, so a CUDA runtime in this torch
+build (`torch.version.cuda`) is required as well. Triton's presence is not part of the probe:
+without it the backend still runs (SDPA attention, reference ops) and each Triton kernel's check
+says why it declines.
+"""
+
+import functools
 
 import torch
 
 from .base import Backend, DeviceUtils
+
+# Triton's floor (its README: compute capability 7.0+); bfloat16 compute needs Ampere (8.0).
+MIN_COMPUTE_CAPABILITY = (7, 0)
+BF16_COMPUTE_CAPABILITY = (8, 0)
 
 
 def _probe():
@@ -16,10 +29,27 @@ def _probe():
     return None
 
 
-def compute_capability():
-    if not torch.cuda.is_available():
+@functools.lru_cache(maxsize=None)
+def compute_capability(index: int = None):
+    """(major, minor) of CUDA device `index` (default: current), or None without CUDA."""
+    if _probe() is not None:
         return None
-    return torch.cuda.get_device_capability()
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+class CUDADeviceUtils(DeviceUtils):
+    """torch.cuda events, synchronize and allocator peaks; the name carries the capability."""
+
+    def __init__(self):
+        super().__init__("cuda")
+
+    def device_name(self) -> str:
+        name = super().device_name()
+        try:
+            cc = compute_capability()
+        except Exception:  # a name query must not crash a report
+            cc = None
+        return f"{name} (sm_{cc[0]}{cc[1]})" if cc else name
 
 
 BACKEND = Backend(
@@ -31,7 +61,11 @@ BACKEND = Backend(
     dist_backend="nccl",
     autocast_device_type="cuda",
     priority=20,
-    utils_factory=lambda: DeviceUtils("cuda"),
+    utils_factory=CUDADeviceUtils,
     kernel_modules=("flux_npu.kernels.cuda",),
-    description="NVIDIA GPUs: Triton fused kernels, PyTorch SDPA (flash / cuDNN / efficient)",
+    description="NVIDIA GPUs: Triton fused kernels (RMSNorm, RoPE, QK-norm+RoPE, AdaLN), PyTorch SDPA (flash / cuDNN / efficient)",
+    options=(
+        ("min_compute_capability", MIN_COMPUTE_CAPABILITY),
+        ("bf16_compute_capability", BF16_COMPUTE_CAPABILITY),
+    ),
 )

@@ -1,0 +1,84 @@
+"""What every NPU kernel check asks first, and the one-off probes of installed op signatures."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+from ...backends import npu as _npu
+from .._common import foreign_device
+
+NPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def prelude(backend, op_name: str, *tensors) -> Optional[str]:
+    """None when `tensors` are the backend's and torch_npu has `op_name`, else the reason.
+    No allocation and no host sync: it also runs on meta tensors for `flux-npu info`."""
+    why = foreign_device(backend, *tensors)
+    if why:
+        return why
+    mod, why = _npu.torch_npu_or_reason()
+    if mod is None:
+        return why
+    if not hasattr(mod, op_name):
+        return f"this torch_npu ({getattr(mod, '__version__', '?')}) has no {op_name}"
+    return None
+
+
+def dtype_declines(*tensors) -> Optional[str]:
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype not in NPU_DTYPES:
+            return f"dtype {t.dtype} (torch_npu fused ops take float16, bfloat16 and float32)"
+    return None
+
+
+def torch_npu():
+    mod, why = _npu.torch_npu_or_reason()
+    if mod is None:  # only reachable when a kernel is called without its check
+        raise RuntimeError(why)
+    return mod
+
+
+def _param_names(mod, op_name: str):
+    """Parameter names of torch_npu.<op_name>: from the registered schema
+    (torch.ops.npu.<op>.default), else the Python signature, else None."""
+    try:
+        packet = getattr(torch.ops.npu, op_name)
+        return [a.name for a in packet.default._schema.arguments]
+    except Exception:
+        pass
+    fn = getattr(mod, op_name, None)
+    if fn is None:
+        return None
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def op_has_param(op_name: str, param: str) -> Optional[str]:
+    """None when torch_npu.<op_name> takes `param`, else the reason. Decided once per process
+    (cached with the torch_npu import): schema, then signature, then the shipped docstring,
+    whose first line is the signature in torch_npu builds."""
+    key = ("param", op_name, param)
+    cache = _npu._CACHE
+    if key not in cache:
+        mod, why = _npu.torch_npu_or_reason()
+        if mod is None:
+            cache[key] = why
+        else:
+            names = _param_names(mod, op_name)
+            if names is None:
+                doc = getattr(getattr(mod, op_name, None), "__doc__", None) or ""
+                cache[key] = None if param in doc else (
+                    f"cannot confirm that torch_npu.{op_name} takes {param!r} (neither its schema, signature nor "
+                    "docstring names it; builds before the 7.0.0 op-plugin branch lack it)"
+                )
+            else:
+                cache[key] = None if param in names else (
+                    f"this torch_npu's {op_name} has no {param!r} argument (parameters: {', '.join(names)}); "
+                    "it appears with the 7.0.0 op-plugin branch"
+                )
+    return cache[key]

@@ -1,0 +1,101 @@
+"""NPU attention: torch_npu.npu_fusion_attention (FlashAttention with its own backward).
+
+Contract facts this kernel relies on (from the torch_npu docstring):
+- layout is named, not inferred: the caller's tensors go in as they are, (B, H, S, D) as "BNSD"
+  and (B, S, H, D) as "BSND", so no transpose or copy is made for either Flux layout;
+- `head_num` is required and `scale` defaults to 1.0, so both are passed explicitly
+  (scale = 1/sqrt(D) unless the caller gave one);
+- `atten_mask` True means *masked out*, the opposite of SDPA's boolean mask: we pass `~mask`,
+  shaped as one of the accepted forms (B,N,Sq,Sk), (B,1,Sq,Sk), (1,1,Sq,Sk) or (Sq,Sk);
+- the result is a 7-tuple whose element 0 is the output;
+- limits: float16/bfloat16/float32 only, one dtype for q, k, v; head dim 1..768 with Dq == Dk and
+  key/value of identical shape; Nq 1..256 and a whole multiple of Nkv (GQA is native);
+  S up to 1M, B up to 2M. Additive float masks are declined: the op takes only boolean masks
+  (an additive mask through `pse` would be scaled by `scale` and rounded: not exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...backends.npu import soc_declines
+from ...ops.registry import register_kernel
+from ._support import dtype_declines, prelude, torch_npu
+
+MAX_HEAD_DIM = 768
+MAX_HEADS = 256
+MAX_SEQ = 1 << 20
+MAX_BATCH = 2 << 20
+ACCEPTED_MASK_FORMS = "(B,N,Sq,Sk), (B,1,Sq,Sk), (1,1,Sq,Sk) or (Sq,Sk)"
+
+
+def _dims(q, k, layout):
+    h, s = (1, 2) if layout == "BHSD" else (2, 1)
+    return q.shape[0], q.shape[h], k.shape[h], q.shape[s], k.shape[s], q.shape[-1]
+
+
+def _check(backend, q, k, v, mask, scale, layout):
+    why = prelude(backend, "npu_fusion_attention", q, k, v, mask)
+    if why:
+        return why
+    why = dtype_declines(q, k, v)
+    if why:
+        return why
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (the op needs one dtype)"
+    B, Nq, Nkv, Sq, Sk, D = _dims(q, k, layout)
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM} (npu_fusion_attention limit)"
+    if Nq > MAX_HEADS:
+        return f"{Nq} query heads > {MAX_HEADS} (npu_fusion_attention limit)"
+    if Nq % Nkv:
+        return f"query heads {Nq} not a multiple of key/value heads {Nkv}"
+    if tuple(k.shape) != tuple(v.shape):
+        return f"key {tuple(k.shape)} and value {tuple(v.shape)} shapes differ (the op needs them identical)"
+    if max(Sq, Sk) > MAX_SEQ or B > MAX_BATCH:
+        return f"sequence {max(Sq, Sk)} or batch {B} beyond the op's range (S <= 1M, B <= 2M)"
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            return (f"additive {mask.dtype} mask: npu_fusion_attention takes boolean masks only "
+                    "(pass a bool mask, True = attend)")
+        if mask.dim() > 4:
+            return f"{mask.dim()}-D mask; the op takes {ACCEPTED_MASK_FORMS}"
+    return soc_declines(q.dtype, "fusion_attention")
+
+
+def _atten_mask(mask, B, N, Sq, Sk):
+    """SDPA boolean mask (True = attend, broadcastable to (B,N,Sq,Sk)) -> the op's mask
+    (True = masked out) in an accepted shape."""
+    masked_out = ~mask
+    if masked_out.dim() == 2 and tuple(masked_out.shape) == (Sq, Sk):
+        return masked_out
+    while masked_out.dim() < 4:
+        masked_out = masked_out.unsqueeze(0)
+    b = 1 if masked_out.shape[0] == 1 else B
+    n = 1 if masked_out.shape[1] == 1 else N
+    if b == 1 and n != 1:
+        b = B  # (1,N,Sq,Sk) is not an accepted form: widen to (B,N,Sq,Sk)
+    target = (b, n, Sq, Sk)
+    if tuple(masked_out.shape) != target:
+        masked_out = masked_out.expand(target)
+    return masked_out.contiguous()
+
+
+@register_kernel("attention", "npu", "torch_npu.npu_fusion_attention", check=_check)
+def fusion_attention(backend, q, k, v, mask, scale, layout):
+    """torch_npu.npu_fusion_attention in the caller's layout (BNSD / BSND), output [0]."""
+    B, Nq, _, Sq, Sk, D = _dims(q, k, layout)
+    atten_mask = None if mask is None else _atten_mask(mask, B, Nq, Sq, Sk)
+    out = torch_npu().npu_fusion_attention(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        head_num=Nq,
+        input_layout="BNSD" if layout == "BHSD" else "BSND",
+        atten_mask=atten_mask,
+        scale=float(1.0 / math.sqrt(D) if scale is None else scale),
+        keep_prob=1.0,
+    )
+    return out[0]

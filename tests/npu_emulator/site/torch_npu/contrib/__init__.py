@@ -1,0 +1,1 @@
+"""EMULATED torch_npu.contrib (contract emulator)."""
