@@ -258,3 +258,23 @@ def test_use_backend_context_sets_the_active_backend():
         assert seen == ["ctxb"]
     finally:
         flux_npu.backends.unregister_backend("ctxb")
+
+
+def test_qk_norm_rope_composes_the_backends_own_kernels_when_it_has_no_fused_one(seed):
+    plain = Backend("plainb", "cpu", lambda: None, frozenset({torch.float32}), True, "gloo", "cpu")
+    flux_npu.register_backend(plain, replace=True)
+    try:
+        ops.register_kernel("rms_norm", "plainb", "p.rms")(lambda b, x, w, eps, od: reference.rms_norm(x, w, eps, od))
+        ops.register_kernel("apply_rope", "plainb", "p.rope")(lambda b, x, f, sd: reference.apply_rope(x, f, sd))
+        q, k = torch.randn(2, 9, 3, 16), torch.randn(2, 9, 3, 16)
+        wq, wk = torch.rand(16) + 0.5, torch.rand(16) + 0.5
+        cs = _cos_sin(9, 16)
+        qo, ko = ops.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1, backend="plainb")
+        rq, rk = reference.qk_norm_rope(q.double(), k.double(), wq.double(), wk.double(),
+                                        tuple(t.double() for t in cs), 1e-6, 1)
+        assert_close(qo, rq, torch.float32) and assert_close(ko, rk, torch.float32)
+        served = ops.dispatch_stats()["served"]
+        assert served[("rms_norm", "plainb", "p.rms")] == 2 and served[("apply_rope", "plainb", "p.rope")] == 2
+        assert not ops.dispatch_stats()["fallback"]
+    finally:
+        flux_npu.backends.unregister_backend("plainb")

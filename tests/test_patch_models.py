@@ -69,8 +69,9 @@ def test_diffusers_patched_ops_actually_ran():
     served = ops.dispatch_stats()["served"]
     # tiny: 2 double + 2 single blocks, 3 RoPE axes
     assert served[("attention", "cpu", "torch.sdpa")] == 4
-    assert served[("apply_rope", "cpu", "torch.complex_mul")] == 8  # q and k in every block
-    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 2 * 4 + 2 * 2  # norm_q/k/added_q/added_k; norm_q/k
+    assert served[("apply_rope", "cpu", "torch.complex_mul")] == 4  # q and k in the double blocks
+    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 2 * 4  # norm_q/k/added_q/added_k
+    assert served[("qk_norm_rope", "cpu", "torch.rms_norm+complex_mul")] == 2  # single blocks: norm feeds RoPE
     assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * 2 + 2 + 1  # norm1(+context), single, norm_out
     assert served[("rope_freqs", "cpu", "reference")] == 3
     assert not ops.dispatch_stats()["fallback"]

@@ -176,12 +176,23 @@ def gated_residual(x, gate, y, *, backend=None):
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_dim: int = 2, *, backend=None):
-    """RMSNorm(q), RMSNorm(k) then RoPE on both: one fused pass where the backend has it."""
+    """RMSNorm(q), RMSNorm(k) (own weights) then RoPE on both: one fused pass where the backend
+    has a kernel; elsewhere the backend's own rms_norm and apply_rope kernels, composed."""
     for n, t in (("q", q), ("k", k)):
         _float("qk_norm_rope", n, t)
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"qk_norm_rope: q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    return dispatch("qk_norm_rope", reference.qk_norm_rope, backend, (q, k, q_weight, k_weight, freqs, eps, sequence_dim), {})
+    if q.shape != k.shape:
+        raise ValueError(f"qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have one shape")
+    b = active_backend() if backend is None else use_backend_obj(backend)
+
+    def composed(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
+        # validation of weights and freqs happens in the two ops
+        qn = rms_norm(q, q_weight, eps, backend=b)
+        kn = rms_norm(k, k_weight, eps, backend=b)
+        return apply_rope(qn, freqs, sequence_dim, backend=b), apply_rope(kn, freqs, sequence_dim, backend=b)
+
+    if isinstance(freqs, list):
+        freqs = tuple(freqs)
+    return dispatch("qk_norm_rope", composed, b, (q, k, q_weight, k_weight, freqs, eps, sequence_dim), {})
 
 
 def use_backend_obj(backend):

@@ -3,7 +3,8 @@
 - `FluxAttnProcessor.__call__`: the attention processor of every Flux attention module, rewritten
   on our ops: QK RMSNorms (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`) -> ops.rms_norm,
   RoPE -> ops.apply_rope, attention -> ops.attention in diffusers' (B, S, H, D) layout (so the npu
-  backend can hand it to the fused op without a transpose). Processors configured for another
+  backend can hand it to the fused op without a transpose). In single-stream blocks, where the QK
+  norm feeds RoPE directly, both go through ops.qk_norm_rope (one fused Triton pass on cuda). Processors configured for another
   diffusers attention backend or for context parallelism keep the stock path.
 - `FluxPosEmbed.forward`: RoPE frequencies -> ops.rope_freqs (float32 on devices without float64).
 - `AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous.forward`: the AdaLN
@@ -34,6 +35,20 @@ def _rms(module, x, backend):
     return module(x)
 
 
+def _fusable(attn, q) -> bool:
+    """Both QK norms are plain torch RMSNorms over the head dim with weights and one epsilon."""
+    nq, nk = attn.norm_q, attn.norm_k
+    return (
+        type(nq) is torch.nn.RMSNorm
+        and type(nk) is torch.nn.RMSNorm
+        and nq.weight is not None
+        and nk.weight is not None
+        and nq.eps is not None
+        and nq.eps == nk.eps
+        and tuple(nq.normalized_shape) == tuple(nk.normalized_shape) == (q.shape[-1],)
+    )
+
+
 def build_processor_call(original, backend):
     get_qkv = original.__globals__["_get_qkv_projections"]
 
@@ -41,9 +56,17 @@ def build_processor_call(original, backend):
         if getattr(self, "_attention_backend", None) is not None or getattr(self, "_parallel_config", None) is not None:
             return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         q, k, v, eq, ek, ev = get_qkv(attn, hidden_states, encoder_hidden_states)
-        q = _rms(attn.norm_q, q.unflatten(-1, (-1, attn.head_dim)), backend)
-        k = _rms(attn.norm_k, k.unflatten(-1, (-1, attn.head_dim)), backend)
+        q = q.unflatten(-1, (-1, attn.head_dim))
+        k = k.unflatten(-1, (-1, attn.head_dim))
         v = v.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is None and image_rotary_emb is not None and _fusable(attn, q):
+            # single-stream block: QK-norm feeds RoPE directly, one fused op where the backend has it
+            q, k = ops.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb,
+                                    attn.norm_q.eps, sequence_dim=1, backend=backend)
+            image_rotary_emb = None
+        else:
+            q = _rms(attn.norm_q, q, backend)
+            k = _rms(attn.norm_k, k, backend)
         if attn.added_kv_proj_dim is not None:
             eq = _rms(attn.norm_added_q, eq.unflatten(-1, (-1, attn.head_dim)), backend)
             ek = _rms(attn.norm_added_k, ek.unflatten(-1, (-1, attn.head_dim)), backend)

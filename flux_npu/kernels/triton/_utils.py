@@ -42,9 +42,9 @@ def block_sizes(n_cols: int, n_rows: int):
 
 
 def num_warps_for(block_elems: int) -> int:
-    if block_elems >= 8192:
+    if block_elems >= 4096:
         return 8
-    if block_elems >= 2048:
+    if block_elems >= 1024:
         return 4
     return 2
 

@@ -1,0 +1,466 @@
+"""Per-op benchmark behind `flux-npu bench ops`: stock Flux code vs our op vs torch.compile.
+
+For every hot op our patches replace, at Flux shapes, three implementations run side by side on
+the active backend's device:
+  stock    the code the patches replace (diffusers' `apply_rotary_emb`, `torch.nn.RMSNorm`, the
+           AdaLayerNormZero expression, `dispatch_attention_fn` on (B, S, H, D); the BFL RMSNorm,
+           `apply_rope` and float64 `rope`, re-stated here from the BFL layout);
+  patched  `flux_npu.ops.<op>(..., backend=...)`: what runs after `flux_npu.patch()`;
+  compile  `torch.compile` of the stock code (on by default where a GPU runs it; on CPU it costs
+           10+ s of compilation per op, so it runs only with --compile).
+Before timing, every implementation's output is checked against the plain-torch reference
+(`flux_npu.ops.reference`, the tests' oracle) with the tests' tolerance table; a mismatch is
+reported and makes the exit code 1. Timing: warm-up, then the median of --repeats runs with the
+backend's timer (CUDA/NPU events, wall clock on CPU). Bandwidth: the minimum bytes an op must
+move (inputs read once, outputs written once) over the median time, also as a fraction of the
+device's copy bandwidth measured in the same run (a `copy_` of a large buffer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .. import ops
+from ..ops import reference
+from ..testing import rel_err, tolerance
+
+# name -> (batch, image tokens, text tokens, heads, head dim, hidden)
+SHAPES = {
+    "quick": dict(B=1, img=256, txt=32, H=24, D=128, hidden=3072),
+    "mini": dict(B=1, img=1024, txt=128, H=24, D=128, hidden=3072),  # Flux-mini-like, fits a CPU
+    "dev": dict(B=1, img=4096, txt=512, H=24, D=128, hidden=3072),  # Flux-dev at 1024 px
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+OPS = (
+    "rms_norm",
+    "rms_norm/bfl",
+    "apply_rope",
+    "apply_rope/bfl",
+    "qk_norm_rope",
+    "layer_norm_modulate",
+    "gated_residual",
+    "attention",
+    "rope_freqs/bfl",
+)
+
+
+@dataclass
+class Case:
+    """One op at one shape: implementations (name -> zero-argument callable), the reference
+    output they are checked against, the dtype whose tolerance applies, and the bytes moved."""
+
+    op: str
+    shape: str
+    dtype: str
+    impls: Dict[str, Callable]
+    reference: Callable
+    tol_dtype: torch.dtype
+    nbytes: int
+    compile_target: Optional[Callable] = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    impl: str
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    gbps: Optional[float] = None
+    copy_fraction: Optional[float] = None
+    speedup_vs_stock: Optional[float] = None
+    rel_err: Optional[float] = None
+    status: str = "ok"
+    note: str = ""
+
+
+def _nbytes(*ts) -> int:
+    total = 0
+    for t in ts:
+        if isinstance(t, (tuple, list)):
+            total += _nbytes(*t)
+        elif isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+# -- stock code: what the patches replace -------------------------------------------------------
+
+def _unpatched(fn):
+    while hasattr(fn, "__wrapped_original__"):
+        fn = fn.__wrapped_original__
+    return fn
+
+
+def diffusers_apply_rotary_emb():
+    from diffusers.models import embeddings
+
+    return _unpatched(embeddings.apply_rotary_emb)
+
+
+def bfl_rms_norm(x, scale):
+    """BFL `RMSNorm.forward` (flux.modules.layers), eps 1e-6."""
+    dt = x.dtype
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype=dt) * scale
+
+
+def bfl_rotate(x, freqs_cis):
+    """BFL `apply_rope`'s rotation of one tensor (flux.math)."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    y = freqs_cis[..., 0] * xr[..., 0] + freqs_cis[..., 1] * xr[..., 1]
+    return y.reshape(*x.shape).type_as(x)
+
+
+def bfl_rope(pos, dim, theta):
+    """BFL `rope` (flux.math): rotation matrices built in float64."""
+    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)
+    out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return out.reshape(*out.shape[:-1], 2, 2).float()
+
+
+# -- cases ------------------------------------------------------------------------------------
+
+def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Case:
+    s = SHAPES[shape_name]
+    dtype = DTYPES[dtype_name]
+    B, S, H, D, hidden = s["B"], s["img"] + s["txt"], s["H"], s["D"], s["hidden"]
+    g = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    def cos_sin():
+        pos = torch.arange(S, dtype=torch.float32)
+        cs = reference.rope_freqs(pos, D, form="cos_sin")
+        return tuple(t.to(device) for t in cs)
+
+    def bfl_pe():
+        pos = torch.arange(S, dtype=torch.float32)[None].expand(B, S)
+        return reference.rope_freqs(pos, D, form="bfl").unsqueeze(1).to(device)  # (B, 1, S, D/2, 2, 2)
+
+    label = f"B{B} S{S} H{H} D{D}"
+    if op == "rms_norm":
+        x = rnd(B, S, H * D).unflatten(-1, (H, D))  # the processor's unflatten view
+        norm = torch.nn.RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(rnd(D, scale=0.2) + 1)
+        w = norm.weight.detach()
+        return Case(op, label, dtype_name, {"stock": lambda: norm(x), "patched": lambda: ops.rms_norm(x, w, 1e-6, backend=backend)},
+                    lambda: reference.rms_norm(x, w, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(w), compile_target=lambda: norm(x))
+    if op == "rms_norm/bfl":
+        x = rnd(B, H, S, D)
+        scale = rnd(D, dt=dtype, scale=0.2) + 1
+        return Case(op, label, dtype_name,
+                    {"stock": lambda: bfl_rms_norm(x, scale), "patched": lambda: ops.rms_norm(x, scale, 1e-6, out_dtype=dtype, backend=backend)},
+                    lambda: reference.rms_norm(x, scale, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(scale),
+                    compile_target=lambda: bfl_rms_norm(x, scale))
+    if op == "apply_rope":
+        x = rnd(B, S, H * D).unflatten(-1, (H, D))
+        cs = cos_sin()
+        stock = diffusers_apply_rotary_emb()
+        return Case(op, label, dtype_name,
+                    {"stock": lambda: stock(x, cs, sequence_dim=1), "patched": lambda: ops.apply_rope(x, cs, 1, backend=backend)},
+                    lambda: reference.apply_rope(x, cs, 1), dtype, 2 * _nbytes(x) + _nbytes(cs),
+                    compile_target=lambda: stock(x, cs, sequence_dim=1), note="diffusers apply_rotary_emb (cos, sin)")
+    if op == "apply_rope/bfl":
+        x = rnd(B, H, S, D)
+        pe = bfl_pe()
+        return Case(op, label, dtype_name,
+                    {"stock": lambda: bfl_rotate(x, pe), "patched": lambda: ops.apply_rope(x, pe, backend=backend)},
+                    lambda: reference.apply_rope(x, pe), dtype, 2 * _nbytes(x) + _nbytes(pe),
+                    compile_target=lambda: bfl_rotate(x, pe), note="BFL apply_rope, one tensor")
+    if op == "qk_norm_rope":
+        q = rnd(B, S, H * D).unflatten(-1, (H, D))
+        k = rnd(B, S, H * D).unflatten(-1, (H, D))
+        nq = torch.nn.RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
+        nk = torch.nn.RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
+        cs = cos_sin()
+        stock = diffusers_apply_rotary_emb()
+
+        def stock_fn():
+            return stock(nq(q), cs, sequence_dim=1), stock(nk(k), cs, sequence_dim=1)
+
+        wq, wk = nq.weight.detach(), nk.weight.detach()
+        return Case(op, label, dtype_name,
+                    {"stock": stock_fn, "patched": lambda: ops.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1, backend=backend)},
+                    lambda: reference.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1), dtype, 4 * _nbytes(q) + _nbytes(cs),
+                    compile_target=stock_fn, note="RMSNorm q, k + diffusers RoPE")
+    if op == "layer_norm_modulate":
+        x = rnd(B, S, hidden)
+        emb = rnd(B, 6 * hidden, scale=0.1)
+        shift, scale = emb.chunk(6, dim=1)[0], emb.chunk(6, dim=1)[1]
+        norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+
+        def stock_fn():  # diffusers AdaLayerNormZero: self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+            return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+        return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
+                    {"stock": stock_fn, "patched": lambda: ops.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6, backend=backend)},
+                    lambda: reference.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6), dtype,
+                    2 * _nbytes(x) + 2 * _nbytes(shift), compile_target=stock_fn, note="AdaLayerNormZero norm+modulate")
+    if op == "gated_residual":
+        x, y = rnd(B, S, hidden), rnd(B, S, hidden)
+        gate = rnd(B, hidden, scale=0.1)
+
+        def stock_fn():  # diffusers: hidden_states + gate_msa.unsqueeze(1) * attn_output
+            return x + gate.unsqueeze(1) * y
+
+        return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
+                    {"stock": stock_fn, "patched": lambda: ops.gated_residual(x, gate.unsqueeze(1), y, backend=backend)},
+                    lambda: reference.gated_residual(x, gate.unsqueeze(1), y), dtype, 3 * _nbytes(x) + _nbytes(gate),
+                    compile_target=stock_fn)
+    if op == "attention":
+        q, k, v = (rnd(B, S, H, D) for _ in range(3))
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        from ..kernels.cuda.attention import sdpa_choice
+
+        chosen = sdpa_choice(*(t.transpose(1, 2) for t in (q, k, v)))
+
+        return Case(op, label, dtype_name,
+                    {"stock": lambda: dispatch_attention_fn(q, k, v), "patched": lambda: ops.attention(q, k, v, layout="BSHD", backend=backend)},
+                    lambda: reference.attention(q, k, v, layout="BSHD"), dtype, 4 * _nbytes(q),
+                    compile_target=lambda: dispatch_attention_fn(q, k, v), note=f"SDPA {chosen}; compute-bound: GB/s is nominal")
+    if op == "rope_freqs/bfl":
+        pos = (torch.arange(S, dtype=torch.float32)[None].expand(B, S)).to(device)
+        dim = 56
+        return Case(op, f"B{B} S{S} dim{dim}", "fp32",
+                    {"stock": lambda: bfl_rope(pos, dim, 10000.0), "patched": lambda: ops.rope_freqs(pos, dim, 10000.0, form="bfl", backend=backend)},
+                    lambda: reference.rope_freqs(pos, dim, 10000.0, form="bfl"), torch.float32, _nbytes(pos) + B * S * dim * 2 * 4,
+                    compile_target=lambda: bfl_rope(pos, dim, 10000.0), note="BFL rope (float64 maths)")
+    raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _outputs(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def check(fn, ref_out, tol_dtype) -> float:
+    """Max relative error of fn()'s outputs against the reference outputs."""
+    with torch.no_grad():
+        got = _outputs(fn())
+    refs = _outputs(ref_out)
+    if len(got) != len(refs):
+        return math.inf
+    return max(rel_err(o, r) for o, r in zip(got, refs))
+
+
+def time_fns(fns: Dict[str, Callable], utils, warmup: int, repeats: int, mins: Optional[dict] = None) -> Dict[str, float]:
+    """Median seconds per implementation. The implementations are timed round-robin (one call of
+    each per repeat) rather than one after the other, so that a load change on a shared machine
+    hits all of them alike and their ratios stay meaningful."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        utils.synchronize()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                timer = utils.timer()
+                timer.start()
+                fn()
+                times[name].append(timer.stop())
+    if mins is not None:
+        mins.update({name: min(ts) for name, ts in times.items()})
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_fn(fn, utils, warmup: int, repeats: int) -> float:
+    """Median seconds of `repeats` timed calls after `warmup` untimed ones."""
+    return time_fns({"fn": fn}, utils, warmup, repeats)["fn"]
+
+
+def copy_bandwidth(device, utils, nbytes: int, warmup: int = 2, repeats: int = 5) -> float:
+    """Device copy bandwidth in bytes/s: a `copy_` reads and writes nbytes each."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), utils, warmup, repeats)
+    return 2 * n * 4 / t
+
+
+def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, compile_note: str) -> List[Row]:
+    ref_out = case.reference()
+    tol = tolerance(case.tol_dtype)
+    impls = dict(case.impls)
+    rows = []
+    if use_compile and case.compile_target is not None:
+        impls["compile"] = torch.compile(case.compile_target)
+    timed = {}
+    for name, fn in impls.items():
+        row = Row(case.op, case.shape, case.dtype, name, note=case.note if name == "stock" else "")
+        rows.append(row)
+        try:
+            row.rel_err = check(fn, ref_out, case.tol_dtype)
+        except Exception as exc:  # an impl that cannot run here is a row, not a crash
+            row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:120]
+            continue
+        if not row.rel_err <= tol:
+            row.status = "MISMATCH"
+            row.note = f"rel err {row.rel_err:.2e} > {tol:.0e}; not timed"
+            continue
+        timed[name] = fn
+    mins: dict = {}
+    medians = time_fns(timed, utils, warmup, repeats, mins) if timed else {}
+    stock_ms = medians["stock"] * 1e3 if "stock" in medians else None
+    for row in rows:
+        if row.impl not in medians:
+            continue
+        t = medians[row.impl]
+        row.median_ms = t * 1e3
+        row.min_ms = mins[row.impl] * 1e3
+        row.gbps = case.nbytes / t / 1e9
+        row.copy_fraction = case.nbytes / t / copy_bw if copy_bw else None
+        if stock_ms:
+            row.speedup_vs_stock = stock_ms / row.median_ms
+    if not use_compile:
+        rows.append(Row(case.op, case.shape, case.dtype, "compile", status="skipped", note=compile_note))
+    return rows
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default=None, help="backend to benchmark (default: FLUX_NPU_BACKEND, then auto-detect)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all: {','.join(OPS)})")
+    parser.add_argument("--shapes", default=None, help=f"comma-separated shape presets {list(SHAPES)} (default: mini; --quick: quick)")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes: bf16, fp32, fp16 (default: bf16,fp32)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2, GPU 10)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls; the median is reported (default 7, GPU 50)")
+    compile_group = parser.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                               help="also time torch.compile of the stock code (default on GPU/NPU, off on CPU)")
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the environment as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _split(value: str, known, what: str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in known]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; choose from {', '.join(known)}")
+    return items
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def environment(backend, utils, copy_bw) -> dict:
+    from ..utils.versions import versions
+
+    device = utils.device_name()
+    if backend.device_type == "cpu":
+        import os
+
+        device = f"{_cpu_model()} ({os.cpu_count()} cores visible)"
+    return {
+        "backend": backend.name,
+        "device": device,
+        "copy_bandwidth_gbps": copy_bw / 1e9,
+        "torch_threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "versions": versions(),
+    }
+
+
+def format_rows(rows: List[Row]) -> str:
+    from ..utils.table import format_table
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    table = [
+        (r.op, r.shape, r.dtype, r.impl, f(r.median_ms, ".3f"), f(r.gbps, ".1f"),
+         "" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%", "" if r.speedup_vs_stock is None else f"{r.speedup_vs_stock:.2f}x",
+         r.status if r.status != "ok" else "", r.note)
+        for r in rows
+    ]
+    return format_table(("op", "shape", "dtype", "impl", "median ms", "GB/s", "% copy", "vs stock", "status", "note"), table)
+
+
+def run(args) -> int:
+    from ..backends import get_backend
+
+    backend = get_backend(args.backend)
+    device = backend.device()
+    utils = backend.utils
+    on_cpu = backend.device_type == "cpu"
+    shapes = _split(args.shapes or ("quick" if args.quick else "mini"), SHAPES, "shape presets")
+    dtypes = _split(args.dtypes, DTYPES, "dtypes")
+    op_names = _split(args.ops, OPS, "ops")
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (2 if on_cpu else 10))
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else (7 if on_cpu else 50))
+    use_compile = args.compile if args.compile is not None else not on_cpu
+    compile_note = "" if use_compile else ("CPU: inductor compiles 10+ s per op; pass --compile" if on_cpu else "--no-compile")
+
+    copy_bw = copy_bandwidth(device, utils, (64 if on_cpu else 1024) * 2**20, warmup, max(repeats, 5))
+    env = environment(backend, utils, copy_bw)
+    jobs = [(op, sh, dt) for sh in shapes for op in op_names for dt in dtypes if not (op == "rope_freqs/bfl" and dt != dtypes[0])]
+    rows: List[Row] = []
+    progress = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(jobs), desc="bench ops", unit="case", leave=False)
+    for op, sh, dt in jobs:
+        if progress is not None:
+            progress.set_postfix_str(f"{op} {dt}")
+        case = build_case(op, sh, dt, backend, device)
+        rows.extend(run_case(case, utils, warmup, repeats, copy_bw, use_compile, compile_note))
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    print(f"flux-npu bench ops: backend {env['backend']} on {env['device']}, {env['date_utc']} UTC, "
+          f"torch {env['versions'].get('torch')}, {env['torch_threads']} threads; copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; "
+          f"median of {repeats} after {warmup} warm-up")
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "warmup": warmup, "repeats": repeats, "rows": [asdict(r) for r in rows]}, fh, indent=2)
+        print(f"wrote {args.json}")
+    bad = [r for r in rows if r.status in ("MISMATCH", "error") and r.impl != "compile"]
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flux_npu.benchmark.ops", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
