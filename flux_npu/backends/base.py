@@ -114,9 +114,21 @@ class CPUDeviceUtils(DeviceUtils):
         return self._peak
 
     def device_name(self) -> str:
+        """The CPU model (from /proc/cpuinfo where there is one) and the cores visible."""
+        import os
         import platform
 
-        return platform.processor() or platform.machine() or "cpu"
+        model = ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        model = model or platform.processor() or platform.machine() or "cpu"
+        return f"{model} ({os.cpu_count()} cores visible)"
 
 
 @dataclass(frozen=True)

@@ -365,27 +365,10 @@ def _split(value: str, known, what: str) -> list:
     return items
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def environment(backend, utils, copy_bw) -> dict:
     from ..utils.versions import versions
 
     device = utils.device_name()
-    if backend.device_type == "cpu":
-        import os
-
-        device = f"{_cpu_model()} ({os.cpu_count()} cores visible)"
     return {
         "backend": backend.name,
         "device": device,
