@@ -48,6 +48,8 @@ def build_diffusers_flux(preset: str = "tiny", dtype=torch.float32, device="cpu"
     cfg = preset_config(preset)
     cfg.update(overrides)
     torch.manual_seed(seed)
+    # Built in float32 and then cast, so that a bf16 model is the rounded twin of the float32 one
+    # with the same seed (the tests compare the two); this needs float32 + target-dtype memory briefly.
     model = FluxTransformer2DModel(**cfg)
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # random init: the "keep in float32 / from_pretrained" hint does not apply

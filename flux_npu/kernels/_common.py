@@ -27,7 +27,8 @@ class LastValueCache:
 
     RoPE operands are built once per forward and then reused by every block: converting them to
     a kernel's form (complex numbers, cos/sin in the input dtype, ...) once per forward instead of
-    once per block is worth a one-entry cache. Tensors that require grad are never cached.
+    once per block is worth a one-entry cache. Tensors that require grad, and inference-mode tensors
+    (which carry no version counter), are never cached.
     """
 
     def __init__(self):
@@ -37,8 +38,8 @@ class LastValueCache:
         self._value = None
 
     def get(self, tensors, extra, build):
-        if any(t.requires_grad for t in tensors):
-            return build()
+        if any(t.requires_grad or t.is_inference() for t in tensors):
+            return build()  # inference tensors have no version counter to validate a cache hit
         live = tuple(r() for r in self._refs)
         if (
             len(live) == len(tensors)

@@ -1,0 +1,123 @@
+"""Random-init Flux pipeline parts of real shapes, built from configs (never from a hub).
+
+- text encoders: transformers T5EncoderModel with T5-v1.1-XXL's config (Flux's T5) and
+  CLIPTextModel with CLIP ViT-L/14's text config (Flux's pooled CLIP), or tiny ones matching the
+  `tiny` preset's widths;
+- the VAE: diffusers AutoencoderKL with Flux's VAE config (16 latent channels), or a tiny one.
+All are random-init: the benchmark measures cost, not images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Flux's published text-encoder and VAE configurations (values, not files).
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+              layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.3611,
+                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024)
+
+
+def encoder_configs(transformer_config: dict) -> dict:
+    """T5 / CLIP / VAE configs whose widths feed the given Flux transformer config: Flux's real
+    ones for Flux-width presets, shrunken ones otherwise (the tiny preset)."""
+    joint, pooled, c_in = (transformer_config[k] for k in ("joint_attention_dim", "pooled_projection_dim", "in_channels"))
+    if joint == T5_XXL["d_model"] and pooled == CLIP_L_TEXT["hidden_size"] and c_in == 4 * FLUX_VAE["latent_channels"]:
+        return {"t5": dict(T5_XXL), "clip": dict(CLIP_L_TEXT), "vae": dict(FLUX_VAE)}
+    t5 = dict(T5_XXL, d_model=joint, d_kv=max(8, joint // 4), num_heads=4, d_ff=2 * joint, num_layers=2, vocab_size=1024)
+    clip = dict(CLIP_L_TEXT, hidden_size=pooled, intermediate_size=2 * pooled, num_hidden_layers=2, num_attention_heads=2,
+                projection_dim=pooled, vocab_size=1024)
+    vae = dict(FLUX_VAE, latent_channels=c_in // 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+    return {"t5": t5, "clip": clip, "vae": vae}
+
+
+@dataclass
+class TextAndVae:
+    t5: torch.nn.Module
+    clip: torch.nn.Module
+    vae: torch.nn.Module
+    t5_vocab: int
+    clip_vocab: int
+    clip_len: int
+    scaling_factor: float
+    shift_factor: float
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for m in (self.t5, self.clip, self.vae.decoder) for p in m.parameters())
+
+
+def build_text_and_vae(transformer_config: dict, dtype, device, seed: int = 0) -> TextAndVae:
+    """Random-init T5 encoder, CLIP text model and VAE (decoder used), in `dtype` on `device`."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    cfg = encoder_configs(transformer_config)
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        t5 = T5EncoderModel(T5Config(**cfg["t5"]))
+        clip = CLIPTextModel(CLIPTextConfig(**cfg["clip"]))
+        vae = AutoencoderKL(**cfg["vae"])
+    vae.encoder = None  # inference decodes only; the encoder would only take memory
+    mods = [m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (t5, clip, vae)]
+    return TextAndVae(*mods, t5_vocab=cfg["t5"]["vocab_size"], clip_vocab=cfg["clip"]["vocab_size"],
+                      clip_len=cfg["clip"]["max_position_embeddings"], scaling_factor=cfg["vae"]["scaling_factor"],
+                      shift_factor=cfg["vae"]["shift_factor"])
+
+
+class default_dtype:
+    """Build modules directly in `dtype` (a Flux-width model built in float32 and then cast needs
+    twice its final memory)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype if self.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else self.prev)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.prev)
+        return False
+
+
+def build_transformer(preset: str, dtype, device, seed: int = 0):
+    """A random-init diffusers FluxTransformer2DModel of the preset's shape, built in `dtype`."""
+    from diffusers import FluxTransformer2DModel
+
+    from ..models import preset_config
+
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        model = FluxTransformer2DModel(**preset_config(preset))
+    return model.to(device=device)
+
+
+def encode_prompt(parts: TextAndVae, text_len: int, batch: int, device, gen: Optional[torch.Generator] = None):
+    """Random token ids through T5 (sequence states) and CLIP (pooled), as FluxPipeline does."""
+    t5_ids = torch.randint(0, parts.t5_vocab, (batch, text_len), generator=gen).to(device)
+    clip_ids = torch.randint(0, parts.clip_vocab, (batch, parts.clip_len), generator=gen).to(device)
+    states = parts.t5(input_ids=t5_ids).last_hidden_state
+    pooled = parts.clip(input_ids=clip_ids).pooler_output
+    return states, pooled
+
+
+def unpack_latents(latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Flux packs 2x2 latent patches per token: (B, (H/16)(W/16), 4C) -> (B, C, H/8, W/8)."""
+    b, n, c4 = latents.shape
+    side = resolution // 16
+    x = latents.view(b, side, side, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, side * 2, side * 2)
+
+
+def decode(parts: TextAndVae, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    z = unpack_latents(latents, resolution) / parts.scaling_factor + parts.shift_factor
+    return parts.vae.decode(z.to(parts.vae.dtype)).sample

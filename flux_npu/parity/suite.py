@@ -1,0 +1,419 @@
+"""Record a parity golden on one backend, check another backend against it.
+
+A golden is one safetensors file (never pickle). Tensor names are `<case id>/<kind>/<name>` with
+kind in: `in` (inputs and cotangents, drawn on the CPU from the seed), `out` (outputs), `grad`
+(gradients of the inputs), `param` (a small block's parameters), `pgrad` (parameter gradients).
+The string metadata holds the format tag, the recording backend and device, library versions,
+the seed, the shape-set definitions and the case list (JSON).
+
+`check` reads a golden, verifies it (readable, ours, same format, every listed tensor present,
+shapes equal to what this version's catalogue defines), recomputes every case on the chosen
+backend from the golden's own inputs, through `flux_npu.ops` / `flux_npu.patch(model=block)`,
+and compares each output and gradient with the golden: relative error ||out - golden|| / ||golden||
+against `flux_npu.testing.tolerance(dtype)` (times `BLOCK_FACTOR` for whole blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..backends import Backend, get_backend
+from ..testing import max_abs_err, rel_err, tolerance
+from ..utils.versions import versions
+from . import cases as C
+
+FORMAT = "flux-npu-parity/1"
+
+
+class GoldenError(ValueError):
+    """A golden file that is missing, unreadable, not ours, or does not match this catalogue."""
+
+
+# -- computing one case -----------------------------------------------------------------------
+
+
+@dataclass
+class Computed:
+    outputs: Dict[str, torch.Tensor]
+    grads: Dict[str, torch.Tensor]
+    param_grads: Dict[str, torch.Tensor]
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def compute(spec: C.CaseSpec, inputs: Dict[str, torch.Tensor], backend: Backend, *, module=None,
+            backward: bool = True, stock: bool = False, param_grad_filter=None) -> Computed:
+    """Run one case on `backend` from CPU `inputs`; returns CPU tensors.
+
+    module: the block (CPU, case dtype) for block cases. stock: compute with the plain-torch
+    references / unpatched diffusers instead of the backend's ops (the baseline)."""
+    device = backend.device()
+    grad_names = set(spec.case.grads) if backward else set()
+    t = {}
+    for k, v in inputs.items():
+        x = v.to(device)
+        if k in grad_names:
+            x.requires_grad_(True)
+        t[k] = x
+    if module is not None:
+        module = module.to(device)
+        module.requires_grad_(backward)
+    with torch.set_grad_enabled(backward):
+        outs = spec.case.run(t, backend, module, stock)
+    grads, pgrads = {}, {}
+    if backward:
+        pairs = [(outs[n], t[f"d_{n}"]) for n in outs if f"d_{n}" in t]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [c for _, c in pairs])
+        for n in spec.case.grads:
+            if t[n].grad is not None:  # a missing gradient fails the comparison ("not produced")
+                grads[n] = _cpu(t[n].grad)
+        if module is not None:
+            for n, p in module.named_parameters():
+                if p.grad is not None and (param_grad_filter is None or param_grad_filter(n, p)):
+                    pgrads[n] = _cpu(p.grad)
+    return Computed({n: _cpu(o) for n, o in outs.items()}, grads, pgrads)
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _param_grad_filter(module):
+    if _numel(module) <= C.PARAM_STORE_LIMIT:
+        return None
+    return lambda n, p: p.numel() <= C.PARAM_GRAD_LIMIT
+
+
+def _progress(items, desc, show):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return items
+    return tqdm(items, desc=desc, unit="case", disable=not show, file=sys.stderr, leave=False)
+
+
+# -- record -----------------------------------------------------------------------------------
+
+
+def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases=None, seed: int = 0,
+           backward: bool = True, stock: bool = False, progress: bool = False) -> dict:
+    """Compute every selected case on `backend` and write the golden to `path`.
+    Returns the metadata written."""
+    from safetensors.torch import save_file
+
+    b = get_backend(backend)
+    specs = C.select(shape_sets, dtypes, cases)
+    if not specs:
+        raise ValueError("no parity case matches the selection (shape sets / dtypes / cases)")
+    unsupported = sorted({C.DTYPE_NAMES[s.dtype] for s in specs if s.dtype not in b.dtypes})
+    if unsupported:
+        raise ValueError(f"backend {b.name} does not compute in {', '.join(unsupported)}; drop it from --dtypes")
+    tensors: Dict[str, torch.Tensor] = {}
+    entries = []
+    for spec in _progress(specs, f"parity record ({b.name})", progress):
+        inputs = C.make_inputs(spec, seed)
+        module = C.build_module(spec, seed) if spec.case.build else None
+        entry = {
+            "id": spec.id, "shape_set": spec.shapes.name, "case": spec.case.name, "dtype": C.DTYPE_NAMES[spec.dtype],
+            "factor": spec.case.factor, "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        }
+        if module is not None:
+            stored = _numel(module) <= C.PARAM_STORE_LIMIT
+            entry["params"] = "stored" if stored else "seed"
+            entry["checksum"] = C.param_checksum(module)
+            if stored:
+                for n, p in module.state_dict().items():
+                    tensors[f"{spec.id}/param/{n}"] = _cpu(p)
+        res = compute(spec, inputs, b, module=module, backward=backward, stock=stock,
+                      param_grad_filter=_param_grad_filter(module) if module is not None else None)
+        missing = [n for n in spec.case.grads if backward and n not in res.grads]
+        if missing:
+            raise RuntimeError(f"{spec.id}: no gradient reached input(s) {missing} on backend {b.name}; "
+                               f"cannot record a golden from a backend that drops gradients")
+        for n, v in inputs.items():
+            tensors[f"{spec.id}/in/{n}"] = v
+        for kind, group in (("out", res.outputs), ("grad", res.grads), ("pgrad", res.param_grads)):
+            for n, v in group.items():
+                tensors[f"{spec.id}/{kind}/{n}"] = v
+        entry["outputs"] = {f"{kind}/{n}": list(v.shape) for kind, group in
+                            (("out", res.outputs), ("grad", res.grads), ("pgrad", res.param_grads)) for n, v in group.items()}
+        entries.append(entry)
+    meta = {
+        "format": FORMAT,
+        "backend": b.name,
+        "device": b.utils.device_name(),
+        "stock": "1" if stock else "0",
+        "backward": "1" if backward else "0",
+        "seed": str(seed),
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": json.dumps(versions()),
+        "shape_sets": json.dumps({s.name: dataclasses.asdict(s) for s in C.parse_shape_sets(shape_sets)}),
+        "cases": json.dumps(entries),
+    }
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # never leave a half-written golden under the final name
+    return meta
+
+
+# -- reading a golden -------------------------------------------------------------------------
+
+
+@dataclass
+class Golden:
+    path: str
+    meta: dict
+    entries: List[dict]
+    _handle: object = field(repr=False, default=None)
+
+    @property
+    def seed(self) -> int:
+        return int(self.meta["seed"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as exc:
+            raise GoldenError(f"{self.path}: cannot read tensor {name!r} ({exc}); the file is corrupted, re-record it") from None
+
+    def group(self, case_id: str, kind: str) -> Dict[str, torch.Tensor]:
+        prefix = f"{case_id}/{kind}/"
+        return {k[len(prefix):]: self.tensor(k) for k in self._keys if k.startswith(prefix)}
+
+    @property
+    def _keys(self):
+        return self._handle.keys()
+
+    def describe(self) -> str:
+        v = json.loads(self.meta.get("versions", "{}"))
+        return (f"golden {self.path}: backend {self.meta.get('backend')} on {self.meta.get('device')}, "
+                f"recorded {self.meta.get('created')}, torch {v.get('torch')}, diffusers {v.get('diffusers')}, "
+                f"seed {self.meta.get('seed')}, {len(self.entries)} case(s)")
+
+
+def _rerecord(path):
+    return f"re-record it with `flux-npu parity record --backend <name> -o {path}`"
+
+
+def load_golden(path) -> Golden:
+    """Open and validate a golden's structure (not yet its numbers)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GoldenError(f"parity golden {path!r} not found; record one with `flux-npu parity record --backend <name> -o {path}` "
+                          f"(the shipped one is tests/golden/parity_cpu.safetensors)")
+    if os.path.getsize(path) < 8:
+        raise GoldenError(f"{path}: file is {os.path.getsize(path)} bytes, too short for safetensors (truncated?); {_rerecord(path)}")
+    try:
+        handle = safe_open(path, framework="pt")
+        keys = set(handle.keys())
+        meta = handle.metadata() or {}
+    except Exception as exc:
+        raise GoldenError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                          f"the file is truncated or corrupted: {_rerecord(path)}") from None
+    if meta.get("format") != FORMAT:
+        if "format" not in meta:
+            raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); {_rerecord(path)}")
+        raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads {FORMAT!r}; {_rerecord(path)}")
+    try:
+        entries = json.loads(meta["cases"])
+        recorded_sets = json.loads(meta["shape_sets"])
+        int(meta["seed"])
+    except (KeyError, ValueError) as exc:
+        raise GoldenError(f"{path}: damaged metadata ({type(exc).__name__}: {exc}); {_rerecord(path)}") from None
+    problems = []
+    for name, rec in recorded_sets.items():
+        ours = C.SHAPE_SETS.get(name)
+        if ours is None:
+            problems.append(f"shape set {name!r} is unknown to this version (known: {', '.join(C.SHAPE_SETS)})")
+            continue
+        mine = json.loads(json.dumps(dataclasses.asdict(ours)))
+        if rec != mine:
+            diff = {k: (rec.get(k), mine.get(k)) for k in mine if rec.get(k) != mine.get(k)}
+            problems.append(f"shape set {name!r} was recorded as {', '.join(f'{k}={a} (now {b})' for k, (a, b) in diff.items())}")
+    for e in entries:
+        if e.get("case") not in C.CASES:
+            problems.append(f"case {e.get('id')!r}: unknown case {e.get('case')!r}")
+            continue
+        for n in e.get("inputs", {}):
+            if f"{e['id']}/in/{n}" not in keys:
+                problems.append(f"case {e['id']}: input {n!r} is listed but missing from the file")
+        for n in e.get("outputs", {}):
+            if f"{e['id']}/{n}" not in keys:
+                problems.append(f"case {e['id']}: {n!r} is listed but missing from the file")
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise GoldenError(f"{path} does not match this version's parity catalogue:\n  {shown}\n{_rerecord(path)}")
+    return Golden(path, meta, entries, handle)
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorResult:
+    name: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.rel <= self.tol  # inf and NaN never pass
+
+
+@dataclass
+class CaseResult:
+    id: str
+    shape_set: str
+    case: str
+    dtype: str
+    status: str  # pass / FAIL / skip / error
+    tensors: List[TensorResult] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def worst(self) -> Optional[TensorResult]:
+        if not self.tensors:
+            return None
+        return max(self.tensors, key=lambda r: (r.rel / r.tol if r.tol else math.inf) if not math.isnan(r.rel) else math.inf)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        w = self.worst
+        d["worst"] = dataclasses.asdict(w) if w else None
+        return d
+
+
+@dataclass
+class CheckReport:
+    golden: str
+    golden_meta: dict
+    backend: str
+    device: str
+    stock: bool
+    results: List[CaseResult]
+
+    @property
+    def failed(self) -> List[CaseResult]:
+        return [r for r in self.results if r.status in ("FAIL", "error")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and any(r.status == "pass" for r in self.results)
+
+    def table(self, all_tensors: bool = False) -> str:
+        from ..utils.table import format_table
+
+        rows = []
+        for r in self.results:
+            items = r.tensors if all_tensors else ([r.worst] if r.worst else [])
+            if not items:
+                rows.append([r.id, r.dtype, "", "", "", "", r.status + (f": {r.message}" if r.message else "")])
+            for t in items:
+                rows.append([r.id, r.dtype, t.name, f"{t.max_abs:.3e}", f"{t.rel:.3e}", f"{t.tol:.1e}",
+                             ("pass" if t.passed else "FAIL") if all_tensors else r.status])
+        head = ["case", "dtype", "worst tensor" if not all_tensors else "tensor", "max abs err", "rel err", "tolerance", "result"]
+        n_pass = sum(r.status == "pass" for r in self.results)
+        summary = (f"{n_pass}/{len(self.results)} cases pass on backend {self.backend} ({self.device})"
+                   f"{' [stock references]' if self.stock else ''}; golden from {self.golden_meta.get('backend')} "
+                   f"({self.golden_meta.get('device')})")
+        return format_table(head, rows, max_width=60) + "\n" + summary
+
+    def as_dict(self) -> dict:
+        return {"golden": self.golden, "golden_meta": {k: v for k, v in self.golden_meta.items() if k != "cases"},
+                "backend": self.backend, "device": self.device, "stock": self.stock, "ok": self.ok,
+                "results": [r.as_dict() for r in self.results]}
+
+
+def check(path, backend=None, cases: Optional[Sequence[str]] = None, dtypes=None, shape_sets=None,
+          stock: bool = False, progress: bool = False) -> CheckReport:
+    """Recompute the golden's cases on `backend` and compare. Never raises for a numeric failure
+    (see `CheckReport.ok`); raises GoldenError for a bad file."""
+    golden = load_golden(path)
+    b = get_backend(backend)
+    want_dtypes = set(C.parse_dtypes(dtypes)) if dtypes else None
+    want_sets = {s.name for s in C.parse_shape_sets(shape_sets)} if shape_sets else None
+    if cases:
+        unknown = [c for c in cases if c not in C.CASES]
+        if unknown:
+            raise ValueError(f"unknown parity case(s) {unknown}; cases: {', '.join(C.CASES)}")
+    entries = [e for e in golden.entries
+               if (not cases or e["case"] in cases)
+               and (want_dtypes is None or C.DTYPES[e["dtype"]] in want_dtypes)
+               and (want_sets is None or e["shape_set"] in want_sets)]
+    if not entries:
+        raise ValueError(f"no case of {path} matches the selection; it holds: "
+                         f"{', '.join(sorted({e['case'] for e in golden.entries}))}")
+    backward = golden.meta.get("backward", "1") == "1"
+    results = []
+    for e in _progress(entries, f"parity check ({b.name})", progress):
+        results.append(_check_one(golden, e, b, backward, stock))
+    return CheckReport(os.fspath(path), golden.meta, b.name, b.utils.device_name(), stock, results)
+
+
+def _check_one(golden: Golden, e: dict, b: Backend, backward: bool, stock: bool) -> CaseResult:
+    spec = C.CaseSpec(C.SHAPE_SETS[e["shape_set"]], C.CASES[e["case"]], C.DTYPES[e["dtype"]])
+    res = CaseResult(e["id"], e["shape_set"], e["case"], e["dtype"], "pass")
+    if spec.dtype not in b.dtypes:
+        res.status, res.message = "skip", f"backend {b.name} does not compute in {e['dtype']}"
+        return res
+    inputs = golden.group(e["id"], "in")
+    expected_shapes = {k: list(v.shape) for k, v in C.make_inputs(spec, golden.seed).items()}
+    got_shapes = {k: list(v.shape) for k, v in inputs.items()}
+    if expected_shapes != got_shapes:
+        raise GoldenError(f"{golden.path}: case {e['id']} holds inputs {got_shapes} but this version's catalogue "
+                          f"defines {expected_shapes}; the golden comes from other shapes: {_rerecord(golden.path)}")
+    module = None
+    if spec.case.build:
+        module = C.build_module(spec, golden.seed)
+        params = golden.group(e["id"], "param")
+        if params:
+            try:
+                module.load_state_dict(params, strict=True)
+            except RuntimeError as exc:
+                raise GoldenError(f"{golden.path}: case {e['id']}: stored block parameters do not fit the block "
+                                  f"({str(exc).splitlines()[0]}); {_rerecord(golden.path)}") from None
+        elif C.param_checksum(module) != e.get("checksum"):
+            raise GoldenError(f"{golden.path}: case {e['id']}: the block rebuilt from seed {golden.seed} differs from "
+                              f"the recorded one (checksum {C.param_checksum(module)} vs {e.get('checksum')}): "
+                              f"another torch version initialises differently; {_rerecord(golden.path)}")
+    try:
+        got = compute(spec, inputs, b, module=module, backward=backward, stock=stock,
+                      param_grad_filter=_param_grad_filter(module) if module is not None else None)
+    except Exception as exc:  # a crashing kernel is a failed case, reported with the others
+        res.status, res.message = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return res
+    tol = tolerance(spec.dtype, spec.case.factor)
+    computed = {"out": got.outputs, "grad": got.grads, "pgrad": got.param_grads}
+    for key in e.get("outputs", {}):
+        kind, name = key.split("/", 1)
+        ref = golden.tensor(f"{e['id']}/{key}")
+        out = computed[kind].get(name)
+        if out is None:
+            res.tensors.append(TensorResult(key, math.inf, math.inf, tol))
+            res.message = f"{key} was not produced"
+            continue
+        if out.shape != ref.shape:
+            res.tensors.append(TensorResult(key, math.inf, math.inf, tol))
+            res.message = f"{key}: shape {tuple(out.shape)} vs golden {tuple(ref.shape)}"
+            continue
+        res.tensors.append(TensorResult(key, max_abs_err(out, ref), rel_err(out, ref), tol))
+    if not all(t.passed for t in res.tensors):
+        res.status = "FAIL"
+    return res
