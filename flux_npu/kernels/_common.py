@@ -54,3 +54,14 @@ class LastValueCache:
         self._extra = extra
         self._value = value
         return value
+
+
+def addcmul_gated_residual(backend, x, gate, y):
+    """x + gate * y as torch.addcmul: already one fused elementwise kernel with broadcasting on
+    every device (one read of x, gate, y, one write), so no backend needs its own."""
+    out = torch.addcmul(x, gate, y)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def check_gated_residual(backend, x, gate, y):
+    return foreign_device(backend, x, gate, y)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.registry import register_kernel
-from .._common import foreign_device
+from .._common import addcmul_gated_residual, check_gated_residual, foreign_device
 
 
 def _check(backend, x, shift, scale, eps):
@@ -19,12 +19,4 @@ def layer_norm_modulate(backend, x, shift, scale, eps):
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _check_gated(backend, x, gate, y):
-    return foreign_device(backend, x, gate, y)
-
-
-@register_kernel("gated_residual", "cpu", "torch.addcmul", check=_check_gated)
-def gated_residual(backend, x, gate, y):
-    """torch.addcmul(x, gate, y)."""
-    out = torch.addcmul(x, gate, y)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+register_kernel("gated_residual", "cpu", "torch.addcmul", check=check_gated_residual)(addcmul_gated_residual)

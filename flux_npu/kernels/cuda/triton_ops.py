@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...ops.registry import register_kernel
+from .._common import addcmul_gated_residual, check_gated_residual
 from ._checks import freqs_reason, group_split, row_reason, triton_reason
 
 
@@ -85,16 +86,5 @@ def layer_norm_modulate(backend, x, shift, scale, eps):
     return impl.layer_norm_modulate(x, shift, scale, eps)
 
 
-def _check_gated(backend, x, gate, y):
-    from .._common import foreign_device
-
-    return foreign_device(backend, x, gate, y)
-
-
-# A Triton kernel would not pay here: addcmul is already one fused elementwise kernel with
-# broadcasting on CUDA (one read of x, gate, y; one write), the bandwidth lower bound.
-@register_kernel("gated_residual", "cuda", "torch.addcmul", check=_check_gated)
-def gated_residual(backend, x, gate, y):
-    """torch.addcmul(x, gate, y): a single fused CUDA elementwise kernel."""
-    out = torch.addcmul(x, gate, y)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+# A Triton kernel would not pay here: addcmul is already one fused elementwise kernel.
+register_kernel("gated_residual", "cuda", "torch.addcmul", check=check_gated_residual)(addcmul_gated_residual)
