@@ -97,7 +97,7 @@ def rope_freqs(pos, dim: int, theta: float = 10000.0, form: str = "bfl", *, back
         raise ValueError(f"rope_freqs: form must be 'bfl' or 'cos_sin', got {form!r}")
     if form == "cos_sin" and pos.dim() != 1:
         raise ValueError(f"rope_freqs: form='cos_sin' takes 1-D positions (S,), got shape {tuple(pos.shape)}")
-    b = active_backend() if backend is None else use_backend_obj(backend)
+    b = active_backend() if backend is None else _resolve_backend(backend)
     cdt = rope_compute_dtype(b, pos.device)
 
     def ref(pos, dim, theta, form):
@@ -182,7 +182,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_di
         _float("qk_norm_rope", n, t)
     if q.shape != k.shape:
         raise ValueError(f"qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have one shape")
-    b = active_backend() if backend is None else use_backend_obj(backend)
+    b = active_backend() if backend is None else _resolve_backend(backend)
 
     def composed(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
         # validation of weights and freqs happens in the two ops
@@ -195,10 +195,10 @@ def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_di
     return dispatch("qk_norm_rope", composed, b, (q, k, q_weight, k_weight, freqs, eps, sequence_dim), {})
 
 
-def use_backend_obj(backend):
+def _resolve_backend(backend):
     from ..backends import get_backend
 
-    return get_backend(backend)
+    return get_backend(backend)  # a name or a Backend (returned as is)
 
 
 __all__ = [
