@@ -38,6 +38,8 @@ class LastValueCache:
         self._value = None
 
     def get(self, tensors, extra, build):
+        if torch.compiler.is_compiling():
+            return build()  # under torch.compile: no Python-side state (it would break the graph)
         if any(t.requires_grad or t.is_inference() for t in tensors):
             return build()  # inference tensors have no version counter to validate a cache hit
         live = tuple(r() for r in self._refs)

@@ -413,6 +413,9 @@ def patch(backend=None, targets=None, model=None, transfer_to_npu: bool = False)
     b = get_backend(backend)
     names = _select_targets(targets)
     handle = PatchHandle(b, names, model)
+    from ..ops.registry import _ensure_loaded
+
+    _ensure_loaded(b)  # register the backend's kernels now, not inside the first (maybe compiled) forward
     with _LOCK:
         if transfer_to_npu:
             from .transfer import apply_transfer_to_npu

@@ -7,6 +7,7 @@ forward from whichever frequency form Flux code hands over (cached by tensor ide
 
 import torch
 
+from ...ops import reference
 from ...ops.registry import register_kernel
 from .._common import LastValueCache, foreign_device
 
@@ -32,6 +33,10 @@ def _check(backend, x, freqs, sequence_dim):
 @register_kernel("apply_rope", "cpu", "torch.complex_mul", check=_check)
 def apply_rope(backend, x, freqs, sequence_dim):
     """x viewed as complex pairs times cos + i sin (float32), rounded once to x.dtype."""
+    if torch.compiler.is_compiling():
+        # inductor fuses the real-arithmetic form into one loop; complex views and stride checks
+        # would only break the graph
+        return reference.apply_rope(x, freqs, sequence_dim)
     keys = (freqs,) if isinstance(freqs, torch.Tensor) else tuple(freqs)
     fc = _CACHE.get(keys, (sequence_dim, x.dim()), lambda: _complex_freqs(freqs, sequence_dim, x.dim()))
     xf = x.float()
