@@ -1,7 +1,7 @@
 """Triton device helpers shared by the op files."""
 
 import triton
-import triton.language as tl  # noqa: F401  (a jit function's module must expose triton.language)
+import triton.language as tl
 
 
 @triton.jit
@@ -13,3 +13,14 @@ def row_offsets(rows, n1, n2, s0, s1, s2):
     i1 = r % n1
     i0 = r // n1
     return i0 * s0 + i1 * s1 + i2 * s2
+
+
+@triton.jit
+def row_tile(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program `pid`'s tile of BLOCK_M rows x BLOCK_N columns: (row indices as int64, column
+    indices, column mask, 2-D mask of the elements that exist)."""
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    return rows.to(tl.int64), cols, cmask, rmask[:, None] & cmask[None, :]

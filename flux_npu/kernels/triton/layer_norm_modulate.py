@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..cuda._checks import group_split
 from . import _utils
+from ._rows import row_tile
 
 
 @triton.jit
@@ -35,12 +36,7 @@ def _ln_mod_fwd(
 ):
     g = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < L
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, cmask, mask = row_tile(pid, L, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -59,12 +55,7 @@ def _ln_mod_bwd(
 ):
     g = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < L
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, cmask, mask = row_tile(pid, L, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dense = (g * L + rows[:, None]) * n_cols + cols[None, :]
     dy = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._rows import row_offsets
+from ._rows import row_offsets, row_tile
 
 
 @triton.jit
@@ -26,12 +26,7 @@ def _rms_norm_fwd(
     HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, cmask, mask = row_tile(pid, n_rows, n_cols, BLOCK_M, BLOCK_N)
     xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
     x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
@@ -48,12 +43,7 @@ def _rms_norm_bwd(
     HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, cmask, mask = row_tile(pid, n_rows, n_cols, BLOCK_M, BLOCK_N)
     xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
     x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dense = rows[:, None] * n_cols + cols[None, :]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._rows import row_offsets
+from ._rows import row_offsets, row_tile
 
 
 @triton.jit
@@ -51,12 +51,7 @@ def _rope_fwd(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    rows = rows.to(tl.int64)
-    pairs = tl.arange(0, BLOCK_P)
-    pmask = pairs < n_pairs
-    mask = rmask[:, None] & pmask[None, :]
+    rows, pairs, pmask, mask = row_tile(pid, n_rows, n_pairs, BLOCK_M, BLOCK_P)
     xptr = X + row_offsets(rows, n1, n2, xs0, xs1, xs2)[:, None] + 2 * pairs[None, :]
     x0 = tl.load(xptr, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(xptr + 1, mask=mask, other=0.0).to(tl.float32)
@@ -84,12 +79,7 @@ def _rope_bwd(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    rows = rows.to(tl.int64)
-    pairs = tl.arange(0, BLOCK_P)
-    pmask = pairs < n_pairs
-    mask = rmask[:, None] & pmask[None, :]
+    rows, pairs, pmask, mask = row_tile(pid, n_rows, n_pairs, BLOCK_M, BLOCK_P)
     dense = rows[:, None] * (2 * n_pairs) + 2 * pairs[None, :]
     d0 = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
     d1 = tl.load(DY + dense + 1, mask=mask, other=0.0).to(tl.float32)
