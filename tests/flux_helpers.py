@@ -65,9 +65,7 @@ def bfl_inputs(model, batch=1, side=6, text_len=5, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     p = model.params
     img = torch.randn(batch, side * side, p.in_channels, generator=g)
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1] = torch.arange(side)[:, None]
-    ids[..., 2] = torch.arange(side)[None, :]
+    ids = models.image_ids(side * 16)  # (side*side, 3): a side x side latent-token grid
     return dict(
         img=img.to(dtype).requires_grad_(True),
         img_ids=ids.reshape(1, side * side, 3).repeat(batch, 1, 1),

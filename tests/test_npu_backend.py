@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flux_npu
-from flux_npu import ops, report
+from flux_npu import models, ops, report
 from flux_npu.backends import BackendError, get_backend
 from flux_npu.backends import npu as npu_backend
 from flux_npu.patches.transfer import MODULE as TRANSFER_MODULE
@@ -149,10 +149,7 @@ def test_rope_freqs_float32_precision_at_flux_shapes(n_pos):
     also the error this leaves in rotated queries (head dim 128)."""
     backend = npu_backend.BACKEND.with_device_type("cpu")  # the npu precision rule on CPU tensors
     side = n_pos
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1] = torch.arange(side)[:, None]
-    ids[..., 2] = torch.arange(side)[None, :]
-    ids = torch.cat([torch.zeros(16, 3), ids.reshape(-1, 3)])  # 16 text tokens at position 0
+    ids = torch.cat([torch.zeros(16, 3), models.image_ids(side * 16)])  # 16 text tokens at position 0
     axes = (16, 56, 56)
     with Float64Watch() as watch:
         got = [ops.rope_freqs(ids[:, i], d, 10000.0, form="cos_sin", backend=backend) for i, d in enumerate(axes)]

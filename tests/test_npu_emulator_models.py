@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import flux_npu
-from flux_npu import ops
+from flux_npu import models, ops
 from flux_npu.models import build_diffusers_flux, make_inputs, preset_config
 from flux_npu.testing import rel_err, tolerance
 from npu_emulator import record
@@ -163,9 +163,7 @@ def _bfl_case(batch=1):
                 p.add_(0.1 * torch.randn_like(p))
     g = torch.Generator().manual_seed(1)
     side, n_txt = 6, 5
-    img_ids = torch.zeros(side, side, 3)
-    img_ids[..., 1] = torch.arange(side)[:, None]
-    img_ids[..., 2] = torch.arange(side)[None, :]
+    img_ids = models.image_ids(side * 16)
     B = batch
     data = dict(
         img=torch.randn(B, side * side, 16, generator=g), img_ids=img_ids.reshape(1, -1, 3).repeat(B, 1, 1),

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..models import build_diffusers_flux, default_dtype
+
 # Flux's published text-encoder and VAE configurations (values, not files).
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
@@ -73,32 +75,9 @@ def build_text_and_vae(transformer_config: dict, dtype, device, seed: int = 0) -
                       shift_factor=cfg["vae"]["shift_factor"])
 
 
-class default_dtype:
-    """Build modules directly in `dtype` (a Flux-width model built in float32 and then cast needs
-    twice its final memory)."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.prev = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype if self.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else self.prev)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.prev)
-        return False
-
-
 def build_transformer(preset: str, dtype, device, seed: int = 0):
     """A random-init diffusers FluxTransformer2DModel of the preset's shape, built in `dtype`."""
-    from diffusers import FluxTransformer2DModel
-
-    from ..models import preset_config
-
-    torch.manual_seed(seed)
-    with default_dtype(dtype):
-        model = FluxTransformer2DModel(**preset_config(preset))
-    return model.to(device=device)
+    return build_diffusers_flux(preset, dtype=dtype, device=device, seed=seed, build_in_dtype=True)
 
 
 def encode_prompt(parts: TextAndVae, text_len: int, batch: int, device, gen: Optional[torch.Generator] = None):
