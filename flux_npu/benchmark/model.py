@@ -126,8 +126,10 @@ class _PeakSampler:
 def memory_limit(backend: Backend, limit_gb: Optional[float]):
     """Impose a real allocation limit for one configuration: on a GPU/NPU the allocator's
     per-process fraction; on CPU (Linux) an address-space rlimit of the current size plus
-    `limit_gb`, so that allocations beyond it fail with the allocator's own error. (On CPU a
-    tight cap also starves oneDNN's JIT used by bf16 GEMMs: "could not create a primitive".)"""
+    `limit_gb`, so that allocations beyond it fail with the allocator's own error. On CPU the cap
+    counts address space, so heap arenas already reserved earlier in the process absorb some
+    allocations, and a tight cap also starves oneDNN's JIT used by bf16 GEMMs ("could not create
+    a primitive"): use it in a fresh process for reproducible OOM points."""
     if not limit_gb:
         yield
         return
