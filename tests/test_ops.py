@@ -13,7 +13,7 @@ import flux_npu
 from flux_npu import ops
 from flux_npu.backends import Backend
 from flux_npu.ops import reference
-from flux_npu.testing import assert_close, rel_err, tolerance
+from flux_npu.testing import assert_close, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -5,17 +5,14 @@
 3. float64 is used only where the tensor's device computes it: the BFL reference builds RoPE
    frequencies in float64, which NPUs lack, so a backend without float64 builds them in float32
    on its device (`rope_compute_dtype`); the precision this costs is measured in the tests.
-4. Autocast runs under the backend's `autocast_device_type` (`autocast(backend, dtype)`).
+4. Autocast runs under the backend's `autocast_device_type` (`torch.autocast(b.autocast_device_type, ...)`).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,17 +25,3 @@ def rope_compute_dtype(backend, device: torch.device) -> torch.dtype:
     if device.type == backend.device_type and not backend.supports_float64:
         return torch.float32
     return torch.float64
-
-
-def safe_dtype(backend, dtype: torch.dtype) -> torch.dtype:
-    """`dtype`, or float32 if it is float64 and the backend cannot compute in it."""
-    if dtype == torch.float64 and not backend.supports_float64:
-        return torch.float32
-    return dtype
-
-
-def autocast(backend, dtype=torch.bfloat16, enabled=True):
-    """torch.autocast on the backend's autocast device type."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=backend.autocast_device_type, dtype=dtype)

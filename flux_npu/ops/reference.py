@@ -15,7 +15,7 @@ Conventions shared with Flux code:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 

@@ -141,18 +141,6 @@ def use_backend(backend):
         _stack().pop()
 
 
-def push_backend(backend: Backend) -> None:
-    _stack().append(backend)
-
-
-def pop_backend(backend: Backend) -> None:
-    s = _stack()
-    for i in range(len(s) - 1, -1, -1):
-        if s[i] is backend:
-            del s[i]
-            return
-
-
 # -- strict mode and statistics ---------------------------------------------------------------
 
 
