@@ -156,6 +156,15 @@ def dispatch_stats() -> dict:
     return {k: Counter(v) for k, v in _STATS.items()}
 
 
+def record_fallback(op: str, backend: str, reason: str) -> None:
+    """Count a hand-back to stock code that happened outside `dispatch` (a patch whose replacement
+    passed these inputs to the original). Shown by `dispatch_stats()['fallback']` like a declined
+    kernel; strict mode raises KernelDeclined with the reason instead."""
+    if _STRICT["on"]:
+        raise KernelDeclined(f"{op} on backend {backend}: handed back to the original code ({reason})")
+    _STATS["fallback"][(op, backend, reason)] += 1
+
+
 def reset_dispatch_stats() -> None:
     for c in _STATS.values():
         c.clear()
