@@ -1,6 +1,8 @@
 """`flux-npu ds-config IN [--backend npu] [-o OUT.json]`: rewrite a DeepSpeed config (JSON, or an
 x-flux / FluxKits training YAML's deepspeed: section) for a backend; print the changes as a table
-and the result as JSON (to OUT with -o). Exit 1 when the config cannot work there."""
+and the result as JSON (to OUT with -o, written atomically; never onto IN, and onto an existing file
+only when it is a DeepSpeed JSON config or with --force). Exit 0 on success, 1 when the config cannot
+work there or cannot be read or written, 2 on bad usage."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ def register(sub):
     p.add_argument("--deepspeed-version", help="DeepSpeed version on the target (default: the installed one)")
     p.add_argument("--world-size", type=int, help="check train_batch_size against this many processes")
     p.add_argument("--strict", action="store_true", help="refuse settings DeepSpeed ignores instead of removing them")
-    p.add_argument("-o", "--output", help="write the rewritten config here (default: print it to stdout)")
+    p.add_argument("-o", "--output", help="write the rewritten config here (default: print it to stdout); never the "
+                                          "input file, and an existing file only if it is a DeepSpeed JSON")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT even if it is not a DeepSpeed JSON config")
     p.add_argument("--json", action="store_true", help="print changes and config as one JSON object")
     p.set_defaults(func=run)
 
@@ -42,21 +46,75 @@ def render_result(result) -> str:
     return "\n".join(lines)
 
 
+# Top-level keys that mark a JSON file as a DeepSpeed config (safe to replace with a rewritten one).
+_DS_MARKERS = {"zero_optimization", "train_micro_batch_size_per_gpu", "train_batch_size", "bf16", "fp16",
+               "optimizer", "scheduler", "gradient_accumulation_steps", "gradient_clipping", "steps_per_print"}
+
+
+def check_output(config, output: str, force: bool) -> None:
+    """Refuse to write onto the input (any path to the same file) or onto a file that is not a DeepSpeed JSON."""
+    import os
+
+    if not os.path.exists(output):
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot write {output}: directory {parent} does not exist")
+        return
+    if os.path.isdir(output):
+        raise ValueError(f"-o {output} is a directory: name the JSON file to write")
+    if isinstance(config, str) and os.path.exists(config) and os.path.samefile(config, output):
+        raise ValueError(f"-o {output} is the input file {config}: writing the rewritten config there would "
+                         "replace it (a training YAML would lose every other key); choose another output path")
+    if force or os.path.getsize(output) == 0:
+        return
+    try:
+        with open(output, encoding="utf-8") as f:
+            existing = json.load(f)
+    except (OSError, ValueError):
+        existing = None
+    if not (isinstance(existing, dict) and _DS_MARKERS & set(existing)):
+        raise ValueError(f"-o {output} exists and is not a DeepSpeed JSON config; refusing to overwrite it. "
+                         "Choose another path, or pass --force to replace it")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write through a temporary file in the same directory so a failure leaves the old file whole."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".flux-npu-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def run(args) -> int:
     from ..distributed import rewrite
 
+    if args.output:
+        check_output(args.config, args.output, args.force)
     result = rewrite(args.config, args.backend, deepspeed_version=args.deepspeed_version, soc=args.soc,
                      strict=args.strict, world_size=args.world_size)
-    text = json.dumps(result.config, indent=2, sort_keys=True) + "\n"
+    # allow_nan=False: DeepSpeed reads JSON, which has no NaN/Infinity (load_config refuses them too)
+    text = json.dumps(result.config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     if args.json:
         print(json.dumps({"changes": [{"path": c.path, "old": _fmt(c.old), "new": _fmt(c.new), "reason": c.reason}
                                       for c in result.changes], "notes": result.notes, "config": result.config},
-                         indent=2))
+                         indent=2, allow_nan=False))
     else:
         print(render_result(result), file=sys.stderr if not args.output else sys.stdout)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            write_atomic(args.output, text)
+        except OSError as exc:
+            raise RuntimeError(f"cannot write {args.output}: {exc.strerror or exc}") from None
     elif not args.json:
         sys.stdout.write(text)
     return 0
