@@ -6,12 +6,28 @@
     print(report.table()); assert report.ok
 
 Command line: `flux-npu parity record|check|list`. The catalogue is in `cases.py`, the golden
-format and the comparison in `suite.py`. The golden recorded on CPU ships as
-`tests/golden/parity_cpu.safetensors`.
+format and the comparison in `suite.py`. The shipped goldens (`parity_<backend>.safetensors`, in
+`tests/golden/` of the repository and `flux_npu/goldens/` of a wheel) are found by `golden_dir()`
+/ `shipped_goldens()` / `golden_path()`.
 """
 
 from .cases import BLOCK_FACTOR, CASES, DTYPES, SHAPE_SETS, Case, CaseSpec, Shapes, select
-from .suite import FORMAT, CaseResult, CheckReport, Golden, GoldenError, check, compute, load_golden, record
+from .suite import (
+    FORMAT,
+    PARITY_SDPA,
+    CaseResult,
+    CheckReport,
+    Golden,
+    GoldenCorrupted,
+    GoldenError,
+    check,
+    compute,
+    golden_dir,
+    golden_path,
+    load_golden,
+    record,
+    shipped_goldens,
+)
 
 __all__ = [
     "BLOCK_FACTOR",
@@ -23,12 +39,17 @@ __all__ = [
     "DTYPES",
     "FORMAT",
     "Golden",
+    "GoldenCorrupted",
     "GoldenError",
+    "PARITY_SDPA",
     "SHAPE_SETS",
     "Shapes",
     "check",
     "compute",
+    "golden_dir",
+    "golden_path",
     "load_golden",
     "record",
     "select",
+    "shipped_goldens",
 ]

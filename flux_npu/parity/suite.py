@@ -4,10 +4,12 @@ A golden is one safetensors file (never pickle). Tensor names are `<case id>/<ki
 kind in: `in` (inputs and cotangents, drawn on the CPU from the seed), `out` (outputs), `grad`
 (gradients of the inputs), `param` (a small block's parameters), `pgrad` (parameter gradients).
 The string metadata holds the format tag, the recording backend and device, library versions,
-the seed, the shape-set definitions and the case list (JSON).
+the seed, the shape-set definitions, the case list (JSON), a sha256 of every tensor's raw bytes
+(`checksums`, JSON) and the SDPA backends attention was allowed to use (`sdpa`, JSON).
 
-`check` reads a golden, verifies it (readable, ours, same format, every listed tensor present,
-shapes equal to what this version's catalogue defines), recomputes every case on the chosen
+`check` reads a golden, verifies it (readable, ours, same format, metadata well-formed, every
+listed tensor present and matching its checksum, shapes equal to what this version's catalogue
+defines), recomputes every case on the chosen
 backend from the golden's own inputs, through `flux_npu.ops` / `flux_npu.patch(model=block)`,
 and compares each output and gradient with the golden: relative error ||out - golden|| / ||golden||
 against `flux_npu.testing.tolerance(dtype)` (times `BLOCK_FACTOR` for whole blocks).
@@ -15,8 +17,10 @@ against `flux_npu.testing.tolerance(dtype)` (times `BLOCK_FACTOR` for whole bloc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -31,11 +35,84 @@ from ..testing import max_abs_err, rel_err, tolerance
 from ..utils.versions import versions
 from . import cases as C
 
-FORMAT = "flux-npu-parity/1"
+# /2: per-tensor sha256 checksums and the SDPA policy in the metadata (goldens of /1 had neither)
+FORMAT = "flux-npu-parity/2"
+GOLDEN_FILES = "parity_*.safetensors"
 
 
 class GoldenError(ValueError):
     """A golden file that is missing, unreadable, not ours, or does not match this catalogue."""
+
+
+class GoldenCorrupted(GoldenError):
+    """A golden whose stored bytes no longer match the checksums written when it was recorded."""
+
+
+# -- where the shipped goldens are --------------------------------------------------------------
+
+
+def golden_dir() -> str:
+    """The directory of the shipped goldens: $FLUX_NPU_GOLDEN_DIR, else the package data of an
+    installed wheel (`flux_npu/goldens`), else the repository's `tests/golden`."""
+    import glob
+
+    env = os.environ.get("FLUX_NPU_GOLDEN_DIR")
+    if env:
+        if not os.path.isdir(env):
+            raise GoldenError(f"FLUX_NPU_GOLDEN_DIR={env!r} is not a directory; unset it or point it at the goldens")
+        return env
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.path.join(pkg, "goldens"), os.path.join(os.path.dirname(pkg), "tests", "golden")):
+        if glob.glob(os.path.join(d, GOLDEN_FILES)):
+            return d
+    raise GoldenError("no shipped parity golden found (looked in flux_npu/goldens and tests/golden); reinstall "
+                      "flux-npu from a wheel that includes its goldens, or set FLUX_NPU_GOLDEN_DIR")
+
+
+def shipped_goldens() -> List[str]:
+    """Paths of every shipped golden (`parity_<backend>.safetensors`), sorted."""
+    import glob
+
+    return sorted(glob.glob(os.path.join(golden_dir(), GOLDEN_FILES)))
+
+
+def golden_path(name: str = "parity_cpu.safetensors") -> str:
+    """The path of one shipped golden, e.g. golden_path() for the CPU one."""
+    path = os.path.join(golden_dir(), name)
+    if not os.path.exists(path):
+        have = ", ".join(os.path.basename(p) for p in shipped_goldens())
+        raise GoldenError(f"no shipped golden {name!r}; shipped: {have}")
+    return path
+
+
+# -- numerics policy --------------------------------------------------------------------------
+
+# torch 2.11's cuDNN SDPA backward returns wrong gradients on H100 (sm_90): on one lent H100
+# (2026-11-25) the plain-torch reference itself failed tiny.single_block's bf16/fp16 q/k/v-path
+# gradients (rel. err 1.2-2.3) with cuDNN SDPA allowed and passed with it off (see PyTorch issue
+# 196678, NaN grad_q from cuDNN SDPA backward since 2.11). A golden must not depend on which SDPA
+# backend torch picks, so on CUDA the suite allows only these; the choice is written into the
+# golden's metadata.
+PARITY_SDPA = ("flash", "efficient", "math")
+_SDPA_ENUM = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+              "math": "MATH"}
+
+
+def sdpa_policy(backend: Backend, allow_cudnn: bool = False):
+    """(factory of a fresh context manager, metadata dict) restricting SDPA for parity on
+    `backend`'s device; elsewhere (no cuDNN SDPA) the context does nothing."""
+    if backend.device_type != "cuda" or allow_cudnn:
+        return contextlib.nullcontext, {"device_type": backend.device_type, "allowed": "default"}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = [getattr(SDPBackend, _SDPA_ENUM[n]) for n in PARITY_SDPA]
+    return (lambda: sdpa_kernel(chosen)), {"device_type": backend.device_type, "allowed": list(PARITY_SDPA)}
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes as safetensors stores them (contiguous, native order)."""
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
 # -- computing one case -----------------------------------------------------------------------
@@ -108,12 +185,14 @@ def _progress(items, desc, show):
 
 
 def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases=None, seed: int = 0,
-           backward: bool = True, stock: bool = False, progress: bool = False) -> dict:
+           backward: bool = True, stock: bool = False, progress: bool = False, allow_cudnn: bool = False) -> dict:
     """Compute every selected case on `backend` and write the golden to `path`.
-    Returns the metadata written."""
+    Returns the metadata written. allow_cudnn: let SDPA use cuDNN attention on CUDA (off by
+    default: see PARITY_SDPA)."""
     from safetensors.torch import save_file
 
     b = get_backend(backend)
+    sdpa_ctx, sdpa_meta = sdpa_policy(b, allow_cudnn)
     specs = C.select(shape_sets, dtypes, cases)
     if not specs:
         raise ValueError("no parity case matches the selection (shape sets / dtypes / cases)")
@@ -136,8 +215,9 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
             if stored:
                 for n, p in module.state_dict().items():
                     tensors[f"{spec.id}/param/{n}"] = _cpu(p)
-        res = compute(spec, inputs, b, module=module, backward=backward, stock=stock,
-                      param_grad_filter=_param_grad_filter(module) if module is not None else None)
+        with sdpa_ctx():
+            res = compute(spec, inputs, b, module=module, backward=backward, stock=stock,
+                          param_grad_filter=_param_grad_filter(module) if module is not None else None)
         missing = [n for n in spec.case.grads if backward and n not in res.grads]
         if missing:
             raise RuntimeError(f"{spec.id}: no gradient reached input(s) {missing} on backend {b.name}; "
@@ -161,11 +241,16 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
         "versions": json.dumps(versions()),
         "shape_sets": json.dumps({s.name: dataclasses.asdict(s) for s in C.parse_shape_sets(shape_sets)}),
         "cases": json.dumps(entries),
+        "sdpa": json.dumps(sdpa_meta),
+        "checksums": json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())}),
     }
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a golden is meant to be shared
     os.replace(tmp, path)  # never leave a half-written golden under the final name
     return meta
 
@@ -200,9 +285,11 @@ class Golden:
 
     def describe(self) -> str:
         v = json.loads(self.meta.get("versions", "{}"))
+        sdpa = json.loads(self.meta.get("sdpa", "{}")).get("allowed", "default")
         return (f"golden {self.path}: backend {self.meta.get('backend')} on {self.meta.get('device')}, "
                 f"recorded {self.meta.get('created')}, torch {v.get('torch')}, diffusers {v.get('diffusers')}, "
-                f"seed {self.meta.get('seed')}, {len(self.entries)} case(s)")
+                f"seed {self.meta.get('seed')}, {len(self.entries)} case(s), SDPA backends "
+                f"{'torch default' if sdpa == 'default' else ','.join(sdpa)}, checksums verified")
 
 
 def _rerecord(path):
@@ -216,7 +303,7 @@ def load_golden(path) -> Golden:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise GoldenError(f"parity golden {path!r} not found; record one with `flux-npu parity record --backend <name> -o {path}` "
-                          f"(the shipped one is tests/golden/parity_cpu.safetensors)")
+                          f"(the shipped ones: `flux-npu parity list --goldens`)")
     if os.path.getsize(path) < 8:
         raise GoldenError(f"{path}: file is {os.path.getsize(path)} bytes, too short for safetensors (truncated?); {_rerecord(path)}")
     try:
@@ -230,12 +317,7 @@ def load_golden(path) -> Golden:
         if "format" not in meta:
             raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); {_rerecord(path)}")
         raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads {FORMAT!r}; {_rerecord(path)}")
-    try:
-        entries = json.loads(meta["cases"])
-        recorded_sets = json.loads(meta["shape_sets"])
-        int(meta["seed"])
-    except (KeyError, ValueError) as exc:
-        raise GoldenError(f"{path}: damaged metadata ({type(exc).__name__}: {exc}); {_rerecord(path)}") from None
+    entries, recorded_sets, checksums = _parse_meta(path, meta)
     problems = []
     for name, rec in recorded_sets.items():
         ours = C.SHAPE_SETS.get(name)
@@ -247,19 +329,111 @@ def load_golden(path) -> Golden:
             diff = {k: (rec.get(k), mine.get(k)) for k in mine if rec.get(k) != mine.get(k)}
             problems.append(f"shape set {name!r} was recorded as {', '.join(f'{k}={a} (now {b})' for k, (a, b) in diff.items())}")
     for e in entries:
-        if e.get("case") not in C.CASES:
-            problems.append(f"case {e.get('id')!r}: unknown case {e.get('case')!r}")
-            continue
-        for n in e.get("inputs", {}):
+        if e["shape_set"] not in recorded_sets:
+            problems.append(f"case {e['id']!r}: shape set {e['shape_set']!r} is not among the recorded ones")
+        for n in e["inputs"]:
             if f"{e['id']}/in/{n}" not in keys:
                 problems.append(f"case {e['id']}: input {n!r} is listed but missing from the file")
-        for n in e.get("outputs", {}):
+        for n in e["outputs"]:
             if f"{e['id']}/{n}" not in keys:
                 problems.append(f"case {e['id']}: {n!r} is listed but missing from the file")
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise GoldenError(f"{path} does not match this version's parity catalogue:\n  {shown}\n{_rerecord(path)}")
+    _verify_checksums(path, handle, keys, checksums)
     return Golden(path, meta, entries, handle)
+
+
+def _bad_meta(path, what: str) -> GoldenError:
+    return GoldenError(f"{path}: damaged metadata: {what}; {_rerecord(path)}")
+
+
+def _json_field(path, meta: dict, key: str, kind: type):
+    if key not in meta:
+        raise _bad_meta(path, f"no {key!r} field")
+    try:
+        value = json.loads(meta[key])
+    except ValueError as exc:
+        raise _bad_meta(path, f"{key!r} is not JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise _bad_meta(path, f"{key!r} is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+
+
+def _parse_meta(path, meta: dict):
+    """Type-check every metadata field the suite reads, so that a crafted or damaged golden gives
+    one GoldenError naming the field instead of a KeyError / AttributeError deep in `check`.
+    Returns (entries, shape sets, checksums)."""
+    try:
+        int(meta.get("seed", ""))
+    except ValueError:
+        raise _bad_meta(path, f"seed {meta.get('seed')!r} is not an integer") from None
+    if meta.get("backward", "1") not in ("0", "1"):
+        raise _bad_meta(path, f"backward {meta.get('backward')!r} is not 0 or 1")
+    _json_field(path, meta, "versions", dict)
+    _json_field(path, meta, "sdpa", dict)
+    recorded_sets = _json_field(path, meta, "shape_sets", dict)
+    for name, rec in recorded_sets.items():
+        if not isinstance(rec, dict):
+            raise _bad_meta(path, f"shape set {name!r} is a {type(rec).__name__}, expected a dict")
+    checksums = _json_field(path, meta, "checksums", dict)
+    for name, digest in checksums.items():
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise _bad_meta(path, f"checksum of {name!r} is not a sha256 hex digest")
+    entries = _json_field(path, meta, "cases", list)
+    seen = set()
+    for i, e in enumerate(entries):
+        where = f"case #{i}"
+        if not isinstance(e, dict):
+            raise _bad_meta(path, f"{where} is a {type(e).__name__}, expected a dict")
+        for key, kind in (("id", str), ("shape_set", str), ("case", str), ("dtype", str), ("inputs", dict),
+                          ("outputs", dict)):
+            if not isinstance(e.get(key), kind):
+                raise _bad_meta(path, f"{where}: field {key!r} is missing or not a {kind.__name__}")
+        where = f"case {e['id']!r}"
+        if e["case"] not in C.CASES:
+            raise _bad_meta(path, f"{where}: unknown case {e['case']!r} (this version has {', '.join(C.CASES)})")
+        if e["dtype"] not in C.DTYPES:
+            raise _bad_meta(path, f"{where}: unknown dtype {e['dtype']!r} (known: {', '.join(C.DTYPES)})")
+        if e["shape_set"] not in C.SHAPE_SETS:
+            raise _bad_meta(path, f"{where}: unknown shape set {e['shape_set']!r} (known: {', '.join(C.SHAPE_SETS)})")
+        if e["id"] != f"{e['shape_set']}.{e['case']}.{e['dtype']}":
+            raise _bad_meta(path, f"{where}: id does not match its shape set, case and dtype")
+        if e["id"] in seen:
+            raise _bad_meta(path, f"{where} is listed twice")
+        seen.add(e["id"])
+        for group in ("inputs", "outputs"):
+            for n, shape in e[group].items():
+                if not _is_shape(shape):
+                    raise _bad_meta(path, f"{where}: {group} {n!r} has shape {shape!r}, not a list of sizes")
+        for n in e["outputs"]:
+            if n.split("/", 1)[0] not in ("out", "grad", "pgrad") or "/" not in n:
+                raise _bad_meta(path, f"{where}: output {n!r} is not out/, grad/ or pgrad/<name>")
+        if "checksum" in e and not isinstance(e["checksum"], str):
+            raise _bad_meta(path, f"{where}: parameter checksum is not a string")
+    return entries, recorded_sets, checksums
+
+
+def _verify_checksums(path, handle, keys, checksums: dict) -> None:
+    """Every stored tensor must match the sha256 written when it was recorded: a flipped bit is
+    a corrupted file, never a backend failure."""
+    unlisted = sorted(set(keys) - set(checksums))
+    if unlisted:
+        raise GoldenCorrupted(f"golden corrupted: tensor {unlisted[0]} has no recorded checksum ({path}; "
+                              f"{len(unlisted)} such tensor(s)): the file was altered after recording; {_rerecord(path)}")
+    for name in sorted(keys):
+        try:
+            t = handle.get_tensor(name)
+        except Exception as exc:
+            raise GoldenCorrupted(f"golden corrupted: tensor {name} cannot be read ({exc}); {path}: {_rerecord(path)}") from None
+        if tensor_sha256(t) != checksums[name]:
+            raise GoldenCorrupted(f"golden corrupted: tensor {name} does not match its recorded sha256 ({path}): "
+                                  f"the file changed after recording (disk, transfer or edit); fetch it again or "
+                                  f"{_rerecord(path)}")
 
 
 # -- check ------------------------------------------------------------------------------------
@@ -342,11 +516,13 @@ class CheckReport:
 
 
 def check(path, backend=None, cases: Optional[Sequence[str]] = None, dtypes=None, shape_sets=None,
-          stock: bool = False, progress: bool = False) -> CheckReport:
+          stock: bool = False, progress: bool = False, allow_cudnn: bool = False) -> CheckReport:
     """Recompute the golden's cases on `backend` and compare. Never raises for a numeric failure
-    (see `CheckReport.ok`); raises GoldenError for a bad file."""
+    (see `CheckReport.ok`); raises GoldenError for a bad file (GoldenCorrupted when its bytes
+    changed after recording)."""
     golden = load_golden(path)
     b = get_backend(backend)
+    sdpa_ctx, _ = sdpa_policy(b, allow_cudnn)
     want_dtypes = set(C.parse_dtypes(dtypes)) if dtypes else None
     want_sets = {s.name for s in C.parse_shape_sets(shape_sets)} if shape_sets else None
     if cases:
@@ -363,7 +539,8 @@ def check(path, backend=None, cases: Optional[Sequence[str]] = None, dtypes=None
     backward = golden.meta.get("backward", "1") == "1"
     results = []
     for e in _progress(entries, f"parity check ({b.name})", progress):
-        results.append(_check_one(golden, e, b, backward, stock))
+        with sdpa_ctx():
+            results.append(_check_one(golden, e, b, backward, stock))
     return CheckReport(os.fspath(path), golden.meta, b.name, b.utils.device_name(), stock, results)
 
 
@@ -414,6 +591,12 @@ def _check_one(golden: Golden, e: dict, b: Backend, backward: bool, stock: bool)
             res.message = f"{key}: shape {tuple(out.shape)} vs golden {tuple(ref.shape)}"
             continue
         res.tensors.append(TensorResult(key, max_abs_err(out, ref), rel_err(out, ref), tol))
-    if not all(t.passed for t in res.tensors):
+    produced = {f"{kind}/{n}" for kind, group in computed.items() for n in group}
+    unlisted = sorted(produced - set(e["outputs"]))
+    if not res.tensors:
+        res.status, res.message = "FAIL", "nothing compared: the golden lists no outputs for this case"
+    elif unlisted:  # a golden that omits a result would let that result go unchecked
+        res.status, res.message = "FAIL", f"the golden lists no reference for {', '.join(unlisted[:4])}"
+    elif not all(t.passed for t in res.tensors):
         res.status = "FAIL"
     return res
