@@ -17,10 +17,13 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+
 import torch
 
 from .. import ops
-from .engine import PatchSet, Spec, exact, register_patch_set
+from .engine import OP_NAMES, PatchSet, Spec, exact, handback, note_route, register_patch_set, torch_compiling
 
 FLUX_MODULE = "diffusers.models.transformers.transformer_flux"
 NORM_MODULE = "diffusers.models.normalization"
@@ -49,36 +52,69 @@ def _fusable(attn, q) -> bool:
     )
 
 
-def build_processor_call(original, backend):
+def user_attention_backend(proc):
+    """The diffusers attention backend the user chose for this processor (set_attention_backend,
+    the `attention_backend` context manager or DIFFUSERS_ATTN_BACKEND), else None (the default
+    native one, which ops.attention replaces)."""
+    chosen = getattr(proc, "_attention_backend", None)
+    if chosen is not None:
+        return chosen
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    except Exception:  # an older diffusers without the registry: nothing to honour
+        return None
+    active = _AttentionBackendRegistry._active_backend
+    return None if active == AttentionBackendName.NATIVE else active
+
+
+def build_processor_call(original, backend, enabled=frozenset(OP_NAMES)):
     get_qkv = original.__globals__["_get_qkv_projections"]
+    dispatch_attention_fn = original.__globals__["dispatch_attention_fn"]
+    use_attention = "attention" in enabled
+    use_rms = "rms_norm" in enabled
+    use_rope = "apply_rope" in enabled
+    apply_rotary_emb = original.__globals__["apply_rotary_emb"]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if getattr(self, "_attention_backend", None) is not None or getattr(self, "_parallel_config", None) is not None:
-            return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         q, k, v, eq, ek, ev = get_qkv(attn, hidden_states, encoder_hidden_states)
         q = q.unflatten(-1, (-1, attn.head_dim))
         k = k.unflatten(-1, (-1, attn.head_dim))
         v = v.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is None and image_rotary_emb is not None and _fusable(attn, q):
+        if use_rms and use_rope and attn.added_kv_proj_dim is None and image_rotary_emb is not None and _fusable(attn, q):
             # single-stream block: QK-norm feeds RoPE directly, one fused op where the backend has it
             q, k = ops.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb,
                                     attn.norm_q.eps, sequence_dim=1, backend=backend)
             image_rotary_emb = None
         else:
-            q = _rms(attn.norm_q, q, backend)
-            k = _rms(attn.norm_k, k, backend)
+            q = _rms(attn.norm_q, q, backend) if use_rms else attn.norm_q(q)
+            k = _rms(attn.norm_k, k, backend) if use_rms else attn.norm_k(k)
         if attn.added_kv_proj_dim is not None:
-            eq = _rms(attn.norm_added_q, eq.unflatten(-1, (-1, attn.head_dim)), backend)
-            ek = _rms(attn.norm_added_k, ek.unflatten(-1, (-1, attn.head_dim)), backend)
+            eq, ek = eq.unflatten(-1, (-1, attn.head_dim)), ek.unflatten(-1, (-1, attn.head_dim))
+            eq = _rms(attn.norm_added_q, eq, backend) if use_rms else attn.norm_added_q(eq)
+            ek = _rms(attn.norm_added_k, ek, backend) if use_rms else attn.norm_added_k(ek)
             ev = ev.unflatten(-1, (-1, attn.head_dim))
             q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
         if image_rotary_emb is not None:
-            q = ops.apply_rope(q, image_rotary_emb, sequence_dim=1, backend=backend)
-            k = ops.apply_rope(k, image_rotary_emb, sequence_dim=1, backend=backend)
-        mask = attention_mask
-        if mask is not None and mask.dim() == 2:  # (B, Sk) key-padding mask, as diffusers' native path
-            mask = mask[:, None, None, :]
-        out = ops.attention(q, k, v, mask=mask, layout="BSHD", backend=backend)
+            if use_rope:
+                q = ops.apply_rope(q, image_rotary_emb, sequence_dim=1, backend=backend)
+                k = ops.apply_rope(k, image_rotary_emb, sequence_dim=1, backend=backend)
+            else:
+                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        chosen = user_attention_backend(self)
+        parallel = getattr(self, "_parallel_config", None)
+        if use_attention and chosen is None and parallel is None:
+            mask = attention_mask
+            if mask is not None and mask.dim() == 2:  # (B, Sk) key-padding mask, as diffusers' native path
+                mask = mask[:, None, None, :]
+            out = ops.attention(q, k, v, mask=mask, layout="BSHD", backend=backend)
+            note_route("diffusers attention", "ops.attention")
+        else:
+            # the user's diffusers attention backend (or context parallelism, or attention excluded by
+            # patch(exclude=...)): their attention, our QK norms and RoPE around it
+            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=parallel)
+            note_route("diffusers attention", f"diffusers dispatch_attention_fn ({_backend_name(chosen)})")
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
             n_text = encoder_hidden_states.shape[1]
@@ -90,6 +126,10 @@ def build_processor_call(original, backend):
 
     __call__.__wrapped_original__ = original
     return __call__
+
+
+def _backend_name(chosen) -> str:
+    return "native" if chosen is None else str(getattr(chosen, "value", chosen))
 
 
 class _Processor:
@@ -147,6 +187,7 @@ def _plain_layer_norm(norm) -> bool:
 def build_ada_zero_forward(original, backend):
     def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
         if self.emb is not None or not _plain_layer_norm(self.norm):
+            handback("layer_norm_modulate", backend, "diffusers AdaLayerNormZero: class/timestep embedding or affine norm")
             return original(self, x, timestep, class_labels, hidden_dtype, emb)
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
@@ -159,6 +200,7 @@ def build_ada_zero_forward(original, backend):
 def build_ada_single_forward(original, backend):
     def forward(self, x, emb=None):
         if not _plain_layer_norm(self.norm):
+            handback("layer_norm_modulate", backend, "diffusers AdaLayerNormZeroSingle: affine or non-LayerNorm norm")
             return original(self, x, emb)
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
@@ -171,12 +213,48 @@ def build_ada_single_forward(original, backend):
 def build_ada_continuous_forward(original, backend):
     def forward(self, x, conditioning_embedding):
         if not _plain_layer_norm(self.norm):
+            handback("layer_norm_modulate", backend, "diffusers AdaLayerNormContinuous: affine or non-LayerNorm norm")
             return original(self, x, conditioning_embedding)
         emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
         scale, shift = torch.chunk(emb, 2, dim=1)
         return ops.layer_norm_modulate(x, shift[:, None, :], scale[:, None, :], self.norm.eps, backend=backend)
 
     return forward
+
+
+_PAIR_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()  # (id cos, id sin) -> (weakrefs, versions, verdict)
+_PAIR_CACHE_SIZE = 16
+
+
+def _version(t):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter: never cached
+        return None
+
+
+def is_flux_pair_form(cos, sin) -> bool:
+    """Whether (cos, sin) repeat each value for the two elements of a pair (Flux's
+    `repeat_interleave_real=True` form), the only form ops.apply_rope computes. Checked on the data
+    once per (cos, sin) objects and versions (one device sync), then answered from a small cache."""
+    key = (id(cos), id(sin))
+    vc, vs = _version(cos), _version(sin)
+    hit = _PAIR_CACHE.get(key)
+    if hit is not None and vc is not None and vs is not None:
+        (rc, rs), versions, verdict = hit
+        if rc() is cos and rs() is sin and versions == (vc, vs):
+            return verdict
+    verdict = bool(
+        torch.equal(cos[..., 0::2], cos[..., 1::2]) and torch.equal(sin[..., 0::2], sin[..., 1::2])
+    )
+    if vc is not None and vs is not None:
+        try:
+            _PAIR_CACHE[key] = ((weakref.ref(cos), weakref.ref(sin)), (vc, vs), verdict)
+        except TypeError:
+            return verdict
+        while len(_PAIR_CACHE) > _PAIR_CACHE_SIZE:
+            _PAIR_CACHE.popitem(last=False)
+    return verdict
 
 
 def build_apply_rotary_emb(original, backend):
@@ -190,7 +268,11 @@ def build_apply_rotary_emb(original, backend):
             and x.dim() == 4
             and freqs_cis[0].dim() == 2
             and tuple(freqs_cis[0].shape) == (x.shape[sequence_dim], x.shape[-1])
+            and tuple(freqs_cis[1].shape) == tuple(freqs_cis[0].shape)
             and freqs_cis[0].device == x.device
+            # the data check reads values: not while torch.compile traces (stock code there)
+            and not torch_compiling()
+            and is_flux_pair_form(freqs_cis[0], freqs_cis[1])
         ):
             return ops.apply_rope(x, tuple(freqs_cis), sequence_dim=sequence_dim, backend=backend)
         return original(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
@@ -210,11 +292,16 @@ register_patch_set(
             Spec(
                 "FluxAttnProcessor.__call__",
                 build_processor_call,
-                "attention -> ops.attention (BSHD), QK RMSNorms -> ops.rms_norm, RoPE -> ops.apply_rope",
+                "attention -> ops.attention (BSHD), QK RMSNorms -> ops.rms_norm, RoPE -> ops.apply_rope; with a "
+                "diffusers attention backend chosen (set_attention_backend, attention_backend(), "
+                "DIFFUSERS_ATTN_BACKEND) or context parallelism: that backend's attention via "
+                "dispatch_attention_fn, QK norms and RoPE still on our ops",
                 params=PROCESSOR_PARAMS,
                 instance=_processor_instances,
+                ops=("attention", "rms_norm", "apply_rope"),
             ),
-            Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs", params=("self", "ids")),
+            Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs", params=("self", "ids"),
+                 ops=("rope_freqs",)),
         ],
     )
 )
@@ -230,18 +317,21 @@ register_patch_set(
                 build_ada_zero_forward,
                 "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
                 params=("self", "x", "timestep", "class_labels", "hidden_dtype", "emb"),
+                ops=("layer_norm_modulate",),
             ),
             Spec(
                 "AdaLayerNormZeroSingle.forward",
                 build_ada_single_forward,
                 "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
                 params=("self", "x", "emb"),
+                ops=("layer_norm_modulate",),
             ),
             Spec(
                 "AdaLayerNormContinuous.forward",
                 build_ada_continuous_forward,
                 "AdaLN (norm_out) LayerNorm+modulate -> ops.layer_norm_modulate",
                 params=("self", "x", "conditioning_embedding"),
+                ops=("layer_norm_modulate",),
             ),
         ],
     )
@@ -259,6 +349,7 @@ register_patch_set(
                 "RoPE (Flux cos/sin form) -> ops.apply_rope; other forms keep the original",
                 params=("x", "freqs_cis", "use_real", "use_real_unbind_dim", "sequence_dim"),
                 rebind=True,
+                ops=("apply_rope",),
             ),
         ],
     )
