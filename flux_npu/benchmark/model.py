@@ -14,13 +14,21 @@ peak memory, the way model cards compare devices (e.g. FluxKits' Flux-dev / Flux
   `--compare` runs both side by side in one process on the same model and inputs.
 
 Timing: untimed warm-up (`--warmup`, one denoising step / optimizer step by default), then the
-wall time of the timed work after `synchronize()`, divided by the images made; `--repeats N`
-measures each configuration N times with the variants interleaved (so that load from elsewhere
-hits both alike) and reports the median. Peak memory: the device allocator's peak on
-GPU/NPU; on CPU the process's resident set size, sampled every 10 ms by a thread (a lower bound,
-and it includes the Python runtime). A configuration that runs out of memory is reported as OOM
-and the run goes on; `--memory-limit-gb` imposes a limit (device allocator fraction on GPU/NPU,
-address-space limit on CPU) so that a configuration beyond it fails the same honest way.
+wall time of the timed work after `synchronize()`, divided by the images made. Each configuration
+is measured `--repeats` times (default 5) with the variants interleaved round by round (so that
+load from elsewhere hits both alike); the median is reported with the spread (interquartile range
+and min/max), and a stock/patched ratio whose interquartile ranges overlap is flagged as not
+significant. Peak memory: the device allocator's peak on GPU/NPU; on CPU the process's resident
+set size, sampled every 10 ms by a thread (a lower bound, and it includes the Python runtime).
+
+Nothing is lost: a configuration that runs out of memory is an OOM row and one that raises is an
+error row (its traceback goes to the log file next to the JSON); rows are printed and the JSON is
+rewritten atomically as each configuration finishes; with `--isolate` each configuration and
+variant runs in its own process, so that a fault that kills a process (a CUDA illegal memory
+access, a segfault) costs that row only. `--memory-limit-gb` imposes a limit (device allocator
+fraction on GPU/NPU, address-space limit on CPU) so that a configuration beyond it fails the same
+honest way; a limit too small to hold the model's weights is refused before anything runs.
+`--compile` times `torch.compile` of the transformer (stock and patched alike).
 """
 
 from __future__ import annotations
@@ -29,11 +37,15 @@ import contextlib
 import datetime as _dt
 import gc
 import json
+import os
+import statistics
+import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -68,7 +80,14 @@ class BenchResult:
     full_pipeline: bool = False
     repeats: int = 1
     s_per_img_all: List[float] = field(default_factory=list)
+    s_per_img_q1: Optional[float] = None  # interquartile range over the repeats
+    s_per_img_q3: Optional[float] = None
+    s_per_img_min: Optional[float] = None
+    s_per_img_max: Optional[float] = None
+    compiled: bool = False
     message: str = ""
+    log: str = ""  # the log file holding this row's traceback, if any
+    traceback: str = field(default="", repr=False)  # goes to the log file, not the JSON
 
 
 # -- memory -----------------------------------------------------------------------------------
@@ -177,6 +196,17 @@ class _Setup:
     text_len: int
     parts: object = None  # TextAndVae when --full-pipeline
     lora_added: bool = False
+    compile: bool = False
+    compiled: dict = field(default_factory=dict)  # variant -> torch.compile'd transformer
+    active: Optional[torch.nn.Module] = None  # what _call runs: the transformer or its compiled twin
+
+    def use(self, variant: str) -> None:
+        if not self.compile:
+            self.active = self.transformer
+            return
+        if variant not in self.compiled:  # one compiled wrapper per variant: patched code traces separately
+            self.compiled[variant] = torch.compile(self.transformer)
+        self.active = self.compiled[variant]
 
 
 def _inputs(setup: _Setup, res: int, seed: int):
@@ -204,7 +234,7 @@ def _infer_once(setup: _Setup, res: int, steps: int, seed: int, progress):
     x = inp.hidden_states
     sigmas = torch.linspace(1.0, 0.0, steps + 1, device=setup.device)
     for i in range(steps):
-        v = _call(setup.transformer, x, inp, sigmas[i])
+        v = _call(setup.active, x, inp, sigmas[i])
         x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * v
         progress()
     if setup.parts is not None:
@@ -240,7 +270,7 @@ def _train_step(setup: _Setup, opt, res: int, seed: int):
     noise = torch.randn(x0.shape, generator=g).to(x0)
     t = torch.rand(1, generator=g).to(device=x0.device, dtype=x0.dtype)
     xt = (1 - t) * x0 + t * noise
-    pred = _call(setup.transformer, xt, inp, t)
+    pred = _call(setup.active, xt, inp, t)
     loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
     loss.backward()
     opt.step()
@@ -266,7 +296,9 @@ def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res:
         params=sum(p.numel() for n, p in setup.transformer.named_parameters() if "lora_" not in n), text_len=setup.text_len,
         full_pipeline=setup.parts is not None and mode == "infer",
         memory_kind="process RSS peak (sampled)" if backend.device_type == "cpu" else "allocator peak",
+        compiled=setup.compile,
     )
+    setup.use(variant)
 
     def tick():
         if bar is not None:
@@ -309,7 +341,9 @@ def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res:
         if is_oom(exc):
             r.status, r.message = "OOM", oom_message(exc)
         else:
-            r.status, r.message = "error", f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            first = (str(exc).strip().splitlines() or [""])[0]
+            r.status, r.message = "error", f"{type(exc).__name__}: {first[:300]}"
+            r.traceback = traceback.format_exc()
     finally:
         if mode != "infer":
             setup.transformer.zero_grad(set_to_none=True)
@@ -320,12 +354,197 @@ def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res:
     return r
 
 
+# -- one run ----------------------------------------------------------------------------------
+
+# Below this an address-space cap leaves no room for the threads and libraries a run starts (a
+# cap of 0.003 GB aborted in libgomp, 0.001 GB segfaulted): refused instead of crashing.
+MIN_LIMIT_GB = 0.016
+
+
+def check_memory_limit(presets, dt, limit_gb, backend: Backend, full_pipeline: bool) -> None:
+    """Refuse, before anything runs, a memory limit no configuration could run under."""
+    if limit_gb is None:
+        return
+    if not limit_gb > 0:
+        raise ValueError(f"--memory-limit-gb {limit_gb} must be positive (leave it out for no limit)")
+    if limit_gb < MIN_LIMIT_GB:
+        raise ValueError(f"--memory-limit-gb {limit_gb} is too small to run anything: below {MIN_LIMIT_GB} GB the "
+                         f"process cannot start its threads; use at least {MIN_LIMIT_GB}")
+    if backend.device_type == "cpu":
+        return  # on CPU the cap counts what a configuration allocates after the model is built
+    from .pipeline import param_bytes
+
+    for p in presets:
+        need = param_bytes(p, dt, full_pipeline) / 1e9
+        if limit_gb < need:
+            raise ValueError(f"--memory-limit-gb {limit_gb} is smaller than the weights of preset {p} alone "
+                             f"({need:.2f} GB in {str(dt).replace('torch.', '')}); the model could not be built "
+                             f"under it: raise the limit to more than {need:.2f} or pick a smaller preset")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration: the rows of its variants are measured together (interleaved)."""
+
+    preset: str
+    mode: str  # infer / train
+    kind: Optional[str]  # lora / full for train
+    res: int
+    variants: tuple
+
+    def label(self, variant=None) -> str:
+        mode = self.mode if self.mode == "infer" else f"train-{self.kind}"
+        return f"{self.preset} {mode} {self.res}px" + (f" {variant}" if variant else "")
+
+
+def _row_template(job: Job, variant: str, b: Backend, dt, steps: int, compiled: bool) -> BenchResult:
+    return BenchResult(model=job.preset, mode=job.mode if job.mode == "infer" else f"train-{job.kind}", res=job.res,
+                       backend=b.name, device=b.utils.device_name(), variant=variant,
+                       dtype=str(dt).replace("torch.", ""), steps=steps, compiled=compiled)
+
+
+def _failed_rows(job: Job, b: Backend, dt, steps: int, compiled: bool, status: str, message: str, tb: str = "",
+                 variants=None) -> List[BenchResult]:
+    rows = []
+    for v in variants or job.variants:
+        r = _row_template(job, v, b, dt, steps, compiled)
+        r.status, r.message, r.traceback = status, message, tb
+        rows.append(r)
+    return rows
+
+
+def _build_setup(preset, dt, device, text_len, full, seed, b, compile_model):
+    """The model of one preset, or an exception (OOM or anything else) for the caller to report."""
+    from ..models import preset_config
+    from . import pipeline
+
+    # the limit applies to running configurations, not to building (imports map libraries)
+    transformer = pipeline.build_transformer(preset, dt, device, seed).eval()
+    cfg = preset_config(preset)
+    parts = pipeline.build_text_and_vae(cfg, dt, device, seed) if full else None
+    return _Setup(preset, cfg, transformer, dt, device, text_len or DEFAULT_TEXT_LEN[preset], parts,
+                  compile=compile_model)
+
+
+def _run_jobs_here(jobs: List[Job], b: Backend, dt, steps, train_steps, warmup, full_pipeline, text_len, seed,
+                   limit_gb, repeats, compile_model, on_rows: Callable, bar=None) -> None:
+    """Run `jobs` in this process, one preset's model at a time; every outcome reaches on_rows."""
+    device = b.device()
+    for preset in dict.fromkeys(j.preset for j in jobs):
+        mine = [j for j in jobs if j.preset == preset]
+        try:
+            setup = _build_setup(preset, dt, device, text_len, full_pipeline and any(j.mode == "infer" for j in mine),
+                                 seed, b, compile_model)
+        except Exception as exc:
+            status = "OOM" if is_oom(exc) else "error"
+            msg = f"building the model: {oom_message(exc) if status == 'OOM' else f'{type(exc).__name__}: {exc}'}"
+            tb = "" if status == "OOM" else traceback.format_exc()
+            _free(b)
+            for job in mine:
+                n = steps if job.mode == "infer" else train_steps
+                on_rows(_failed_rows(job, b, dt, n, compile_model, status, msg[:300], tb))
+            continue
+        for job in mine:
+            n = steps if job.mode == "infer" else train_steps
+            runs = {v: [] for v in job.variants}
+            # variants interleaved round by round, so that load from elsewhere on the machine
+            # hits both alike; the median round is reported with the spread
+            for rep in range(repeats):
+                for v in job.variants:
+                    if bar is not None:
+                        bar.set_description(job.label(v))
+                    if runs[v] and runs[v][-1].status != "ok":
+                        continue  # an OOM or an error does not get better by repeating it
+                    runs[v].append(run_config(setup, b, job.mode, job.kind, job.res, v, n,
+                                              warmup=warmup if rep == 0 else 0, seed=seed, limit_gb=limit_gb,
+                                              bar=bar))
+            on_rows([summarize(runs[v]) for v in job.variants])
+        del setup
+        _free(b)
+
+
+def summarize(runs: List[BenchResult]) -> BenchResult:
+    """One row from the repeats of one configuration and variant: the median time, the spread
+    (quartiles, min, max) and the largest peak memory. A failed repeat makes the row failed."""
+    bad = next((r for r in runs if r.status != "ok"), None)
+    if bad is not None:
+        bad.repeats = len(runs)
+        return bad
+    times = sorted(r.s_per_img for r in runs)
+    best = min(runs, key=lambda r: abs(r.s_per_img - statistics.median(times)))
+    best.s_per_img = statistics.median(times)
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=4, method="inclusive")
+        best.s_per_img_q1, best.s_per_img_q3 = q[0], q[2]
+    else:
+        best.s_per_img_q1 = best.s_per_img_q3 = times[0]
+    best.s_per_img_min, best.s_per_img_max = times[0], times[-1]
+    best.peak_mem_gb = max(r.peak_mem_gb for r in runs)
+    best.repeats = len(runs)
+    best.s_per_img_all = [r.s_per_img for r in runs]
+    return best
+
+
+# -- isolation: one process per configuration and variant ---------------------------------------
+
+_ROW_TAG = "FLUX_NPU_BENCH_ROW "
+
+
+def _child_main(spec_json: str) -> int:
+    """Entry of an isolated configuration: run it here, print each row as one tagged JSON line."""
+    spec = json.loads(spec_json)
+    b = get_backend(spec["backend"])
+    dt = DTYPES[spec["dtype"]]
+    job = Job(spec["preset"], spec["mode"], spec["kind"], spec["res"], tuple(spec["variants"]))
+
+    def emit(rows):
+        for r in rows:
+            print(_ROW_TAG + json.dumps(asdict(r)), flush=True)
+
+    _run_jobs_here([job], b, dt, spec["steps"], spec["train_steps"], spec["warmup"], spec["full_pipeline"],
+                   spec["text_len"], spec["seed"], spec["limit_gb"], spec["repeats"], spec["compile"], emit)
+    return 0
+
+
+def _signal_name(rc: int) -> str:
+    import signal
+
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps: int) -> List[BenchResult]:
+    """One configuration and variant in a fresh interpreter; a process that dies without a row
+    becomes a 'crashed' row carrying its exit status and the end of its output."""
+    child = dict(spec, preset=job.preset, mode=job.mode, kind=job.kind, res=job.res, variants=[variant])
+    cmd = [sys.executable, "-m", "flux_npu.benchmark.model", "--child", json.dumps(child)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [BenchResult(**json.loads(line[len(_ROW_TAG):])) for line in proc.stdout.splitlines()
+            if line.startswith(_ROW_TAG)]
+    if rows:
+        return rows
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-40:])
+    last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+    return _failed_rows(job, b, dt, steps, spec["compile"], "crashed",
+                        f"process {_signal_name(proc.returncode)}: {last[:200]}",
+                        f"$ {' '.join(cmd[:4])} '<spec>'\n{tail}\n", variants=[variant])
+
+
+# -- the runner -------------------------------------------------------------------------------
+
+
 def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), resolutions=(512,), backend=None,
                   variants=("patched",), dtype="bf16", steps=None, train_steps=None, warmup=1, full_pipeline=False,
-                  text_len=None, seed=0, limit_gb=None, repeats=1, progress=False) -> List[BenchResult]:
-    """Run every configuration; returns one BenchResult each (OOM / error rows included).
-    With `repeats` > 1 each configuration is measured that many times, variants interleaved, and
-    the median time (with the largest peak memory) is reported."""
+                  text_len=None, seed=0, limit_gb=None, repeats=5, progress=False, isolate=False,
+                  compile_model=False, on_row: Optional[Callable] = None) -> List[BenchResult]:
+    """Run every configuration; returns one BenchResult per configuration and variant (OOM, error
+    and crashed rows included), calling `on_row(row)` for each as soon as it is known.
+    Each configuration is measured `repeats` times, variants interleaved; the median time is
+    reported with its spread. `isolate`: each configuration and variant in its own process."""
     b = get_backend(backend)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dt not in b.dtypes:
@@ -341,83 +560,43 @@ def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), re
     train_steps = 3 if train_steps is None else train_steps
     if steps < 1 or train_steps < 1:
         raise ValueError("--steps and --train-steps must be at least 1")
-    jobs = []
-    for p in presets:
-        for mode in modes:
-            for kind in (train_kinds if mode == "train" else (None,)):
-                for res in resolutions:
-                    for v in variants:
-                        jobs.append((p, mode, kind, res, v))
     if repeats < 1:
         raise ValueError("--repeats must be at least 1")
-    total = repeats * sum(steps if m == "infer" else train_steps for _, m, _, _, _ in jobs)
+    check_memory_limit(presets, dt, limit_gb, b, full_pipeline and "infer" in modes)
+    jobs = [Job(p, mode, kind, res, tuple(variants)) for p in presets for mode in modes
+            for kind in (train_kinds if mode == "train" else (None,)) for res in resolutions]
+    results: List[BenchResult] = []
+
+    def take(rows):
+        for r in rows:
+            results.append(r)
+            if on_row is not None:
+                on_row(r)
+
+    if isolate:
+        spec = dict(backend=b.name, dtype=next(k for k, v in DTYPES.items() if v == dt), steps=steps,
+                    train_steps=train_steps,
+                    warmup=warmup, full_pipeline=full_pipeline, text_len=text_len, seed=seed, limit_gb=limit_gb,
+                    repeats=repeats, compile=compile_model)
+        for job in jobs:
+            n = steps if job.mode == "infer" else train_steps
+            # variants alternate in order from one configuration to the next; within a process
+            # there is one variant, so they cannot interleave round by round
+            order = job.variants if len(results) % 2 == 0 else tuple(reversed(job.variants))
+            by_variant = {}
+            for v in order:
+                by_variant[v] = _run_job_isolated(job, v, spec, b, dt, n)
+            take([r for v in job.variants for r in by_variant[v]])
+        return results
+    total = repeats * sum((steps if j.mode == "infer" else train_steps) * len(j.variants) for j in jobs)
     bar = _bar(total, progress)
-    results = []
-    device = b.device()
     try:
-        for p in presets:
-            setup = _build(p, dt, device, text_len, full_pipeline and "infer" in modes, seed, b, limit_gb)
-            if isinstance(setup, BenchResult):  # the model itself did not fit
-                for (pp, mode, kind, res, v) in jobs:
-                    if pp == p:
-                        row = BenchResult(**{**asdict(setup), "mode": mode if mode == "infer" else f"train-{kind}",
-                                             "res": res, "variant": v})
-                        results.append(row)
-                continue
-            groups = {}
-            for (pp, mode, kind, res, v) in jobs:
-                if pp == p:
-                    groups.setdefault((mode, kind, res), []).append(v)
-            for (mode, kind, res), vs in groups.items():
-                n = steps if mode == "infer" else train_steps
-                runs = {v: [] for v in vs}
-                # variants interleaved round by round, so that load from elsewhere on the machine
-                # hits both alike; the median round is reported
-                for rep in range(repeats):
-                    for v in vs:
-                        if bar is not None:
-                            bar.set_description(f"{p} {mode}{'-' + kind if kind else ''} {res}px {v}")
-                        if runs[v] and runs[v][-1].status != "ok":
-                            continue  # an OOM does not get better by repeating it
-                        runs[v].append(run_config(setup, b, mode, kind, res, v, n, warmup=warmup if rep == 0 else 0,
-                                                  seed=seed, limit_gb=limit_gb, bar=bar))
-                results.extend(_median(runs[v]) for v in vs)
-            del setup
-            _free(b)
+        _run_jobs_here(jobs, b, dt, steps, train_steps, warmup, full_pipeline, text_len, seed, limit_gb, repeats,
+                       compile_model, take, bar)
     finally:
         if bar is not None:
             bar.close()
     return results
-
-
-def _median(runs: List[BenchResult]) -> BenchResult:
-    ok = [r for r in runs if r.status == "ok"]
-    if not ok or len(ok) != len(runs):
-        return next(r for r in runs if r.status != "ok") if len(ok) != len(runs) else runs[0]
-    ok.sort(key=lambda r: r.s_per_img)
-    best = ok[(len(ok) - 1) // 2]
-    best.peak_mem_gb = max(r.peak_mem_gb for r in ok)
-    best.repeats = len(ok)
-    best.s_per_img_all = [r.s_per_img for r in runs]
-    return best
-
-
-def _build(preset, dt, device, text_len, full, seed, b, limit_gb):
-    from ..models import preset_config
-    from . import pipeline
-
-    try:  # the limit applies to running configurations, not to building (imports map libraries)
-        transformer = pipeline.build_transformer(preset, dt, device, seed).eval()
-        cfg = preset_config(preset)
-        parts = pipeline.build_text_and_vae(cfg, dt, device, seed) if full else None
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        _free(b)
-        return BenchResult(model=preset, mode="", res=0, backend=b.name, device=b.utils.device_name(), variant="",
-                           dtype=str(dt).replace("torch.", ""), steps=0, status="OOM",
-                           message=f"building the model: {oom_message(exc)}")
-    return _Setup(preset, cfg, transformer, dt, device, text_len or DEFAULT_TEXT_LEN[preset], parts)
 
 
 def _bar(total, show):
@@ -425,7 +604,7 @@ def _bar(total, show):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", file=sys.stderr)
+    return tqdm(total=total, unit="step", file=sys.stderr, leave=False)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -435,109 +614,206 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def _variant_label(r: BenchResult) -> str:
+    return r.variant + ("+compile" if r.compiled else "")
+
+
+def _spread(r: BenchResult) -> str:
+    if r.status != "ok" or r.s_per_img_q1 is None:
+        return ""
+    if r.repeats < 2:
+        return "1 run"
+    return f"{r.s_per_img_q1:.3f}-{r.s_per_img_q3:.3f}"
+
+
+def row_line(r: BenchResult) -> str:
+    """One finished row as a line of text (printed as rows finish, whatever the progress bar does)."""
+    head = f"{r.model} {r.mode} {r.res}px {_variant_label(r)}"
+    if r.status != "ok":
+        return f"{head}: {r.status}: {r.message}" + (f" (traceback in {r.log})" if r.log else "")
+    return (f"{head}: {r.s_per_img:.4g} s/img (median of {r.repeats}, IQR {_spread(r)}, "
+            f"min {r.s_per_img_min:.4g}, max {r.s_per_img_max:.4g}), peak {r.peak_mem_gb:.2f} GB")
+
+
 def table(results: List[BenchResult]) -> str:
     rows = []
     for r in results:
-        rows.append([r.model, r.mode, f"{r.res}", r.backend, r.variant,
-                     _fmt(r.s_per_img, ".3f") if r.status == "ok" else r.status,
-                     _fmt(r.peak_mem_gb, ".2f") if r.status == "ok" else r.status,
-                     r.dtype, r.status if r.status == "ok" else f"{r.status}: {r.message}"[:60]])
-    return format_table(["model", "mode", "res", "backend", "variant", "s/img", "peak mem GB", "dtype", "status"], rows)
+        ok = r.status == "ok"
+        rows.append([r.model, r.mode, f"{r.res}", r.backend, _variant_label(r),
+                     _fmt(r.s_per_img, ".3f") if ok else r.status, _spread(r), str(r.repeats) if ok else "",
+                     _fmt(r.peak_mem_gb, ".2f") if ok else r.status,
+                     r.dtype, r.status if ok else f"{r.status}: {r.message}"[:60]])
+    return format_table(["model", "mode", "res", "backend", "variant", "s/img", "IQR s/img", "n", "peak mem GB",
+                         "dtype", "status"], rows)
 
 
 def ratios(results: List[BenchResult]) -> List[dict]:
-    """stock / patched time and memory for each configuration measured both ways."""
+    """stock / patched time and memory for each configuration measured both ways; `significant`
+    is False when the two interquartile ranges overlap (or a side ran once): the ratio is then
+    within the noise."""
     out = []
     by = {}
     for r in results:
-        by.setdefault((r.model, r.mode, r.res, r.backend), {})[r.variant] = r
+        by.setdefault((r.model, r.mode, r.res, r.backend, r.compiled), {})[r.variant] = r
     for key, pair in by.items():
         s, p = pair.get("stock"), pair.get("patched")
-        if s and p and s.status == p.status == "ok" and p.s_per_img:
-            out.append({"model": key[0], "mode": key[1], "res": key[2], "backend": key[3],
-                        "speedup": s.s_per_img / p.s_per_img,
-                        "memory_ratio": (p.peak_mem_gb / s.peak_mem_gb) if s.peak_mem_gb else None})
+        if not (s and p and s.status == p.status == "ok" and p.s_per_img):
+            continue
+        if s.repeats < 2 or p.repeats < 2:
+            significant, why = False, "single run: no spread"
+        elif s.s_per_img_q3 < p.s_per_img_q1 or p.s_per_img_q3 < s.s_per_img_q1:
+            significant, why = True, ""
+        else:
+            significant, why = False, "IQRs overlap: within noise"
+        out.append({"model": key[0], "mode": key[1], "res": key[2], "backend": key[3], "compiled": key[4],
+                    "speedup": s.s_per_img / p.s_per_img,
+                    "speedup_range": [s.s_per_img_q1 / p.s_per_img_q3, s.s_per_img_q3 / p.s_per_img_q1]
+                    if s.s_per_img_q1 is not None and p.s_per_img_q1 is not None else None,
+                    "significant": significant, "note": why,
+                    "memory_ratio": (p.peak_mem_gb / s.peak_mem_gb) if s.peak_mem_gb else None})
     return out
 
 
 def ratio_table(rs: List[dict]) -> str:
-    rows = [[r["model"], r["mode"], r["res"], r["backend"], f"{r['speedup']:.3f}x",
-             "" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"] for r in rs]
-    return format_table(["model", "mode", "res", "backend", "stock/patched time", "patched/stock memory"], rows)
+    rows = [[r["model"], r["mode"] + (" +compile" if r["compiled"] else ""), r["res"], r["backend"],
+             f"{r['speedup']:.3f}x",
+             "" if not r["speedup_range"] else f"{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x",
+             "" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}",
+             "" if r["significant"] else f"not significant ({r['note']})"] for r in rs]
+    return format_table(["model", "mode", "res", "backend", "stock/patched time", "range (IQR)",
+                         "patched/stock memory", "flag"], rows)
 
 
-def to_json(results: List[BenchResult], args: Optional[dict] = None) -> dict:
+def to_json(results: List[BenchResult], args: Optional[dict] = None, done: bool = True) -> dict:
     b = results[0].backend if results else None
     return {
         "meta": {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "backend": b,
                  "device": results[0].device if results else None, "versions": versions(),
-                 "torch_threads": torch.get_num_threads(), "args": args or {},
-                 "units": {"s_per_img": "seconds per image", "peak_mem_gb": "1e9 bytes"}},
-        "results": [asdict(r) for r in results],
+                 "torch_threads": torch.get_num_threads(), "args": args or {}, "complete": done,
+                 "units": {"s_per_img": "seconds per image (median over repeats)", "peak_mem_gb": "1e9 bytes"}},
+        "results": [{k: v for k, v in asdict(r).items() if k != "traceback"} for r in results],
         "ratios": ratios(results),
     }
 
 
-def plot(results: List[BenchResult], path: str) -> None:
-    """Grouped bars: seconds per image and peak memory per configuration, one bar per variant;
-    OOM / error configurations are marked, not drawn."""
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write to a temporary name in the same directory, then rename: a reader (or a crash) never
+    sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def log_path_for(output: Optional[str]) -> str:
+    """The traceback log next to the JSON (`bench.json` -> `bench.log`), else in the temp dir."""
+    if output:
+        root, _ = os.path.splitext(output)
+        return root + ".log"
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"flux-npu-bench-model-{os.getpid()}.log")
+
+
+def plot(results: List[BenchResult], path: str, meta: Optional[dict] = None) -> None:
+    """Inference and training side by side (never on one axis): seconds per image (median, IQR as
+    error bars) and peak memory, one bar per variant, each labelled with its value; OOM / error
+    configurations are marked, not drawn. The title names dtype, steps, repeats, device,
+    versions and date."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = []
-    for r in results:
-        lab = f"{r.model}\n{r.mode}\n{r.res}px"
-        if lab not in labels:
-            labels.append(lab)
-    variants = sorted({r.variant for r in results}, reverse=True)
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.8 * len(labels) + 3), 4.2))
-    width = 0.8 / max(1, len(variants))
-    for ax, attr, title in ((axes[0], "s_per_img", "seconds per image"), (axes[1], "peak_mem_gb", "peak memory (GB)")):
-        for j, v in enumerate(variants):
-            xs, ys = [], []
-            for i, lab in enumerate(labels):
-                r = next((r for r in results if r.variant == v and f"{r.model}\n{r.mode}\n{r.res}px" == lab), None)
-                if r is None:
-                    continue
-                x = i + (j - (len(variants) - 1) / 2) * width
-                if r.status == "ok":
-                    xs.append(x)
-                    ys.append(getattr(r, attr))
-                else:
-                    ax.text(x, 0, r.status, ha="center", va="bottom", rotation=90, fontsize=8, color="red")
-            ax.bar(xs, ys, width, label=v)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    dev = results[0].device if results else ""
-    fig.suptitle(f"flux-npu bench model: {results[0].backend if results else ''} ({dev})", fontsize=10)
+    meta = meta or {}
+    groups = [("inference", [r for r in results if r.mode == "infer"]),
+              ("training", [r for r in results if r.mode != "infer"])]
+    groups = [(g, rs) for g, rs in groups if rs]
+    if not groups:
+        return
+    fig, axes = plt.subplots(2, len(groups), figsize=(max(6.5, 4.2 * len(groups) + 1.5), 7.5), squeeze=False)
+    for col, (gname, rs) in enumerate(groups):
+        labels = list(dict.fromkeys(f"{r.model}\n{r.mode}\n{r.res}px" for r in rs))
+        variants = list(dict.fromkeys(_variant_label(r) for r in rs))
+        width = 0.8 / max(1, len(variants))
+        for row, (attr, title) in enumerate((("s_per_img", "seconds per image (median, IQR bars)"),
+                                             ("peak_mem_gb", "peak memory (GB)"))):
+            ax = axes[row][col]
+            for j, v in enumerate(variants):
+                xs, ys, err = [], [], [[], []]
+                for i, lab in enumerate(labels):
+                    r = next((r for r in rs if _variant_label(r) == v and f"{r.model}\n{r.mode}\n{r.res}px" == lab),
+                             None)
+                    if r is None:
+                        continue
+                    x = i + (j - (len(variants) - 1) / 2) * width
+                    if r.status == "ok":
+                        y = getattr(r, attr)
+                        xs.append(x)
+                        ys.append(y)
+                        lo = r.s_per_img_q1 if attr == "s_per_img" and r.s_per_img_q1 is not None else y
+                        hi = r.s_per_img_q3 if attr == "s_per_img" and r.s_per_img_q3 is not None else y
+                        err[0].append(max(0.0, y - lo))
+                        err[1].append(max(0.0, hi - y))
+                    else:
+                        ax.text(x, 0, r.status, ha="center", va="bottom", rotation=90, fontsize=8, color="red")
+                bars = ax.bar(xs, ys, width, label=v, yerr=err if attr == "s_per_img" else None, capsize=3)
+                ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=7, padding=2)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_title(f"{gname}: {title}", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.margins(y=0.15)
+    r0 = results[0]
+    v = meta.get("versions") or versions()
+    steps = sorted({r.steps for r in results if r.mode == "infer"})
+    tsteps = sorted({r.steps for r in results if r.mode != "infer"})
+    reps = sorted({r.repeats for r in results if r.status == "ok"})
+    fig.suptitle(
+        f"flux-npu bench model: {r0.backend} on {r0.device}; {r0.dtype}, batch 1, "
+        f"{'infer ' + '/'.join(map(str, steps)) + ' steps' if steps else ''}"
+        f"{', ' if steps and tsteps else ''}{'train ' + '/'.join(map(str, tsteps)) + ' steps' if tsteps else ''}, "
+        f"repeats {'/'.join(map(str, reps)) or '-'}\n"
+        f"torch {v.get('torch')}, diffusers {v.get('diffusers')}, flux_npu {v.get('flux_npu')}; "
+        f"{meta.get('date') or _dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def require_matplotlib() -> None:
+    """--plot without matplotlib: fail before the run, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                         "(or pip install 'flux-npu[plot]'), or leave out --plot") from None
 
 
 # -- command line -----------------------------------------------------------------------------
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--preset", nargs="+", default=["tiny"], choices=PRESETS, help="model preset(s) (default: tiny)")
-    p.add_argument("--mode", nargs="+", default=["infer"], choices=MODES + ("both",), help="infer, train or both")
-    p.add_argument("--train", nargs="+", default=["lora"], choices=("lora", "full"),
-                   help="training kind(s): LoRA r=16 on the attention projections, or full finetune (default: lora)")
-    p.add_argument("--res", nargs="+", type=int, default=[512], help="square resolution(s) in pixels (default: 512)")
+    p.add_argument("--preset", nargs="+", default=["tiny"],
+                   help=f"model preset(s): {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--mode", nargs="+", default=["infer"], help="infer, train or both (default: infer)")
+    p.add_argument("--train", nargs="+", default=["lora"],
+                   help="training kind(s): lora (r=16 on the attention projections), full (default: lora)")
+    p.add_argument("--res", nargs="+", default=["512"], help="square resolution(s) in pixels (default: 512)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps per image in infer mode (default: 50)")
     p.add_argument("--train-steps", type=int, default=3, help="timed optimizer steps in train mode (default: 3)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="measure each configuration N times (variants interleaved) and report the median (default: 1)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="measure each configuration N times, variants interleaved; median and spread (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up iterations per configuration (default: 1)")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (default: bf16)")
     p.add_argument("--backend", help="backend (default: FLUX_NPU_BACKEND, then auto-detect)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--compare", action="store_true", help="run stock and patched side by side in one process")
+    g.add_argument("--compare", action="store_true", help="run stock and patched side by side")
     g.add_argument("--stock", action="store_true", help="stock diffusers only (default: patched only)")
+    p.add_argument("--compile", action="store_true", help="time torch.compile of the transformer (stock and patched)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each configuration and variant in its own process: a crash (CUDA fault, segfault) "
+                        "costs that row only")
     p.add_argument("--full-pipeline", action="store_true",
                    help="infer: include random-init T5 + CLIP text encoders and the VAE decoder in the timing")
     p.add_argument("--text-len", type=int, help="T5 tokens (default: 512 for Flux presets, 16 for tiny)")
@@ -545,39 +821,106 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-limit-gb", type=float,
                    help="cap memory per configuration (GPU/NPU allocator fraction; CPU: address space above the "
                         "current size); configurations beyond it are reported as OOM")
-    p.add_argument("-o", "--output", help="write results as JSON to this file")
-    p.add_argument("--plot", help="draw a PNG bar chart to this file")
+    p.add_argument("-o", "--output", help="write results as JSON to this file (rewritten as each row finishes); "
+                                          "tracebacks go to the .log next to it")
+    p.add_argument("--json", action="store_true", help="print the results as JSON to stdout at the end")
+    p.add_argument("--plot", help="draw a PNG chart to this file (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _choices(values, allowed, what):
+    from ..cli.parity import names
+
+    out = list(dict.fromkeys(names(values) or []))
+    bad = [v for v in out if v not in allowed]
+    if bad or not out:
+        raise ValueError(f"unknown {what} {bad or out}; choose from {', '.join(allowed)}")
+    return out
+
+
 def run(args) -> int:
-    modes = ("infer", "train") if "both" in args.mode else tuple(dict.fromkeys(args.mode))
+    presets = _choices(args.preset, PRESETS, "preset(s)")
+    mode_names = _choices(args.mode, MODES + ("both",), "mode(s)")
+    modes = ("infer", "train") if "both" in mode_names else tuple(mode_names)
+    kinds = _choices(args.train, ("lora", "full"), "training kind(s)")
+    from ..cli.parity import names
+
+    try:
+        res = [int(r) for r in dict.fromkeys(names(args.res) or [])]
+    except ValueError:
+        raise ValueError(f"--res takes integers (pixels), got {args.res}") from None
+    if args.plot:
+        require_matplotlib()
+    get_backend(args.backend)  # an unknown or unavailable backend fails before anything runs
     variants = ("stock", "patched") if args.compare else (("stock",) if args.stock else ("patched",))
+    arg_record = {k: v for k, v in vars(args).items() if k != "func"}
+    for path in (args.output, args.plot):  # an unwritable destination fails now, not after the run
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+                raise ValueError(f"cannot write {path}: its directory is not writable; pick another path")
+    log_path = log_path_for(args.output)
+    out = sys.stderr if args.json else sys.stdout
     t0 = time.perf_counter()
+    done: List[BenchResult] = []
+
+    def on_row(r: BenchResult):
+        if r.traceback:
+            with open(log_path, "a") as f:
+                f.write(f"=== {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ} {r.model} {r.mode} {r.res}px "
+                        f"{_variant_label(r)}: {r.status}\n{r.traceback}\n")
+            r.log = log_path
+        done.append(r)
+        print(row_line(r), file=out, flush=True)
+        if args.output:
+            write_json_atomic(args.output, to_json(done, arg_record, done=False))
+
     results = run_benchmark(
-        presets=tuple(dict.fromkeys(args.preset)), modes=modes, train_kinds=tuple(dict.fromkeys(args.train)),
-        resolutions=tuple(dict.fromkeys(args.res)), backend=args.backend, variants=variants, dtype=args.dtype,
-        steps=args.steps, train_steps=args.train_steps, warmup=args.warmup, full_pipeline=args.full_pipeline,
-        text_len=args.text_len, seed=args.seed, limit_gb=args.memory_limit_gb, repeats=args.repeats,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        presets=tuple(presets), modes=modes, train_kinds=tuple(kinds), resolutions=tuple(res), backend=args.backend,
+        variants=variants, dtype=args.dtype, steps=args.steps, train_steps=args.train_steps, warmup=args.warmup,
+        full_pipeline=args.full_pipeline, text_len=args.text_len, seed=args.seed, limit_gb=args.memory_limit_gb,
+        repeats=args.repeats, progress=not args.no_progress and sys.stderr.isatty(), isolate=args.isolate,
+        compile_model=args.compile, on_row=on_row,
     )
-    print(table(results))
+    data = to_json(results, arg_record, done=True)
+    print(file=out)
+    print(table(results), file=out)
     rs = ratios(results)
     if rs:
-        print()
-        print(ratio_table(rs))
+        print(file=out)
+        print(ratio_table(rs), file=out)
     r0 = results[0] if results else None
     if r0:
-        print(f"\nbackend {r0.backend} on {r0.device}; memory: {r0.memory_kind}; "
-              f"{torch.get_num_threads()} torch threads; total {time.perf_counter() - t0:.1f} s")
+        print(f"\nbackend {r0.backend} on {r0.device}; memory: {r0.memory_kind or '-'}; "
+              f"{torch.get_num_threads()} torch threads; total {time.perf_counter() - t0:.1f} s", file=out)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(to_json(results, {k: v for k, v in vars(args).items() if k != "func"}), f, indent=2)
+        write_json_atomic(args.output, data)
+        print(f"wrote {args.output}", file=out)
+    if args.json:
+        print(json.dumps(data, indent=2))
     if args.plot:
-        plot(results, args.plot)
-    errors = [r for r in results if r.status == "error"]
-    if errors:
-        for r in errors:
-            print(f"flux-npu bench model: {r.model} {r.mode} {r.res}px {r.variant}: {r.message}", file=sys.stderr)
+        plot(results, args.plot, data["meta"])
+        print(f"wrote {args.plot}", file=out)
+    failed = [r for r in results if r.status in ("error", "crashed")]
+    if failed:
+        for r in failed:
+            print(f"flux-npu bench model: {r.model} {r.mode} {r.res}px {_variant_label(r)}: {r.status}: {r.message}"
+                  + (f" (traceback: {r.log})" if r.log else ""), file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m flux_npu.benchmark.model --child SPEC` runs one isolated configuration."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--child":
+        return _child_main(argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flux_npu.benchmark.model", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

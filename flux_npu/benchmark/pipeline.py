@@ -4,17 +4,19 @@
   CLIPTextModel with CLIP ViT-L/14's text config (Flux's pooled CLIP), or tiny ones matching the
   `tiny` preset's widths;
 - the VAE: diffusers AutoencoderKL with Flux's VAE config (16 latent channels), or a tiny one.
-All are random-init: the benchmark measures cost, not images.
+All are random-init and built directly on the device without torch's per-layer initialisation
+(`fast_build` + `cheap_init`): the benchmark measures cost, not images.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..models import build_diffusers_flux, default_dtype
+from ..models import default_dtype
 
 # Flux's published text-encoder and VAE configurations (values, not files).
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -57,27 +59,82 @@ class TextAndVae:
         return sum(p.numel() for m in (self.t5, self.clip, self.vae.decoder) for p in m.parameters())
 
 
+@contextlib.contextmanager
+def fast_build(device, dtype):
+    """Build modules straight on `device` in `dtype` without their random initialisation (a
+    benchmark measures cost, not images): T5-XXL's init on a CPU alone took minutes. Parameters
+    come out uninitialised; `cheap_init` fills them afterwards, on the device."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    with torch.device(device), default_dtype(dtype), no_init_weights():
+        yield
+
+
+@torch.no_grad()
+def cheap_init(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """One pass of device-side fills, enough for finite, well-scaled activations: matrices and
+    kernels ~ N(0, 1/fan_in), biases 0, other vectors (norm weights) 1. Buffers are left as built
+    (position ids, RoPE tables are computed, not random)."""
+    torch.manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, p[0].numel() ** -0.5)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+    return module
+
+
 def build_text_and_vae(transformer_config: dict, dtype, device, seed: int = 0) -> TextAndVae:
-    """Random-init T5 encoder, CLIP text model and VAE (decoder used), in `dtype` on `device`."""
+    """Random-init T5 encoder, CLIP text model and VAE (decoder used), built on `device` in `dtype`."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     cfg = encoder_configs(transformer_config)
-    torch.manual_seed(seed)
-    with default_dtype(dtype):
+    with fast_build(device, dtype):
         t5 = T5EncoderModel(T5Config(**cfg["t5"]))
         clip = CLIPTextModel(CLIPTextConfig(**cfg["clip"]))
         vae = AutoencoderKL(**cfg["vae"])
     vae.encoder = None  # inference decodes only; the encoder would only take memory
-    mods = [m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (t5, clip, vae)]
+    mods = [cheap_init(m, seed + i).eval().requires_grad_(False) for i, m in enumerate((t5, clip, vae))]
     return TextAndVae(*mods, t5_vocab=cfg["t5"]["vocab_size"], clip_vocab=cfg["clip"]["vocab_size"],
                       clip_len=cfg["clip"]["max_position_embeddings"], scaling_factor=cfg["vae"]["scaling_factor"],
                       shift_factor=cfg["vae"]["shift_factor"])
 
 
 def build_transformer(preset: str, dtype, device, seed: int = 0):
-    """A random-init diffusers FluxTransformer2DModel of the preset's shape, built in `dtype`."""
-    return build_diffusers_flux(preset, dtype=dtype, device=device, seed=seed, build_in_dtype=True)
+    """A random-init diffusers FluxTransformer2DModel of the preset's shape, built on `device` in
+    `dtype` with `cheap_init` (seconds on a GPU for Flux-dev, where a CPU build takes minutes)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ..models import preset_config
+
+    with fast_build(device, dtype):
+        model = FluxTransformer2DModel(**preset_config(preset))
+    return cheap_init(model, seed)
+
+
+def param_bytes(preset: str, dtype, full_pipeline: bool = False) -> int:
+    """Bytes of the weights a benchmark builds (counted on the meta device: no memory, no time)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ..models import preset_config
+
+    cfg = preset_config(preset)
+    with torch.device("meta"):
+        mods = [FluxTransformer2DModel(**cfg)]
+        if full_pipeline:
+            enc = encoder_configs(cfg)
+            vae = AutoencoderKL(**enc["vae"])
+            vae.encoder = None
+            mods += [T5EncoderModel(T5Config(**enc["t5"])), CLIPTextModel(CLIPTextConfig(**enc["clip"])), vae]
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for m in mods for p in m.parameters()) * size
 
 
 def encode_prompt(parts: TextAndVae, text_len: int, batch: int, device, gen: Optional[torch.Generator] = None):
