@@ -1,4 +1,6 @@
-"""CUDA kernels: Triton fused ops (`triton_ops`) and SDPA attention (`attention`). Importing this
-package registers them for backend "cuda"; triton itself loads at a kernel's first call."""
+"""CUDA kernels, one file per op: Triton kernels with their launchers, custom ops, autograd, check
+and registration (rms_norm, rope, qk_norm_rope, layer_norm_modulate), SDPA attention, and the
+addcmul gated residual. Importing this package registers them for backend "cuda"; where triton
+does not import, the kernels stay registered and their checks decline with the reason."""
 
-from . import attention, triton_ops  # noqa: F401  (registration side effects)
+from . import attention, gated_residual, layer_norm_modulate, qk_norm_rope, rms_norm, rope  # noqa: F401

@@ -13,7 +13,7 @@ import torch
 
 from .._common import foreign_device
 
-# Mirrors flux_npu.kernels.triton._utils.MAX_ROW (kept here so checks need no triton import).
+# Mirrors flux_npu.kernels.cuda._triton.MAX_ROW (a test checks they agree).
 MAX_ROW = 16384
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

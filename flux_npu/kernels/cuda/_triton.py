@@ -1,0 +1,180 @@
+"""What the cuda backend's Triton op files share: the triton import, row addressing, launch sizes,
+output buffers and the custom-op definition.
+
+Triton is imported here once, guarded: where it is absent or broken, `jit` leaves kernels as plain
+functions that are never launched (every kernel's check declines first, naming the import error),
+so the op table and `flux-npu info` load without triton. The op files therefore use
+`from __future__ import annotations` (Triton reads the `tl.constexpr` annotations as strings).
+
+Row addressing. Every kernel works on rows (the last dim, stride 1). A row's start is decoded from
+its index through up to three leading dims of any stride, so the (B, S, H, D) views Flux takes of
+a projection (`unflatten` of (B, S, H*D), a chunk of a fused qkv output) are read in place; broadcast
+operands (RoPE frequencies, AdaLN shift/scale) get stride 0 instead of being expanded in memory.
+
+Poisoning. Tests set `POISON = True` (or FLUX_NPU_TRITON_POISON=1): every buffer a launcher
+allocates for a kernel to fill is then NaN instead of uninitialised, so an element a kernel forgets
+to write fails the test instead of passing by luck.
+
+Custom ops. Each launch is a PyTorch custom op `flux_npu::triton_<name>` with registered autograd
+(the backward being another such op), so torch.compile and CUDA graphs take the kernels without a
+graph break. With compiled Triton the op is a `torch.library.triton_op` whose launches go through
+`wrap_triton` (inductor sees the kernels; the fake implementation is derived from the launcher).
+Under TRITON_INTERPRET=1 `triton.jit` returns an InterpretedFunction, which `wrap_triton` hands
+back unwrapped (torch/_library/triton.py), so a triton_op's derived fake implementation and its
+functional decomposition would run the interpreter on fake tensors and fail ("Attempted to set
+the storage of a tensor on device meta ..."). There the same launcher becomes an opaque
+`torch.library.custom_op` with an explicit fake implementation: same name, schema and autograd,
+and `torch.library.opcheck` passes on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional
+
+import torch
+
+try:  # guarded: without triton, kernels stay plain functions and the checks say why
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+    IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # ImportError, or a broken install raising anything else
+    triton = tl = None
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+    def jit(fn):
+        return fn
+
+
+POISON = os.environ.get("FLUX_NPU_TRITON_POISON", "") not in ("", "0")
+
+# Largest row one program holds in registers (Flux's rows are 128 and 3072; T5's 4096). Longer rows
+# would need a split-row kernel, which Flux never needs: they decline (checks mirror this value).
+MAX_ROW = 16384
+# Elements one program processes per step: several short rows per program keep the GPU busy for
+# D=128 and keep the interpreter (which runs one program at a time in numpy) from crawling.
+TILE = 4096
+# Programs of a persistent backward grid under the interpreter (no SMs to count; a few programs
+# still exercise the strided loop and the partial-row sum).
+INTERPRETER_PROGRAMS = 3
+
+
+@jit
+def row_offsets(rows, n1, n2, s0, s1, s2):
+    """Element offset of each row start: rows index a (n0, n1, n2) grid of leading dims with
+    strides (s0, s1, s2) (int64: Flux-dev activations approach 2**31 elements in a batch)."""
+    i2 = rows % n2
+    r = rows // n2
+    i1 = r % n1
+    i0 = r // n1
+    return i0 * s0 + i1 * s1 + i2 * s2
+
+
+@jit
+def row_tile(block, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row block `block`'s tile of BLOCK_M rows x BLOCK_N columns: (row indices as int64, column
+    indices, column mask, 2-D mask of the elements that exist)."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # row counts fit int32; offsets below are int64
+    rmask = rows < n_rows
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    return rows.to(tl.int64), cols, cmask, rmask[:, None] & cmask[None, :]
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """An output buffer: uninitialised, or NaN-filled when POISON is on."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def block_sizes(n_cols: int, n_rows: int, tile: int = TILE):
+    """(BLOCK_M rows, BLOCK_N columns) for rows of `n_cols` elements, about `tile` elements."""
+    block_n = next_pow2(max(n_cols, 1))
+    block_m = max(1, min(tile // block_n, next_pow2(max(n_rows, 1)), 64))
+    return block_m, block_n
+
+
+def num_warps_for(block_elems: int) -> int:
+    if block_elems >= 4096:
+        return 8
+    if block_elems >= 1024:
+        return 4
+    return 2
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, n_blocks: int) -> int:
+    """Programs of a backward grid that loops over row blocks and writes one float32 partial row
+    per program: about one per SM on CUDA (so the partial buffers stay a few MB at Flux-dev shapes
+    instead of one row per block), a small fixed number under the interpreter."""
+    if device.type == "cuda":
+        n = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        n = INTERPRETER_PROGRAMS
+    return max(1, min(n, n_blocks))
+
+
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """View t as 4-D (leading size-1 dims added; more than 4 dims merged where strides allow)."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    if t.dim() > 4:
+        t = t.reshape(-1, *t.shape[-3:])
+    return t
+
+
+def last_dim_unit(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim has stride 1 (rows addressable), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def row_args(t: torch.Tensor):
+    """(stride0, stride1, stride2) of a 4-D tensor's leading dims, for the kernels' row decoding."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def launch(kernel):
+    """`kernel` as a custom op launches it: through wrap_triton (traceable by torch.compile), which
+    hands interpreted kernels back unchanged."""
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def interpreted(kernel) -> bool:
+    """Whether triton.jit made `kernel` an interpreter function (TRITON_INTERPRET=1 at import)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def define_op(name: str, fn: Callable, kernel, fake: Callable):
+    """Register launcher `fn` as custom op `flux_npu::triton_<name>`: a triton_op when `kernel` is
+    compiled Triton, else an opaque custom_op with the explicit `fake` (see the module doc)."""
+    if IMPORT_ERROR is not None:
+        return None  # never called: every kernel's check declines without triton
+    qualname = f"flux_npu::triton_{name}"
+    if interpreted(kernel):
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(qualname, fn, mutates_args=())
+
+
+def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:
+    """Output slot of a gradient that does not exist (a custom op returns tensors only)."""
+    return like.new_empty(0, dtype=torch.float32)

@@ -1,0 +1,155 @@
+"""RMSNorm on CUDA in Triton: y = x * rsqrt(mean(x^2) + eps) * weight over the last dim.
+
+Kernels, launchers (custom ops `flux_npu::triton_rms_norm` / `_bwd`), autograd, check and
+registration in one file. One program normalises BLOCK_M rows held in registers, in float32, and
+rounds once to the output dtype.
+
+Backward, with xhat = x * rstd and g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat)),
+dw = sum_rows(dy * xhat). rstd is recomputed from x (one reduction over data already loaded) rather
+than saved. The weight gradient is bounded: a persistent grid of about one program per SM loops
+over row blocks, accumulates dw in registers and writes one float32 partial row per program; one
+small torch sum follows (deterministic, no atomics). At Flux-dev shapes (B*S*H = 110,592 rows of
+128) that is ~132 partial rows instead of 3,456.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...ops.registry import register_kernel
+from . import _triton as T
+from ._checks import row_reason, triton_reason
+from ._triton import jit, row_offsets, row_tile, tl
+
+
+@jit
+def _rms_norm_fwd(
+    X, W, Y, n_rows, n_cols, n1, n2, xs0, xs1, xs2, eps,
+    HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols, cmask, mask = row_tile(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
+    x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    y = x * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rms_norm_bwd(
+    X, W, DY, DX, DW, n_rows, n_cols, n_blocks, n1, n2, xs0, xs1, xs2, eps,
+    HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for blk in range(pid, n_blocks, tl.num_programs(0)):  # persistent: one partial dw row per program
+        rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
+        xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
+        x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dense = rows[:, None] * n_cols + cols[None, :]
+        dy = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        xhat = x * rstd[:, None]
+        if HAS_W:
+            g = dy * w[None, :]
+            dw += tl.sum(dy * xhat, axis=0)
+        else:
+            g = dy
+        c = tl.sum(g * xhat, axis=1) / n_cols
+        dx = rstd[:, None] * (g - xhat * c[:, None])
+        tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW + pid * n_cols + cols, dw, mask=cmask)
+
+
+def _sizes(x4):
+    n_cols = x4.shape[-1]
+    n_rows = x4.numel() // n_cols
+    bm, bn = T.block_sizes(n_cols, n_rows)
+    return n_rows, n_cols, bm, bn, T.cdiv(n_rows, bm)
+
+
+def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x: 4-D, last dim stride 1, any other strides. Returns a dense y of x's shape."""
+    n_rows, n_cols, bm, bn, n_blocks = _sizes(x)
+    y = T.empty(x.shape, out_dtype, x.device)
+    T.launch(_rms_norm_fwd)[(n_blocks,)](
+        x, weight if weight is not None else x, y, n_rows, n_cols, x.shape[1], x.shape[2], *T.row_args(x), eps,
+        HAS_W=weight is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+    )
+    return y
+
+
+def _fwd_fake(x, weight, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _bwd(
+    x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx dense in x's dtype, dw in weight's dtype or an empty placeholder without weight)."""
+    n_rows, n_cols, bm, bn, n_blocks = _sizes(x)
+    has_w = weight is not None
+    programs = T.persistent_programs(x.device, n_blocks) if has_w else n_blocks
+    dx = T.empty(x.shape, x.dtype, x.device)
+    dw_part = T.empty((programs, n_cols), torch.float32, x.device) if has_w else dx
+    T.launch(_rms_norm_bwd)[(programs,)](
+        x, weight if has_w else x, dy.contiguous(), dx, dw_part, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
+        *T.row_args(x), eps,
+        HAS_W=has_w, BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+    )
+    dw = dw_part.sum(0).to(weight.dtype) if has_w else T.no_grad_placeholder(x)
+    return dx, dw
+
+
+def _bwd_fake(x, weight, dy, eps):
+    dw = weight.new_empty(weight.shape) if weight is not None else T.no_grad_placeholder(x)
+    return x.new_empty(x.shape), dw
+
+
+rms_norm_op = T.define_op("rms_norm", _fwd, _rms_norm_fwd, _fwd_fake)
+rms_norm_bwd_op = T.define_op("rms_norm_bwd", _bwd, _rms_norm_bwd, _bwd_fake)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, eps, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dw = rms_norm_bwd_op(x, weight, dy, ctx.eps)
+    return dx, (dw if weight is not None and ctx.needs_input_grad[1] else None), None, None
+
+
+if rms_norm_op is not None:
+    rms_norm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def rms_norm(x: torch.Tensor, weight=None, eps: float = 1e-6, out_dtype=None) -> torch.Tensor:
+    """RMSNorm over the last dim (float32 maths, one rounding to `out_dtype` or x.dtype).
+    weight: (N,) or None. Differentiable in x and weight."""
+    x4 = T.last_dim_unit(T.as_4d(x))
+    return rms_norm_op(x4, weight, float(eps), out_dtype or x.dtype).view(x.shape)
+
+
+def _check(backend, x, weight, eps, out_dtype):
+    if out_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        return f"out_dtype {out_dtype} is not a Triton dtype (float32, bfloat16, float16)"
+    return triton_reason(backend, x, weight) or row_reason(x.shape[-1])
+
+
+@register_kernel("rms_norm", "cuda", "triton.rms_norm", check=_check)
+def _kernel(backend, x, weight, eps, out_dtype):
+    """Triton RMSNorm: one read, one write, float32 maths, strided rows read in place."""
+    return rms_norm(x, weight, eps, out_dtype)

@@ -1,0 +1,296 @@
+"""RoPE on CUDA in Triton, Flux's adjacent-pair convention, with an optional RMSNorm prologue.
+
+Kernels, launchers, custom ops (`flux_npu::triton_apply_rope` / `_bwd`), autograd, check and
+registration of `apply_rope`; `qk_norm_rope.py` reuses these kernels with NORM on.
+
+x's last dim holds D/2 pairs (x[2i], x[2i+1]); each pair is multiplied by a 2x2 matrix M:
+    out0 = M00 x0 + M01 x1,   out1 = M10 x0 + M11 x1,
+with M from either frequency form Flux code hands over:
+  - BFL: matrices (..., S, D/2, 2, 2) broadcast against x's leading dims; all four entries are
+    used (no assumption that M is a rotation, as the reference);
+  - diffusers: (cos, sin), each (S, D), x's sequence axis `sequence_dim`;
+    M = [[c, -s], [s, c]] with c, s at the pair's even column, as the reference.
+
+Memory access is contiguous: a program loads a (BLOCK_M, D) tile of whole rows, `tl.reshape`s it
+to (BLOCK_M, D/2, 2) and `tl.split`s even and odd elements in registers, then `tl.join`s the
+rotated pairs and stores whole rows. The frequencies are read the same way: a row of cos and of
+sin, or the (D/2, 2, 2) block of a BFL row as one contiguous 2*D-element load split twice (pairs
+at stride 2 and four scalar loads per pair made the first kernel run at 7% of copy bandwidth on
+an H100). Frequencies are never expanded in memory: broadcast dims get stride 0.
+
+Two tensors in one launch: grid axis 1 picks the tensor (q or k of `qk_norm_rope`), so both are
+processed by one kernel launch; `apply_rope` passes one.
+
+With NORM the row is first RMS-normalised (weight optional) and rounded to x's dtype, as unfused
+Flux code does between its QK norm and RoPE, then rotated. The backward rotates the incoming
+gradient back (dx = M^T dout) and, with NORM, applies the RMSNorm backward in the same program;
+the weight gradient uses a persistent grid (about one program per SM) accumulating in registers
+and writing one float32 partial row per program, then one small sum. Frequencies are constants
+derived from positions and get no gradient (the check declines freqs that require grad).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...ops.registry import register_kernel
+from . import _triton as T
+from ._checks import freqs_reason, row_reason, triton_reason
+from ._triton import jit, row_offsets, row_tile, tl
+
+
+@jit
+def _pick(which, A0, A1, B0, B1, C0, C1, a0, a1, a2, b0, b1, b2):
+    """Tensor `which` (0 or 1) of a two-tensor launch: its three pointers and row strides."""
+    if which == 0:
+        A = A0
+        B = B0
+        C = C0
+        s0 = a0
+        s1 = a1
+        s2 = a2
+    else:
+        A = A1
+        B = B1
+        C = C1
+        s0 = b0
+        s1 = b1
+        s2 = b2
+    return A, B, C, s0, s1, s2
+
+
+@jit
+def _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2,
+            COS_SIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The pairs' 2x2 matrices (M00, M01, M10, M11), each (BLOCK_M, BLOCK_D // 2) float32, read
+    as whole contiguous rows of the frequencies."""
+    foff = row_offsets(rows, n1, n2, fs0, fs1, fs2)
+    rmask = rows < n_rows
+    if COS_SIN:
+        cols = tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols < n_cols)[None, :]
+        c = tl.load(F0 + foff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(F1 + foff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        c, _ = tl.split(tl.reshape(c, (BLOCK_M, BLOCK_D // 2, 2)))
+        s, _ = tl.split(tl.reshape(s, (BLOCK_M, BLOCK_D // 2, 2)))
+        return c, -s, s, c
+    else:
+        cols = tl.arange(0, 2 * BLOCK_D)  # (D/2, 2, 2) per row = 2*D contiguous elements
+        mask = rmask[:, None] & (cols < 2 * n_cols)[None, :]
+        f = tl.load(F0 + foff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        col0, col1 = tl.split(tl.reshape(f, (BLOCK_M, BLOCK_D // 2, 2, 2)))  # [..., i, j]: j = 0 / 1
+        m00, m10 = tl.split(col0)
+        m01, m11 = tl.split(col1)
+        return m00, m01, m10, m11
+
+
+@jit
+def _rope_fwd(
+    X0, X1, W0, W1, Y0, Y1, F0, F1, n_rows, n_cols, n1, n2,
+    a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, eps,
+    COS_SIN: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    X, W, Y, s0, s1, s2 = _pick(tl.program_id(1), X0, X1, W0, W1, Y0, Y1, a0, a1, a2, b0, b1, b2)
+    rows, cols, cmask, mask = row_tile(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_D)
+    xoff = row_offsets(rows, n1, n2, s0, s1, s2)
+    x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        x = x * rstd[:, None]
+        if HAS_W:
+            x = x * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # unfused Flux rounds the normalised q/k to their dtype before RoPE: do the same
+        x = x.to(X.dtype.element_ty).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_D // 2, 2)))
+    m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
+    y = tl.reshape(tl.join(m00 * x0 + m01 * x1, m10 * x0 + m11 * x1), (BLOCK_M, BLOCK_D))
+    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rope_bwd(
+    X0, X1, W0, W1, DY0, DY1, DX0, DX1, DW, F0, F1, n_rows, n_cols, n_blocks, n1, n2,
+    a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, eps,
+    COS_SIN: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    which = tl.program_id(1)
+    pid = tl.program_id(0)
+    X, W, DX, s0, s1, s2 = _pick(which, X0, X1, W0, W1, DX0, DX1, a0, a1, a2, b0, b1, b2)
+    if which == 0:
+        DY = DY0
+    else:
+        DY = DY1
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < n_cols
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for blk in range(pid, n_blocks, tl.num_programs(0)):  # persistent when there is a dw to reduce
+        rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_D)
+        dense = rows[:, None] * n_cols + cols[None, :]
+        d = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
+        d0, d1 = tl.split(tl.reshape(d, (BLOCK_M, BLOCK_D // 2, 2)))
+        m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
+        g = tl.reshape(tl.join(m00 * d0 + m10 * d1, m01 * d0 + m11 * d1), (BLOCK_M, BLOCK_D))  # M^T dout
+        if NORM:
+            xoff = row_offsets(rows, n1, n2, s0, s1, s2)
+            x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+            h = x * rstd[:, None]
+            if HAS_W:
+                dw += tl.sum(g * h, axis=0)
+                g = g * w[None, :]
+            c = tl.sum(g * h, axis=1) / n_cols
+            g = rstd[:, None] * (g - h * c[:, None])
+        tl.store(DX + dense, g.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW + (which * tl.num_programs(0) + pid) * n_cols + cols, dw, mask=cmask)
+
+
+# -- launchers ---------------------------------------------------------------------------------
+
+
+def freq_operands(shape4, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int):
+    """(F0, F1, (fs0, fs1, fs2), cos_sin) for an x of 4-D `shape4`, frequencies broadcast with
+    stride 0 (never copied unless their rows are not contiguous)."""
+    if f1 is None:  # BFL (..., S, D/2, 2, 2)
+        rows_contiguous = f0.stride(-1) == 1 and f0.stride(-2) == 2 and (f0.shape[-3] == 1 or f0.stride(-3) == 4)
+        f = f0 if rows_contiguous else f0.contiguous()
+        while f.dim() < 6:
+            f = f.unsqueeze(0)
+        f = f.expand(*shape4[:-1], *f.shape[-3:])
+        return f, f, (f.stride(0), f.stride(1), f.stride(2)), False
+    view = [1] * 4
+    view[sequence_dim] = f0.shape[0]
+    view[-1] = f0.shape[-1]
+    # one set of strides serves cos and sin: they must share them, with unit stride along D
+    if f0.stride() != f1.stride() or f0.stride(-1) != 1:
+        f0, f1 = f0.contiguous(), f1.contiguous()
+    c, s = f0.reshape(view).expand(shape4), f1.reshape(view).expand(shape4)
+    return c, s, (c.stride(0), c.stride(1), c.stride(2)), True
+
+
+def _sizes(shape4):
+    n_cols = shape4[-1]
+    n_rows = shape4[0] * shape4[1] * shape4[2]
+    bm, bd = T.block_sizes(n_cols, n_rows)
+    return n_rows, n_cols, bm, bd, T.cdiv(n_rows, bm)
+
+
+def fwd_launch(xs, weights, f0, f1, sequence_dim, norm, eps):
+    """Outputs (dense, x's dtype) for one tensor or two of the same shape, dtype and weight dtype,
+    in one launch."""
+    x = xs[0]
+    F0, F1, fstrides, cos_sin = freq_operands(x.shape, f0, f1, sequence_dim)
+    n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape)
+    ys = [T.empty(t.shape, t.dtype, t.device) for t in xs]
+    a, b = xs[0], xs[-1]
+    wa, wb = weights[0], weights[-1]
+    has_w = norm and wa is not None
+    T.launch(_rope_fwd)[(n_blocks, len(xs))](
+        a, b, wa if has_w else a, wb if has_w else b, ys[0], ys[-1], F0, F1, n_rows, n_cols, x.shape[1], x.shape[2],
+        *T.row_args(a), *T.row_args(b), *fstrides, eps,
+        COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, BLOCK_M=bm, BLOCK_D=bd,
+        num_warps=T.num_warps_for(bm * bd * (2 if cos_sin else 3)),
+    )
+    return ys
+
+
+def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
+    """(dxs, dws) for fwd_launch's inputs; dws are float32 sums (None without weights)."""
+    x = xs[0]
+    F0, F1, fstrides, cos_sin = freq_operands(x.shape, f0, f1, sequence_dim)
+    n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape)
+    has_w = norm and weights[0] is not None
+    programs = T.persistent_programs(x.device, n_blocks) if has_w else n_blocks
+    dxs = [T.empty(t.shape, t.dtype, t.device) for t in xs]
+    dys = [d.contiguous() for d in dys]
+    dw_part = T.empty((len(xs), programs, n_cols), torch.float32, x.device) if has_w else dxs[0]
+    a, b = xs[0], xs[-1]
+    T.launch(_rope_bwd)[(programs, len(xs))](
+        a, b, weights[0] if has_w else a, weights[-1] if has_w else b, dys[0], dys[-1], dxs[0], dxs[-1], dw_part,
+        F0, F1, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
+        *T.row_args(a), *T.row_args(b), *fstrides, eps,
+        COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, BLOCK_M=bm, BLOCK_D=bd,
+        num_warps=T.num_warps_for(bm * bd * (2 if cos_sin else 3)),
+    )
+    return dxs, ([dw_part[i].sum(0) for i in range(len(xs))] if has_w else None)
+
+
+# -- apply_rope as a custom op -------------------------------------------------------------------
+
+
+def _fwd(x: torch.Tensor, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int) -> torch.Tensor:
+    """x 4-D, last dim stride 1; f1 None: f0 are BFL matrices, else (f0, f1) = (cos, sin)."""
+    return fwd_launch([x], [None], f0, f1, sequence_dim, False, 0.0)[0]
+
+
+def _fwd_fake(x, f0, f1, sequence_dim):
+    return x.new_empty(x.shape)
+
+
+def _bwd(dy: torch.Tensor, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int) -> torch.Tensor:
+    return bwd_launch([dy], [None], [dy], f0, f1, sequence_dim, False, 0.0)[0][0]
+
+
+def _bwd_fake(dy, f0, f1, sequence_dim):
+    return dy.new_empty(dy.shape)
+
+
+apply_rope_op = T.define_op("apply_rope", _fwd, _rope_fwd, _fwd_fake)
+apply_rope_bwd_op = T.define_op("apply_rope_bwd", _bwd, _rope_bwd, _bwd_fake)
+
+
+def _setup(ctx, inputs, output):
+    _, f0, f1, sequence_dim = inputs
+    ctx.save_for_backward(f0, f1)
+    ctx.sequence_dim = sequence_dim
+
+
+def _backward(ctx, dy):
+    f0, f1 = ctx.saved_tensors
+    return apply_rope_bwd_op(dy, f0, f1, ctx.sequence_dim), None, None, None
+
+
+if apply_rope_op is not None:
+    apply_rope_op.register_autograd(_backward, setup_context=_setup)
+
+
+def split_freqs(freqs):
+    """(f0, f1) operands of the custom ops: (BFL matrices, None) or (cos, sin)."""
+    if isinstance(freqs, torch.Tensor):
+        return freqs, None
+    return freqs[0], freqs[1]
+
+
+def apply_rope(x: torch.Tensor, freqs, sequence_dim: int = 2) -> torch.Tensor:
+    """Rotate adjacent pairs of x's last dim (float32 maths, output x.dtype); freqs as
+    `flux_npu.ops.reference.apply_rope`. Differentiable in x."""
+    if x.dim() > 4:
+        raise ValueError(f"triton apply_rope takes at most 4-D x, got {x.dim()}-D")
+    x4 = T.last_dim_unit(T.as_4d(x))
+    f0, f1 = split_freqs(freqs)
+    return apply_rope_op(x4, f0, f1, sequence_dim + 4 - x.dim()).view(x.shape)
+
+
+def freq_tensors(freqs):
+    return (freqs,) if isinstance(freqs, torch.Tensor) else tuple(t for t in freqs if isinstance(t, torch.Tensor))
+
+
+def _check(backend, x, freqs, sequence_dim):
+    if not isinstance(freqs, (torch.Tensor, tuple, list)):
+        return "freqs of an unknown form"
+    return (
+        triton_reason(backend, x, *freq_tensors(freqs)) or row_reason(x.shape[-1])
+        or freqs_reason(x, freqs, sequence_dim)
+    )
+
+
+@register_kernel("apply_rope", "cuda", "triton.rope", check=_check)
+def _kernel(backend, x, freqs, sequence_dim):
+    """Triton RoPE, BFL matrices or diffusers (cos, sin), whole rows loaded contiguously."""
+    return apply_rope(x, freqs, sequence_dim)
