@@ -8,12 +8,21 @@ the active backend's device:
   patched  `flux_npu.ops.<op>(..., backend=...)`: what runs after `flux_npu.patch()`;
   compile  `torch.compile` of the stock code (on by default where a GPU runs it; on CPU it costs
            10+ s of compilation per op, so it runs only with --compile).
+On npu, diffusers' own `_native_npu` attention backend is a fourth row of the attention case
+(elsewhere a skipped row says why).
+
 Before timing, every implementation's output is checked against the plain-torch reference
 (`flux_npu.ops.reference`, the tests' oracle) with the tests' tolerance table; a mismatch is
-reported and makes the exit code 1. Timing: warm-up, then the median of --repeats runs with the
-backend's timer (CUDA/NPU events, wall clock on CPU). Bandwidth: the minimum bytes an op must
-move (inputs read once, outputs written once) over the median time, also as a fraction of the
-device's copy bandwidth measured in the same run (a `copy_` of a large buffer).
+reported and makes the exit code 1. Two times are reported per implementation, each as the
+median with its interquartile range over --repeats measurements, implementations round-robin:
+- device time: what one call costs the device when calls are issued back to back, i.e. a loop
+  of many calls between two synchronisations divided by the count (on CUDA
+  `triton.testing.do_bench`, which also flushes the L2 cache between calls). Bandwidth (GB/s:
+  the minimum bytes an op must move, inputs read once and outputs written once, over the device
+  time), "% of copy" (against a `copy_` of a large buffer timed the same way in the same run)
+  and "vs stock" come from it.
+- latency: one call from the host with a synchronisation after it (the backend's timer: CUDA/NPU
+  events, wall clock on CPU), i.e. launch and host overhead included.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -67,6 +76,7 @@ class Case:
     nbytes: int
     compile_target: Optional[Callable] = None
     note: str = ""
+    skipped: Dict[str, str] = field(default_factory=dict)  # impl -> why it does not run here
 
 
 @dataclass
@@ -75,8 +85,12 @@ class Row:
     shape: str
     dtype: str
     impl: str
-    median_ms: Optional[float] = None
-    min_ms: Optional[float] = None
+    device_us: Optional[float] = None  # median device time per call (back-to-back calls)
+    device_q1_us: Optional[float] = None
+    device_q3_us: Optional[float] = None
+    latency_us: Optional[float] = None  # median host latency of one call with a sync
+    latency_q1_us: Optional[float] = None
+    latency_q3_us: Optional[float] = None
     gbps: Optional[float] = None
     copy_fraction: Optional[float] = None
     speedup_vs_stock: Optional[float] = None
@@ -130,6 +144,28 @@ def bfl_rope(pos, dim, theta):
     out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
     out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
     return out.reshape(*out.shape[:-1], 2, 2).float()
+
+
+NATIVE_NPU = "diffusers _native_npu"
+# baselines from other libraries: their failures are reported, not counted against our ops
+THIRD_PARTY = ("compile", NATIVE_NPU)
+
+
+def diffusers_native_npu(backend, dtype):
+    """(callable on (B, S, H, D) q, k, v, None) when diffusers' `_native_npu` attention backend can
+    run here, else (None, the reason)."""
+    if backend.device_type != "npu":
+        return None, "diffusers' _native_npu attention runs on npu only"
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+    except ImportError as exc:
+        return None, f"diffusers not importable ({exc})"
+    name = getattr(AttentionBackendName, "_NATIVE_NPU", None)
+    if name is None:
+        return None, "this diffusers has no _native_npu attention backend"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None, "diffusers' _native_npu takes bf16/fp16 only"
+    return (lambda q, k, v: dispatch_attention_fn(q, k, v, backend=name)), ""
 
 
 # -- cases ------------------------------------------------------------------------------------
@@ -230,11 +266,17 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
         from ..kernels.cuda.attention import sdpa_choice
 
         chosen = sdpa_choice(*(t.transpose(1, 2) for t in (q, k, v)))
-
-        return Case(op, label, dtype_name,
-                    {"stock": lambda: dispatch_attention_fn(q, k, v), "patched": lambda: ops.attention(q, k, v, layout="BSHD", backend=backend)},
-                    lambda: reference.attention(q, k, v, layout="BSHD"), dtype, 4 * _nbytes(q),
-                    compile_target=lambda: dispatch_attention_fn(q, k, v), note=f"SDPA {chosen}; compute-bound: GB/s is nominal")
+        impls = {"stock": lambda: dispatch_attention_fn(q, k, v),
+                 "patched": lambda: ops.attention(q, k, v, layout="BSHD", backend=backend)}
+        native, why = diffusers_native_npu(backend, dtype)
+        extra = {}
+        if native is not None:
+            impls[NATIVE_NPU] = lambda: native(q, k, v)
+        else:
+            extra[NATIVE_NPU] = why
+        return Case(op, label, dtype_name, impls, lambda: reference.attention(q, k, v, layout="BSHD"), dtype,
+                    4 * _nbytes(q), compile_target=lambda: dispatch_attention_fn(q, k, v),
+                    note=f"SDPA {chosen}; compute-bound: GB/s is nominal", skipped=extra)
     if op == "rope_freqs/bfl":
         pos = (torch.arange(S, dtype=torch.float32)[None].expand(B, S)).to(device)
         dim = 56
@@ -265,10 +307,17 @@ def check(fn, ref_out, tol_dtype) -> float:
     return max(rel_err(o, r) for o, r in zip(got, refs))
 
 
-def time_fns(fns: Dict[str, Callable], utils, warmup: int, repeats: int, mins: Optional[dict] = None) -> Dict[str, float]:
-    """Median seconds per implementation. The implementations are timed round-robin (one call of
-    each per repeat) rather than one after the other, so that a load change on a shared machine
-    hits all of them alike and their ratios stay meaningful."""
+def _quartiles(ts: List[float]):
+    if len(ts) < 2:
+        return ts[0], ts[0], ts[0]
+    q = statistics.quantiles(ts, n=4, method="inclusive")
+    return q[0], statistics.median(ts), q[2]
+
+
+def latency_times(fns: Dict[str, Callable], utils, warmup: int, repeats: int) -> Dict[str, List[float]]:
+    """Seconds of one call each, synchronised: host launch overhead included. The implementations
+    are timed round-robin (one call of each per repeat) rather than one after the other, so that
+    a load change on a shared machine hits all of them alike and their ratios stay meaningful."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for fn in fns.values():
@@ -281,26 +330,74 @@ def time_fns(fns: Dict[str, Callable], utils, warmup: int, repeats: int, mins: O
                 timer.start()
                 fn()
                 times[name].append(timer.stop())
-    if mins is not None:
-        mins.update({name: min(ts) for name, ts in times.items()})
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def device_times(fns: Dict[str, Callable], utils, device_type: str, repeats: int,
+                 min_loop_s: float = 0.02) -> Dict[str, List[float]]:
+    """Seconds per call when calls are issued back to back: per repeat, a loop of n calls between
+    two synchronisations, divided by n (n sized so that a loop lasts about `min_loop_s`), round
+    robin over the implementations. On CUDA with Triton, `triton.testing.do_bench` instead."""
+    if device_type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            with torch.no_grad():
+                return {name: [t / 1e3 for t in do_bench(fn, warmup=25, rep=100, return_mode="all")]
+                        for name, fn in fns.items()}
+    counts = {}
+    with torch.no_grad():
+        for name, fn in fns.items():  # calibrate: one synchronised call gives the loop length
+            timer = utils.timer()
+            timer.start()
+            fn()
+            one = max(timer.stop(), 1e-7)
+            counts[name] = max(1, min(1000, math.ceil(min_loop_s / one)))
+        times: Dict[str, List[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                n = counts[name]
+                utils.synchronize()
+                timer = utils.timer()
+                timer.start()
+                for _ in range(n):
+                    fn()
+                times[name].append(timer.stop() / n)
+    return times
+
+
+def device_time_method(device_type: str) -> str:
+    if device_type == "cuda":
+        try:
+            import triton.testing  # noqa: F401
+
+            return "triton.testing.do_bench (L2 flushed between calls)"
+        except ImportError:
+            pass
+    return "loop of back-to-back calls between two synchronisations, divided by the count"
 
 
 def time_fn(fn, utils, warmup: int, repeats: int) -> float:
-    """Median seconds of `repeats` timed calls after `warmup` untimed ones."""
-    return time_fns({"fn": fn}, utils, warmup, repeats)["fn"]
+    """Median seconds of `repeats` synchronised single calls after `warmup` untimed ones."""
+    return statistics.median(latency_times({"fn": fn}, utils, warmup, repeats)["fn"])
 
 
 def copy_bandwidth(device, utils, nbytes: int, warmup: int = 2, repeats: int = 5) -> float:
-    """Device copy bandwidth in bytes/s: a `copy_` reads and writes nbytes each."""
+    """Device copy bandwidth in bytes/s from device time: a `copy_` reads and writes nbytes each."""
     n = nbytes // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), utils, warmup, repeats)
+    fn = lambda: dst.copy_(src)  # noqa: E731
+    for _ in range(warmup):
+        fn()
+    t = statistics.median(device_times({"copy": fn}, utils, torch.device(device).type, repeats)["copy"])
     return 2 * n * 4 / t
 
 
-def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, compile_note: str) -> List[Row]:
+def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, compile_note: str,
+             device_type: str = "cpu") -> List[Row]:
     ref_out = case.reference()
     tol = tolerance(case.tol_dtype)
     impls = dict(case.impls)
@@ -321,19 +418,21 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
             row.note = f"rel err {row.rel_err:.2e} > {tol:.0e}; not timed"
             continue
         timed[name] = fn
-    mins: dict = {}
-    medians = time_fns(timed, utils, warmup, repeats, mins) if timed else {}
-    stock_ms = medians["stock"] * 1e3 if "stock" in medians else None
+    for name, why in case.skipped.items():
+        rows.append(Row(case.op, case.shape, case.dtype, name, status="skip", note=why))
+    lat = latency_times(timed, utils, warmup, repeats) if timed else {}
+    dev = device_times(timed, utils, device_type, repeats) if timed else {}
+    stock_dev = statistics.median(dev["stock"]) if "stock" in dev else None
     for row in rows:
-        if row.impl not in medians:
+        if row.impl not in dev:
             continue
-        t = medians[row.impl]
-        row.median_ms = t * 1e3
-        row.min_ms = mins[row.impl] * 1e3
-        row.gbps = case.nbytes / t / 1e9
-        row.copy_fraction = case.nbytes / t / copy_bw if copy_bw else None
-        if stock_ms:
-            row.speedup_vs_stock = stock_ms / row.median_ms
+        row.device_q1_us, t, row.device_q3_us = (x * 1e6 for x in _quartiles(dev[row.impl]))
+        row.device_us = t
+        row.latency_q1_us, row.latency_us, row.latency_q3_us = (x * 1e6 for x in _quartiles(lat[row.impl]))
+        row.gbps = case.nbytes / (t / 1e6) / 1e9
+        row.copy_fraction = case.nbytes / (t / 1e6) / copy_bw if copy_bw else None
+        if stock_dev:
+            row.speedup_vs_stock = stock_dev * 1e6 / t
     return rows
 
 
@@ -341,26 +440,35 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="backend to benchmark (default: FLUX_NPU_BACKEND, then auto-detect)")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all: {','.join(OPS)})")
-    parser.add_argument("--shapes", default=None, help=f"comma-separated shape presets {list(SHAPES)} (default: mini; --quick: quick)")
-    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated dtypes: bf16, fp32, fp16 (default: bf16,fp32)")
+    parser.add_argument("--ops", nargs="+", default=list(OPS), help=f"ops (default: all: {' '.join(OPS)})")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help=f"shape presets {' '.join(SHAPES)} (default: mini; --quick: quick; dev = Flux-dev 1024 px)")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="bf16, fp32, fp16 (default: bf16 fp32)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2, GPU 10)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls; the median is reported (default 7, GPU 50)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measurements per implementation; median and IQR are reported (default 7, GPU 50)")
     compile_group = parser.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
                                help="also time torch.compile of the stock code (default on GPU/NPU, off on CPU)")
     compile_group.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and the environment as JSON")
+    parser.add_argument("-o", "--output", default=None, metavar="PATH",
+                        help="also write the rows and the environment as JSON to this file")
+    # `--json PATH` was the output option before the CLI convention (-o PATH; --json prints JSON):
+    # a value is still taken as the output path for one release, with a note
+    parser.add_argument("--json", nargs="?", const=True, default=None, metavar="",
+                        help="print the rows and the environment as JSON to stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _split(value: str, known, what: str) -> list:
-    items = [v.strip() for v in value.split(",") if v.strip()]
+def _split(value, known, what: str) -> list:
+    from ..cli.parity import names
+
+    items = names(value) or []
     bad = [v for v in items if v not in known]
-    if bad:
-        raise ValueError(f"unknown {what} {bad}; choose from {', '.join(known)}")
-    return items
+    if bad or not items:
+        raise ValueError(f"unknown {what} {bad or items}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(items))
 
 
 def environment(backend, utils, copy_bw) -> dict:
@@ -371,6 +479,8 @@ def environment(backend, utils, copy_bw) -> dict:
         "backend": backend.name,
         "device": device,
         "copy_bandwidth_gbps": copy_bw / 1e9,
+        "device_time": device_time_method(backend.device_type),
+        "latency": "one call from the host with a synchronisation after it",
         "torch_threads": torch.get_num_threads(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "versions": versions(),
@@ -383,13 +493,18 @@ def format_rows(rows: List[Row]) -> str:
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
 
+    def iqr(lo, hi):
+        return "" if lo is None else f"{lo:.1f}-{hi:.1f}"
+
     table = [
-        (r.op, r.shape, r.dtype, r.impl, f(r.median_ms, ".3f"), f(r.gbps, ".1f"),
-         "" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%", "" if r.speedup_vs_stock is None else f"{r.speedup_vs_stock:.2f}x",
-         r.status if r.status != "ok" else "", r.note)
+        (r.op, r.shape, r.dtype, r.impl, f(r.device_us, ".1f"), iqr(r.device_q1_us, r.device_q3_us), f(r.gbps, ".1f"),
+         "" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
+         "" if r.speedup_vs_stock is None else f"{r.speedup_vs_stock:.2f}x",
+         f(r.latency_us, ".1f"), iqr(r.latency_q1_us, r.latency_q3_us), r.status if r.status != "ok" else "", r.note)
         for r in rows
     ]
-    return format_table(("op", "shape", "dtype", "impl", "median ms", "GB/s", "% copy", "vs stock", "status", "note"), table)
+    return format_table(("op", "shape", "dtype", "impl", "device us", "IQR", "GB/s", "% copy", "vs stock",
+                         "latency us", "IQR", "status", "note"), table)
 
 
 def run(args) -> int:
@@ -399,13 +514,21 @@ def run(args) -> int:
     device = backend.device()
     utils = backend.utils
     on_cpu = backend.device_type == "cpu"
+    output = args.output
+    if isinstance(args.json, str):
+        print(f"flux-npu bench ops: `--json {args.json}` is deprecated: write files with `-o {args.json}` "
+              f"(`--json` alone prints JSON)", file=sys.stderr)
+        output, args.json = output or args.json, None
     shapes = _split(args.shapes or ("quick" if args.quick else "mini"), SHAPES, "shape presets")
     dtypes = _split(args.dtypes, DTYPES, "dtypes")
     op_names = _split(args.ops, OPS, "ops")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (2 if on_cpu else 10))
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else (7 if on_cpu else 50))
+    if repeats < 1 or warmup < 0:
+        raise ValueError("--repeats must be at least 1 and --warmup at least 0")
     use_compile = args.compile if args.compile is not None else not on_cpu
     compile_note = "" if use_compile else ("CPU: inductor compiles 10+ s per op; pass --compile" if on_cpu else "--no-compile")
+    out = sys.stderr if args.json else sys.stdout
 
     copy_bw = copy_bandwidth(device, utils, (64 if on_cpu else 1024) * 2**20, warmup, max(repeats, 5))
     env = environment(backend, utils, copy_bw)
@@ -420,22 +543,27 @@ def run(args) -> int:
         if progress is not None:
             progress.set_postfix_str(f"{op} {dt}")
         case = build_case(op, sh, dt, backend, device)
-        rows.extend(run_case(case, utils, warmup, repeats, copy_bw, use_compile, compile_note))
+        rows.extend(run_case(case, utils, warmup, repeats, copy_bw, use_compile, compile_note, backend.device_type))
         if progress is not None:
             progress.update(1)
     if progress is not None:
         progress.close()
     print(f"flux-npu bench ops: backend {env['backend']} on {env['device']}, {env['date_utc']} UTC, "
           f"torch {env['versions'].get('torch')}, {env['torch_threads']} threads; copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; "
-          f"median of {repeats} after {warmup} warm-up")
+          f"median and IQR of {repeats} after {warmup} warm-up", file=out)
+    print(f"device time: {env['device_time']} (GB/s, % copy and vs stock come from it); "
+          f"latency: {env['latency']}", file=out)
     if not use_compile:
-        print(f"torch.compile of the stock ops: skipped ({compile_note})")
-    print(format_rows(rows))
+        print(f"torch.compile of the stock ops: skipped ({compile_note})", file=out)
+    print(format_rows(rows), file=out)
+    data = {"environment": env, "warmup": warmup, "repeats": repeats, "rows": [asdict(r) for r in rows]}
+    if output:
+        with open(output, "w") as fh:
+            json.dump(data, fh, indent=2)
+        print(f"wrote {output}", file=out)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "warmup": warmup, "repeats": repeats, "rows": [asdict(r) for r in rows]}, fh, indent=2)
-        print(f"wrote {args.json}")
-    bad = [r for r in rows if r.status in ("MISMATCH", "error") and r.impl != "compile"]
+        print(json.dumps(data, indent=2))
+    bad = [r for r in rows if r.status in ("MISMATCH", "error") and r.impl not in THIRD_PARTY]
     return 1 if bad else 0
 
 
