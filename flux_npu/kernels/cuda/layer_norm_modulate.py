@@ -50,23 +50,23 @@ def _centred(x, mask, n_cols):
 
 @jit
 def _ln_mod_fwd(
-    X, SH, SC, Y, L, n_cols, xsg, xsl, shg, scg, eps,
+    X, SH, SC, Y, n_rows, n_cols, xsg, xsl, shg, scg, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
-    rows, cols, cmask, mask = row_tile(tl.program_id(1), L, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, cmask, mask = row_tile(tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     xc, var = _centred(x, mask, n_cols)
     xhat = xc * (1.0 / tl.sqrt(var + eps))[:, None]
     sh = tl.load(SH + g * shg + cols, mask=cmask, other=0.0).to(tl.float32)
     sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
     y = xhat * (1.0 + sc[None, :]) + sh[None, :]
-    tl.store(Y + (g * L + rows[:, None]) * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + (g * n_rows + rows[:, None]) * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @jit
 def _ln_mod_bwd(
-    X, SC, DY, DX, DSH, DSC, L, n_cols, n_blocks, xsg, xsl, scg, eps,
+    X, SC, DY, DX, DSH, DSC, n_rows, n_cols, n_blocks, xsg, xsl, scg, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
@@ -78,9 +78,9 @@ def _ln_mod_bwd(
     dsh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for blk in range(pid, n_blocks, programs):  # persistent: one partial row per program
-        rows, _, _, mask = row_tile(blk, L, n_cols, BLOCK_M, BLOCK_N)
+        rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
         x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dense = (g * L + rows[:, None]) * n_cols + cols[None, :]
+        dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
         dy = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
         xc, var = _centred(x, mask, n_cols)
         rstd = 1.0 / tl.sqrt(var + eps)
