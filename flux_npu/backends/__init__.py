@@ -20,6 +20,9 @@ ENV_VAR = "FLUX_NPU_BACKEND"
 
 _REGISTRY: Dict[str, Backend] = {}
 _LAST_SELECTION: dict = {}
+# Bumped whenever the registry changes: the op table re-resolves its cached default backend then
+# (instead of reading FLUX_NPU_BACKEND on every op call).
+_GENERATION = [0]
 
 
 class BackendError(RuntimeError):
@@ -30,14 +33,22 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     """Register a backend description. Third parties call this with their own `Backend`."""
     if not isinstance(backend, Backend):
         raise TypeError(f"register_backend expects a flux_npu.Backend, got {type(backend).__name__}")
+    if backend.name != backend.name.strip().lower() or not backend.name:
+        # lookups lower-case the requested name, so a mixed-case entry could never be fetched
+        raise BackendError(
+            f"backend name {backend.name!r} must be non-empty lower case without surrounding spaces; "
+            f"register it as {backend.name.strip().lower()!r} (dataclasses.replace(backend, name=...))"
+        )
     if backend.name in _REGISTRY and not replace:
         raise BackendError(f"a backend named {backend.name!r} is already registered; pass replace=True to override it")
     _REGISTRY[backend.name] = backend
+    _GENERATION[0] += 1
     return backend
 
 
 def unregister_backend(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    _REGISTRY.pop(name.strip().lower(), None)
+    _GENERATION[0] += 1
 
 
 def registered_backends() -> List[Backend]:

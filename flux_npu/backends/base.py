@@ -10,6 +10,7 @@ probed without importing Triton or torch_npu.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, FrozenSet, Optional
@@ -165,6 +166,11 @@ class Backend:
     kernel_modules: tuple = ()
     options: tuple = ()
 
+    def __post_init__(self):
+        # A small int naming this description by value: the op table keys its cached dispatch
+        # plans on it (hashing all fields on every op call would cost more than the lookup).
+        object.__setattr__(self, "plan_key", _plan_key(self))
+
     def unavailable_reason(self) -> Optional[str]:
         try:
             return self.probe()
@@ -195,6 +201,17 @@ class Backend:
 
     def option(self, key, default=None):
         return dict(self.options).get(key, default)
+
+
+_PLAN_KEYS: dict = {}
+_FRESH_KEYS = itertools.count(1 << 40)
+
+
+def _plan_key(backend: "Backend") -> int:
+    try:
+        return _PLAN_KEYS.setdefault(backend, len(_PLAN_KEYS))
+    except TypeError:  # an unhashable option value: this instance gets a key of its own
+        return next(_FRESH_KEYS)
 
 
 _UTILS_CACHE: dict = {}

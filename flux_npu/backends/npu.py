@@ -27,8 +27,15 @@ _CACHE: dict = {}
 
 
 def reset_runtime_cache() -> None:
-    """Forget the cached torch_npu import, SoC description and op-signature probes."""
+    """Forget the cached torch_npu import, SoC description and op-signature probes (and the op
+    table's dispatch plans and default backend, which were derived from them)."""
     _CACHE.clear()
+    from .. import backends
+
+    backends._GENERATION[0] += 1
+    from ..ops.registry import invalidate_plans
+
+    invalidate_plans()
 
 
 def _import_torch_npu():

@@ -7,16 +7,23 @@ the active backend's first kernel that accepts the input, else the plain-torch r
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from . import reference
+from ..backends import Backend
+from . import reference, registry
 from .precision import FLOAT_DTYPES, rope_compute_dtype
 from .registry import (
+    _PLANS,
+    _STRICT,
     OPS,
     Kernel,
     KernelDeclined,
+    _is_compiling,
+    _plan,
+    _strict_error,
     active_backend,
     dispatch,
     dispatch_stats,
@@ -25,10 +32,41 @@ from .registry import (
     kernels_for,
     record_fallback,
     register_kernel,
+    reset_default_backend,
     reset_dispatch_stats,
+    resolve_backend,
+    run_unplanned,
     set_strict,
+    traced,
     use_backend,
 )
+
+# Every public op has the same shape: resolve the backend; while torch.compile traces, validate
+# and walk the checks in the trace; otherwise build the input signature (what validation and the
+# kernels' checks read), look its plan up, and only on a miss validate and walk the checks
+# (`_miss`). A signature that cannot be built or hashed (a non-tensor where a tensor belongs, an
+# unhashable scalar) goes the slow way every call, which also raises the clear error.
+
+
+def _run(op, plan, b, ref, args):
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    fn = plan.fn
+    return ref(*args) if fn is None else fn(b, *args)
+
+
+def _miss(op, validate, b, ref, args, key):
+    if validate(*args) == "empty":
+        # zero-size input: every backend returns the empty result the reference computes
+        plan = registry.Plan(op, b.name, None, "reference", None)
+        if key is not None:
+            _PLANS[key] = plan
+    else:
+        plan = _plan(op, b, args, key)
+    if key is None:
+        return run_unplanned(plan, b, ref, args)
+    return _run(op, plan, b, ref, args)
 
 
 def _tensor(name, t):
@@ -51,11 +89,27 @@ def _same_device(op, **tensors):
         raise ValueError(f"{op}: tensors are on different devices ({devs}); move them to one device first")
 
 
-def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "BHSD", *, backend=None):
-    """Scaled dot-product attention. q, k, v: (B, H, S, D) (`layout="BSHD"`: (B, S, H, D)).
+def _broadcast(a, b):
+    """torch.broadcast_shapes for two shapes as plain tuples (None when they do not broadcast)."""
+    a, b = tuple(a), tuple(b)
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
-    mask: None, bool (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
-    scale: defaults to 1/sqrt(D). Output: q's layout and dtype."""
+
+def _t(t):
+    return None if t is None else (t.dtype, t.shape, t.device)
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+
+def _validate_attention(q, k, v, mask, scale, layout):
     for n, t in (("q", q), ("k", k), ("v", v)):
         _float("attention", n, t)
         if t.dim() != 4:
@@ -73,133 +127,289 @@ def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or sequence ({layout})")
     if q.shape[h] % k.shape[h]:
         raise ValueError(f"attention: q has {q.shape[h]} heads, not a multiple of k/v's {k.shape[h]} ({layout})")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     if mask is not None:
         _tensor("mask", mask)
         target = (q.shape[0], q.shape[h], q.shape[s], k.shape[s])
-        try:
-            torch.broadcast_shapes(mask.shape, target)
-        except RuntimeError:
+        if mask.dim() > 4 or _broadcast(mask.shape, target) != target:
             raise ValueError(
                 f"attention: mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Sq, Sk) = {target}"
-            ) from None
+            )
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"attention: mask must be bool (True = attend) or an additive float mask, got {mask.dtype}")
     _same_device("attention", q=q, k=k, v=v, mask=mask)
-    return dispatch("attention", reference.attention, backend, (q, k, v, mask, scale, layout), {})
+
+
+def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "BHSD", *, backend=None):
+    """Scaled dot-product attention. q, k, v: (B, H, S, D) (`layout="BSHD"`: (B, S, H, D)).
+
+    mask: None, bool (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
+    scale: defaults to 1/sqrt(D). Output: q's layout and dtype. A query row whose keys are all
+    masked out gives zeros (and zero gradients) on every backend."""
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    args = (q, k, v, mask, scale, layout)
+    if _is_compiling():
+        _validate_attention(*args)
+        return traced("attention", b, reference.attention, args)
+    try:
+        if mask is not None and mask.dtype is not torch.bool:
+            # an additive mask's kernel choice may depend on its values (npu: only 0 / -inf maps
+            # exactly onto the fused op's boolean mask), so it is decided per call
+            raise TypeError
+        key = ("attention", b.plan_key, q.dtype, q.shape, q.device, k.dtype, k.shape, k.device,
+               v.dtype, v.shape, v.device, None if mask is None else (mask.shape, mask.device), scale, layout)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("attention", _validate_attention, b, reference.attention, args, key)
+    return _run("attention", plan, b, reference.attention, args)
+
+
+# -- RoPE --------------------------------------------------------------------------------------
+
+
+def _validate_rope_freqs(pos, dim, theta, form):
+    _tensor("pos", pos)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
+        raise ValueError(f"rope_freqs: dim must be a positive even number, got {dim}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise ValueError(f"rope_freqs: theta must be a finite number > 0 (Flux uses 10000), got {theta!r}")
+    if form not in ("bfl", "cos_sin"):
+        raise ValueError(f"rope_freqs: form must be 'bfl' or 'cos_sin', got {form!r}")
+    if form == "cos_sin" and pos.dim() != 1:
+        raise ValueError(f"rope_freqs: form='cos_sin' takes 1-D positions (S,), got shape {tuple(pos.shape)}")
 
 
 def rope_freqs(pos, dim: int, theta: float = 10000.0, form: str = "bfl", *, backend=None):
     """RoPE frequencies (see `reference.rope_freqs`), computed in float64 where the backend has
     it and in float32 where it does not (NPU); always returned as float32."""
-    _tensor("pos", pos)
-    if dim <= 0 or dim % 2:
-        raise ValueError(f"rope_freqs: dim must be a positive even number, got {dim}")
-    if form not in ("bfl", "cos_sin"):
-        raise ValueError(f"rope_freqs: form must be 'bfl' or 'cos_sin', got {form!r}")
-    if form == "cos_sin" and pos.dim() != 1:
-        raise ValueError(f"rope_freqs: form='cos_sin' takes 1-D positions (S,), got shape {tuple(pos.shape)}")
-    b = active_backend() if backend is None else _resolve_backend(backend)
-    cdt = rope_compute_dtype(b, pos.device)
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    args = (pos, dim, theta, form)
 
     def ref(pos, dim, theta, form):
-        return reference.rope_freqs(pos, dim, theta, form, compute_dtype=cdt)
+        return reference.rope_freqs(pos, dim, theta, form, compute_dtype=rope_compute_dtype(b, pos.device))
 
-    return dispatch("rope_freqs", ref, b, (pos, dim, theta, form), {})
+    if _is_compiling():
+        _validate_rope_freqs(*args)
+        return traced("rope_freqs", b, ref, args)
+    try:
+        key = ("rope_freqs", b.plan_key, pos.dtype, pos.shape, pos.device, dim, theta, form)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("rope_freqs", _validate_rope_freqs, b, ref, args, key)
+    return _run("rope_freqs", plan, b, ref, args)
+
+
+def _validate_apply_rope(x, freqs, sequence_dim, op="apply_rope"):
+    _float(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"{op}: the last dim of x must be even, got {tuple(x.shape)}")
+    if isinstance(freqs, torch.Tensor):
+        _float(op, "freqs", freqs)
+        if freqs.dim() < 3 or tuple(freqs.shape[-2:]) != (2, 2) or freqs.shape[-3] * 2 != x.shape[-1]:
+            raise ValueError(
+                f"{op}: BFL freqs must be (..., S, D/2, 2, 2) with D/2 = {x.shape[-1] // 2}, got {tuple(freqs.shape)}"
+            )
+        lead = tuple(x.shape[:-1])
+        if _broadcast(freqs.shape[:-3], lead) != lead:
+            raise ValueError(
+                f"{op}: freqs {tuple(freqs.shape)} must broadcast to x {tuple(x.shape)} without enlarging it "
+                f"(leading dims 1 or equal to x's, e.g. (B or 1, 1, S, D/2, 2, 2) for x (B, H, S, D))"
+            )
+        _same_device(op, x=x, freqs=freqs)
+    elif isinstance(freqs, tuple) and len(freqs) == 2:
+        cos, sin = freqs
+        _float(op, "cos", cos)
+        _float(op, "sin", sin)
+        if sequence_dim not in (1, 2) or x.dim() != 4:
+            raise ValueError(f"{op}: (cos, sin) form needs a 4-D x and sequence_dim 1 or 2, got {x.dim()}-D, {sequence_dim}")
+        want = (x.shape[sequence_dim], x.shape[-1])
+        if tuple(cos.shape) != want or tuple(sin.shape) != want:
+            raise ValueError(f"{op}: cos/sin must be (S, D) = {want}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        _same_device(op, x=x, cos=cos, sin=sin)
+    else:
+        raise TypeError(f"{op}: freqs must be a BFL rotation tensor (..., S, D/2, 2, 2) or a (cos, sin) pair")
+    if x.numel() == 0:
+        return "empty"
 
 
 def apply_rope(x, freqs, sequence_dim: int = 2, *, backend=None):
     """Rotate adjacent pairs of x's last dim (see `reference.apply_rope` for both freqs forms)."""
-    _float("apply_rope", "x", x)
-    if x.shape[-1] % 2:
-        raise ValueError(f"apply_rope: the last dim of x must be even, got {x.shape[-1]}")
-    if isinstance(freqs, torch.Tensor):
-        if freqs.dim() < 3 or tuple(freqs.shape[-2:]) != (2, 2) or freqs.shape[-3] * 2 != x.shape[-1]:
-            raise ValueError(
-                f"apply_rope: BFL freqs must be (..., S, D/2, 2, 2) with D/2 = {x.shape[-1] // 2}, got {tuple(freqs.shape)}"
-            )
-        try:
-            torch.broadcast_shapes(freqs.shape[:-3], x.shape[:-1])
-        except RuntimeError:
-            raise ValueError(f"apply_rope: freqs {tuple(freqs.shape)} do not broadcast against x {tuple(x.shape)}") from None
-        _same_device("apply_rope", x=x, freqs=freqs)
-    elif isinstance(freqs, (tuple, list)) and len(freqs) == 2:
-        cos, sin = freqs
-        _float("apply_rope", "cos", cos)
-        _float("apply_rope", "sin", sin)
-        if sequence_dim not in (1, 2) or x.dim() != 4:
-            raise ValueError(f"apply_rope: (cos, sin) form needs a 4-D x and sequence_dim 1 or 2, got {x.dim()}-D, {sequence_dim}")
-        want = (x.shape[sequence_dim], x.shape[-1])
-        if tuple(cos.shape) != want or tuple(sin.shape) != want:
-            raise ValueError(f"apply_rope: cos/sin must be (S, D) = {want}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-        freqs = (cos, sin)
-    else:
-        raise TypeError("apply_rope: freqs must be a BFL rotation tensor (..., S, D/2, 2, 2) or a (cos, sin) pair")
-    return dispatch("apply_rope", reference.apply_rope, backend, (x, freqs, sequence_dim), {})
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    if freqs.__class__ is list:
+        freqs = tuple(freqs)
+    args = (x, freqs, sequence_dim)
+    if _is_compiling():
+        _validate_apply_rope(*args)
+        return traced("apply_rope", b, reference.apply_rope, args)
+    try:
+        if freqs.__class__ is tuple:
+            c, s = freqs
+            fk = (c.dtype, c.shape, c.device, s.dtype, s.shape, s.device)
+        else:
+            fk = (freqs.dtype, freqs.shape, freqs.device)
+        key = ("apply_rope", b.plan_key, x.dtype, x.shape, x.device, fk, sequence_dim)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError, ValueError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("apply_rope", _validate_apply_rope, b, reference.apply_rope, args, key)
+    return _run("apply_rope", plan, b, reference.apply_rope, args)
+
+
+# -- norms -------------------------------------------------------------------------------------
+
+
+def _validate_rms_norm(x, weight, eps, out_dtype, op="rms_norm", name="weight"):
+    _float(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dim, got a 0-D tensor")
+    if weight is not None:
+        _float(op, name, weight)
+        if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+            raise ValueError(f"{op}: {name} must be ({x.shape[-1]},) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
+        _same_device(op, x=x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be None or a float dtype (float32, bfloat16, float16, float64), "
+                        f"got {out_dtype!r}")
 
 
 def rms_norm(x, weight=None, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None, *, backend=None):
     """RMSNorm over the last dim, float32 accumulation, output dtype `out_dtype` or x.dtype."""
-    _float("rms_norm", "x", x)
-    if weight is not None:
-        _float("rms_norm", "weight", weight)
-        if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-            raise ValueError(f"rms_norm: weight must be ({x.shape[-1]},) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
-        _same_device("rms_norm", x=x, weight=weight)
-    return dispatch("rms_norm", reference.rms_norm, backend, (x, weight, eps, out_dtype), {})
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    args = (x, weight, eps, out_dtype)
+    if _is_compiling():
+        _validate_rms_norm(*args)
+        return traced("rms_norm", b, reference.rms_norm, args)
+    try:
+        key = ("rms_norm", b.plan_key, x.dtype, x.shape, x.device,
+               None if weight is None else (weight.dtype, weight.shape, weight.device), eps, out_dtype)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("rms_norm", _validate_rms_norm, b, reference.rms_norm, args, key)
+    return _run("rms_norm", plan, b, reference.rms_norm, args)
+
+
+def _validate_layer_norm_modulate(x, shift, scale, eps):
+    _float("layer_norm_modulate", "x", x)
+    for n, t in (("shift", shift), ("scale", scale)):
+        _float("layer_norm_modulate", n, t)
+        if t.dim() < 1 or t.shape[-1] != x.shape[-1]:
+            raise ValueError(f"layer_norm_modulate: {n} last dim {tuple(t.shape)[-1:]} != x's {x.shape[-1]}")
+        if _broadcast(t.shape, x.shape) != tuple(x.shape):
+            raise ValueError(
+                f"layer_norm_modulate: {n} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)} "
+                f"(pass (B, 1, D) for a (B, S, D) x)"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"layer_norm_modulate: eps must be a number >= 0, got {eps!r}")
+    _same_device("layer_norm_modulate", x=x, shift=shift, scale=scale)
 
 
 def layer_norm_modulate(x, shift, scale, eps: float = 1e-6, *, backend=None):
     """AdaLN modulation: (1 + scale) * LayerNorm(x) + shift; shift/scale broadcast against x."""
-    _float("layer_norm_modulate", "x", x)
-    for n, t in (("shift", shift), ("scale", scale)):
-        _float("layer_norm_modulate", n, t)
-        if t.shape[-1] != x.shape[-1]:
-            raise ValueError(f"layer_norm_modulate: {n} last dim {t.shape[-1]} != x's {x.shape[-1]}")
-        try:
-            if torch.broadcast_shapes(t.shape, x.shape) != x.shape:
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(
-                f"layer_norm_modulate: {n} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)} "
-                f"(pass (B, 1, D) for a (B, S, D) x)"
-            ) from None
-    _same_device("layer_norm_modulate", x=x, shift=shift, scale=scale)
-    return dispatch("layer_norm_modulate", reference.layer_norm_modulate, backend, (x, shift, scale, eps), {})
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    args = (x, shift, scale, eps)
+    if _is_compiling():
+        _validate_layer_norm_modulate(*args)
+        return traced("layer_norm_modulate", b, reference.layer_norm_modulate, args)
+    try:
+        key = ("layer_norm_modulate", b.plan_key, x.dtype, x.shape, x.device, shift.dtype, shift.shape,
+               shift.device, scale.dtype, scale.shape, scale.device, eps)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("layer_norm_modulate", _validate_layer_norm_modulate, b, reference.layer_norm_modulate, args, key)
+    return _run("layer_norm_modulate", plan, b, reference.layer_norm_modulate, args)
 
 
-def gated_residual(x, gate, y, *, backend=None):
-    """x + gate * y (Flux's gated residual), output dtype = x.dtype."""
+def _validate_gated_residual(x, gate, y):
     for n, t in (("x", x), ("gate", gate), ("y", y)):
         _float("gated_residual", n, t)
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y {tuple(y.shape)} must have x's shape {tuple(x.shape)}")
-    return dispatch("gated_residual", reference.gated_residual, backend, (x, gate, y), {})
+    if _broadcast(gate.shape, x.shape) != tuple(x.shape):
+        raise ValueError(
+            f"gated_residual: gate {tuple(gate.shape)} must broadcast to x {tuple(x.shape)} without enlarging it "
+            f"(e.g. (B, 1, D) for a (B, S, D) x)"
+        )
+    _same_device("gated_residual", x=x, gate=gate, y=y)
+
+
+def gated_residual(x, gate, y, *, backend=None):
+    """x + gate * y (Flux's gated residual), output dtype = x.dtype."""
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    args = (x, gate, y)
+    if _is_compiling():
+        _validate_gated_residual(*args)
+        return traced("gated_residual", b, reference.gated_residual, args)
+    try:
+        key = ("gated_residual", b.plan_key, x.dtype, x.shape, x.device, gate.dtype, gate.shape, gate.device,
+               y.dtype, y.shape, y.device)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("gated_residual", _validate_gated_residual, b, reference.gated_residual, args, key)
+    return _run("gated_residual", plan, b, reference.gated_residual, args)
+
+
+def _validate_qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
+    for n, t in (("q", q), ("k", k)):
+        _float("qk_norm_rope", n, t)
+    if q.shape != k.shape:
+        raise ValueError(f"qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have one shape")
+    # the same checks rms_norm and apply_rope make: wrong-shaped weights or freqs must not
+    # broadcast into garbage inside a fused kernel
+    _validate_rms_norm(q, q_weight, eps, None, "qk_norm_rope", "q_weight")
+    _validate_rms_norm(k, k_weight, eps, None, "qk_norm_rope", "k_weight")
+    _same_device("qk_norm_rope", q=q, k=k)
+    return _validate_apply_rope(q, freqs, sequence_dim, "qk_norm_rope")
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_dim: int = 2, *, backend=None):
     """RMSNorm(q), RMSNorm(k) (own weights) then RoPE on both: one fused pass where the backend
     has a kernel; elsewhere the backend's own rms_norm and apply_rope kernels, composed."""
-    for n, t in (("q", q), ("k", k)):
-        _float("qk_norm_rope", n, t)
-    if q.shape != k.shape:
-        raise ValueError(f"qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must have one shape")
-    b = active_backend() if backend is None else _resolve_backend(backend)
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    if freqs.__class__ is list:
+        freqs = tuple(freqs)
 
     def composed(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
-        # validation of weights and freqs happens in the two ops
         qn = rms_norm(q, q_weight, eps, backend=b)
         kn = rms_norm(k, k_weight, eps, backend=b)
         return apply_rope(qn, freqs, sequence_dim, backend=b), apply_rope(kn, freqs, sequence_dim, backend=b)
 
-    if isinstance(freqs, list):
-        freqs = tuple(freqs)
-    return dispatch("qk_norm_rope", composed, b, (q, k, q_weight, k_weight, freqs, eps, sequence_dim), {})
+    args = (q, k, q_weight, k_weight, freqs, eps, sequence_dim)
+    if _is_compiling():
+        _validate_qk_norm_rope(*args)
+        return traced("qk_norm_rope", b, composed, args)
+    try:
+        if freqs.__class__ is tuple:
+            c, s = freqs
+            fk = (c.dtype, c.shape, c.device, s.dtype, s.shape, s.device)
+        else:
+            fk = (freqs.dtype, freqs.shape, freqs.device)
+        key = ("qk_norm_rope", b.plan_key, q.dtype, q.shape, q.device, k.dtype, k.shape, k.device,
+               _t(q_weight), _t(k_weight), fk, eps, sequence_dim)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError, ValueError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss("qk_norm_rope", _validate_qk_norm_rope, b, composed, args, key)
+    return _run("qk_norm_rope", plan, b, composed, args)
 
 
 def _resolve_backend(backend):
-    from ..backends import get_backend
-
-    return get_backend(backend)  # a name or a Backend (returned as is)
+    return resolve_backend(backend)
 
 
 __all__ = [
@@ -219,6 +429,7 @@ __all__ = [
     "record_fallback",
     "reference",
     "register_kernel",
+    "reset_default_backend",
     "reset_dispatch_stats",
     "rms_norm",
     "rope_freqs",

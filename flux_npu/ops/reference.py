@@ -32,6 +32,10 @@ def attention(q, k, v, mask=None, scale=None, layout="BHSD"):
     mask: None, a bool tensor (True = attend, the `scaled_dot_product_attention` meaning) or an
     additive float tensor, broadcastable to (B, H, Sq, Sk). scale defaults to 1/sqrt(D).
     Grouped-query attention: H of q a multiple of H of k/v.
+
+    Fully masked rows: a query whose every key is masked out (all False, or all -inf) gets a zero
+    output row and contributes zero gradients, as torch's SDPA kernels and the fused kernels do
+    (the literal formula would give 0/0 = NaN). Every backend follows this.
     """
     if layout == "BSHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -42,12 +46,19 @@ def attention(q, k, v, mask=None, scale=None, layout="BHSD"):
         rep = qf.shape[1] // kf.shape[1]
         kf, vf = kf.repeat_interleave(rep, dim=1), vf.repeat_interleave(rep, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    dead = None
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(cd)
-    out = torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
+        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        # finite scores in dead rows keep softmax and its backward free of NaN; zeroed below
+        scores = scores.masked_fill(dead, 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
+    out = torch.matmul(probs, vf).to(q.dtype)
     return out.transpose(1, 2) if layout == "BSHD" else out
 
 
@@ -73,12 +84,13 @@ def rope_freqs(pos, dim, theta=10000.0, form="bfl", compute_dtype=torch.float64)
 def apply_rope(x, freqs: Freqs, sequence_dim: int = 2):
     """Rotate adjacent pairs of the last dim of x by `freqs`, in float32; output dtype = x.dtype.
 
-    freqs a tensor: BFL rotation matrices (..., S, D/2, 2, 2) broadcastable against x's
-      (B, H, S) dims (x is (B, H, S, D)); `sequence_dim` is ignored.
+    freqs a tensor: BFL matrices (..., S, D/2, 2, 2) broadcastable against x's (B, H, S) dims
+      (x is (B, H, S, D)); `sequence_dim` is ignored. Any 2x2 matrix is applied as given,
+      out = M @ (x[2i], x[2i+1]), rotation or not (BFL's `apply_rope` does the same).
     freqs a (cos, sin) pair: each (S, D); x's sequence axis is `sequence_dim` (1: BSHD, 2: BHSD).
     """
     cd = accumulation_dtype(x.dtype)
-    pairs = x.to(cd).reshape(*x.shape[:-1], -1, 2)  # (..., D/2, 2)
+    pairs = x.to(cd).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)  # (..., D/2, 2); explicit: x may be empty
     if isinstance(freqs, torch.Tensor):
         m = freqs.to(cd)
         out0 = m[..., 0, 0] * pairs[..., 0] + m[..., 0, 1] * pairs[..., 1]

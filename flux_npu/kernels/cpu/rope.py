@@ -1,8 +1,13 @@
 """CPU RoPE: one complex multiply instead of reshape/unbind/stack/flatten copies.
 
-Adjacent pairs (x[2i], x[2i+1]) are the real and imaginary parts of a complex number, and the
+Adjacent pairs (x[2i], x[2i+1]) are the real and imaginary parts of a complex number z, and the
 rotation by angle a is a multiply by cos a + i sin a. The complex operand is built once per
-forward from whichever frequency form Flux code hands over (cached by tensor identity).
+forward from whichever frequency form Flux code hands over (`LastValueCache`).
+
+BFL matrices are applied as given even when they are not rotations: any real 2x2 matrix M acts
+on z as alpha * z + beta * conj(z), with alpha = ((m00 + m11) + i (m10 - m01)) / 2 and
+beta = ((m00 - m11) + i (m10 + m01)) / 2. For rotation matrices beta is exactly zero (found once
+per operand build) and the conj term is skipped.
 """
 
 import torch
@@ -15,14 +20,21 @@ _CACHE = LastValueCache()
 
 
 def _complex_freqs(freqs, sequence_dim, ndim):
-    if isinstance(freqs, torch.Tensor):  # BFL (..., S, D/2, 2, 2): cos at [0,0], sin at [1,0]
-        return torch.complex(freqs[..., 0, 0].float(), freqs[..., 1, 0].float())
+    """(alpha, beta or None) with out = alpha * z + beta * conj(z)."""
+    if isinstance(freqs, torch.Tensor):  # BFL (..., S, D/2, 2, 2)
+        m = freqs.float()
+        m00, m01, m10, m11 = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+        alpha = torch.complex((m00 + m11) * 0.5, (m10 - m01) * 0.5)
+        beta_re, beta_im = (m00 - m11) * 0.5, (m10 + m01) * 0.5
+        if not (bool((beta_re == 0).all()) and bool((beta_im == 0).all())):  # CPU tensors: no device sync
+            return alpha, torch.complex(beta_re, beta_im)
+        return alpha, None
     cos, sin = freqs
     fc = torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())  # (S, D/2)
     shape = [1] * ndim
     shape[sequence_dim] = fc.shape[0]
     shape[-1] = fc.shape[1]
-    return fc.reshape(shape)
+    return fc.reshape(shape), None
 
 
 def _check(backend, x, freqs, sequence_dim):
@@ -38,10 +50,11 @@ def apply_rope(backend, x, freqs, sequence_dim):
         # would only break the graph
         return reference.apply_rope(x, freqs, sequence_dim)
     keys = (freqs,) if isinstance(freqs, torch.Tensor) else tuple(freqs)
-    fc = _CACHE.get(keys, (sequence_dim, x.dim()), lambda: _complex_freqs(freqs, sequence_dim, x.dim()))
+    alpha, beta = _CACHE.get(keys, (sequence_dim, x.dim()), lambda: _complex_freqs(freqs, sequence_dim, x.dim()))
     xf = x.float()
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()  # view_as_complex needs pair-aligned strides
     xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
-    out = torch.view_as_real(xc * fc).flatten(-2)
+    yc = xc * alpha if beta is None else xc * alpha + xc.conj() * beta
+    out = torch.view_as_real(yc).flatten(-2)
     return out.to(x.dtype)

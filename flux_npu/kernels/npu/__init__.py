@@ -5,3 +5,20 @@ torch_npu itself is imported only inside the kernels and their checks (through
 checks answer "torch_npu not importable: ..." where it is absent."""
 
 from . import attention, layer_norm, rms_norm, rope  # noqa: F401  (registration side effects)
+
+
+def prepare() -> None:
+    """Fill the runtime caches the checks read (torch_npu import, SoC capabilities, the
+    `rotary_mode` probe) outside any torch.compile trace: the op table calls it when the backend
+    is loaded and when `patch()` binds the backend."""
+    from ...backends import npu as _npu
+    from ._support import op_has_param
+
+    mod, _why = _npu.torch_npu_or_reason()
+    if mod is None:
+        return
+    try:
+        _npu.soc_capabilities()
+    except Exception:  # a probe failure surfaces as a check's reason when dispatching, not here
+        pass
+    op_has_param("npu_rotary_mul", "rotary_mode")

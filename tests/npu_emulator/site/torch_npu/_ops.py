@@ -27,6 +27,11 @@ def _emulated(fn):
 
     @functools.wraps(fn)
     def op(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: the real ops are graph nodes; here the plain-torch contract
+            # maths is traced instead (the checks still run on the fake tensors; no recording,
+            # which is Python-side state)
+            return fn(*args, **kwargs)
         bound = sig.bind(*args, **kwargs)
         explicit = set(bound.arguments)
         bound.apply_defaults()
@@ -235,8 +240,8 @@ def _rotary(op, x, r1, r2, rotary_mode, rotate):
         raise RuntimeError(f"{op}(): interleave mode needs B*N < 1000, got {B}*{N}")
     if rotary_mode == "half" and (B >= 1000 or N >= 1000):
         raise RuntimeError(f"{op}(): half mode needs B, N < 1000, got B={B}, N={N}")
-    with torch.no_grad():
-        if bool((r1.abs() > 1 + 1e-6).any() or (r2.abs() > 1 + 1e-6).any()):
+    with torch.no_grad():  # a value check reads data: done eagerly, not in a compiled graph
+        if not torch.compiler.is_compiling() and bool((r1.abs() > 1 + 1e-6).any() or (r2.abs() > 1 + 1e-6).any()):
             raise RuntimeError(f"{op}(): r1/r2 values must lie in [-1, 1] (cos and sin)")
     xf = x.float()
     if rotary_mode == "interleave":
