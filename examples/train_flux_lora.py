@@ -7,6 +7,13 @@ environment (`accelerate launch --config_file ...`, or `ACCELERATE_USE_DEEPSPEED
 peft, the loss is rectified-flow matching, checkpoints are `accelerator.save_state` folders named
 `checkpoint-<step>` and `--resume_from_checkpoint latest` picks the newest one up.
 
+Checkpoints are crash-safe: every rank saves into `checkpoint-<step>.partial`, and only when all
+have finished does the main process write a COMPLETE marker and rename the folder to
+`checkpoint-<step>`. A run killed during a save therefore leaves a `.partial` folder (removed by the
+next save of that step) and never a `checkpoint-<step>` that looks finished; `latest` is the newest
+folder with the marker, and any other `checkpoint-<step>` (e.g. an empty one left by an older
+version of this script) is skipped with a message.
+
 So that it runs anywhere without downloads, the model is a random-init *tiny*
 `FluxTransformer2DModel` and the data set is a fixed set of random "cached latents" with their
 noise and timesteps drawn once: a small, learnable regression problem whose loss falls within a
@@ -19,6 +26,9 @@ few steps. Swap in real latents, text embeddings and a real checkpoint for actua
 import argparse
 import json
 import os
+import re
+import shutil
+import signal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +86,48 @@ class CachedLatents(Dataset):
         return dict(latents=self.latents[i], noise=self.noise[i], t=self.t[i], txt=self.txt[i], pooled=self.pooled[i])
 
 
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MARKER = "COMPLETE"  # written last, just before the rename; its presence means every rank saved
+# Test hook (tests/test_checkpoint_resume.py): "STEP:RANK" makes that rank SIGKILL itself inside the
+# save of that step, after writing its part: a deterministic crash in the middle of a checkpoint.
+CRASH_IN_SAVE = "FLUX_NPU_EXAMPLE_CRASH_IN_SAVE"
+
+
+def save_checkpoint(accelerator, output_dir, step):
+    """accelerator.save_state into checkpoint-<step>.partial, then mark complete and rename."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)  # left by a run killed while saving this step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)  # every rank: ZeRO shards live on each
+    if os.environ.get(CRASH_IN_SAVE) == f"{step}:{accelerator.process_index}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    accelerator.wait_for_everyone()  # all parts written before the folder counts as complete
+    if accelerator.is_main_process:
+        with open(os.path.join(partial, MARKER), "w") as f:
+            json.dump({"step": step, "num_processes": accelerator.num_processes}, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)  # an older save of the same step (a rerun): replaced by this one
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_latest_checkpoint(output_dir, log=print):
+    """The newest complete checkpoint-<step> in output_dir, or None; incomplete ones are skipped with a message."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted(((int(m.group(1)), d) for d in os.listdir(output_dir) if (m := CHECKPOINT.match(d))), reverse=True)
+    for _, name in found:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, MARKER)):
+            return path
+        log(f"skipping {path}: incomplete (no {MARKER} marker: its save was interrupted, or an older "
+            "version wrote it)")
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     project = ProjectConfiguration(project_dir=args.output_dir)
@@ -104,15 +156,18 @@ def main(argv=None):
     loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=False)
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
 
+    _log(accelerator, args, {"event": "start", "num_processes": accelerator.num_processes,
+                             "distributed_type": str(accelerator.distributed_type)})
     global_step = 0
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
         if path == "latest":
-            found = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")] \
-                if os.path.isdir(args.output_dir) else []
-            path = os.path.join(args.output_dir, max(found, key=lambda d: int(d.split("-")[1]))) if found else None
+            path = find_latest_checkpoint(args.output_dir, accelerator.print)
+        elif not os.path.isfile(os.path.join(path, MARKER)):
+            raise SystemExit(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {MARKER} marker); "
+                             "pass 'latest' to take the newest complete one")
         if path is None:
-            accelerator.print("no checkpoint found: starting a new run")
+            accelerator.print("no complete checkpoint found: starting a new run")
         else:
             accelerator.load_state(path)
             global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
@@ -148,8 +203,7 @@ def main(argv=None):
             accelerator.print(f"step {global_step} loss {mean_loss:.6f}")
             _log(accelerator, args, {"event": "step", "step": global_step, "loss": mean_loss})
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                accelerator.save_state(save_path)  # every rank: ZeRO shards live on each
+                save_path = save_checkpoint(accelerator, args.output_dir, global_step)
                 accelerator.print(f"saved {save_path}")
                 _log(accelerator, args, {"event": "saved", "step": global_step, "checkpoint": save_path})
             if global_step >= args.max_train_steps:

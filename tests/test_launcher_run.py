@@ -26,10 +26,10 @@ def flux_npu_run(*args, timeout=240):
 
 def test_launch_for_two_processes_with_deepspeed(tmp_path):
     launch = build_launch(EXAMPLE, ["--output_dir", "x"], backend="cpu", nproc=2, ds_config=NPU_CONFIG,
-                          report_dir=str(tmp_path), base_env={"PATH": os.environ.get("PATH", "")})
+                          report_dir=str(tmp_path), base_env={"PATH": os.environ.get("PATH", "")}, oversubscribe=True)
     try:
         argv = launch.argv
-        assert argv[1:3] == ["-m", "torch.distributed.run"]
+        assert argv[1:3] == ["-m", "flux_npu.distributed.torchrun"]  # torchrun, keeping the ranks' exit codes
         assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[argv.index("--master-addr") + 1] == "127.0.0.1"
         assert int(argv[argv.index("--master-port") + 1]) > 0
         assert argv[-5:] == ["-m", "flux_npu.distributed.bootstrap", EXAMPLE, "--output_dir", "x"]
@@ -53,13 +53,15 @@ def test_launch_single_process_and_bad_input(tmp_path):
     with pytest.raises(BackendError, match="not available"):
         build_launch(EXAMPLE, backend="npu", base_env={})
     with pytest.raises(ValueError, match="--master-port is required"):
-        build_launch(EXAMPLE, backend="cpu", nproc=2, nnodes=2, base_env={})
+        build_launch(EXAMPLE, backend="cpu", nproc=2, nnodes=2, base_env={}, oversubscribe=True)
 
 
 def test_cli_dry_run_and_errors(tmp_path):
-    r = flux_npu_run("--backend", "cpu", "--nproc", "2", "--master-port", "29999", "--dry-run", EXAMPLE, "--x", "1")
+    r = flux_npu_run("--backend", "cpu", "--nproc", "2", "--oversubscribe", "--master-port", "29999", "--dry-run",
+                     EXAMPLE, "--x", "1")
     assert r.returncode == 0, r.stderr
-    assert "FLUX_NPU_BACKEND=cpu" in r.stdout and "--master-port 29999" in r.stdout and r.stdout.rstrip().endswith("--x 1")
+    assert "FLUX_NPU_BACKEND=cpu" in r.stdout and "--master-port 29999" in r.stdout
+    assert r.stdout.rstrip().endswith("--x 1")
     r = flux_npu_run("--backend", "cpu", str(tmp_path / "nope.py"))
     assert r.returncode == 1 and "error: script" in r.stderr
     r = flux_npu_run("--backend", "cpu", "--nproc", "0", EXAMPLE)
@@ -91,7 +93,7 @@ def _events(path):
 @pytest.mark.slow
 def test_example_trains_checkpoints_and_resumes_in_two_processes(tmp_path):
     out, rep1, rep2 = tmp_path / "out", tmp_path / "rep1", tmp_path / "rep2"
-    common = ["--nproc", "2", "--backend", "cpu", "--ds-config", NPU_CONFIG]
+    common = ["--nproc", "2", "--oversubscribe", "--backend", "cpu", "--ds-config", NPU_CONFIG]
     train = [EXAMPLE, "--output_dir", str(out), "--checkpointing_steps", "2"]
     r = flux_npu_run(*common, "--report-dir", str(rep1), *train, "--max_train_steps", "4")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -101,7 +103,9 @@ def test_example_trains_checkpoints_and_resumes_in_two_processes(tmp_path):
     losses = [e["loss"] for e in steps]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert [e["step"] for e in events if e["event"] == "saved"] == [2, 4]
-    assert (out / "checkpoint-4").is_dir()
+    assert (out / "checkpoint-4" / "COMPLETE").is_file()  # renamed into place once every rank saved
+    assert [(e["num_processes"], e["distributed_type"]) for e in events if e["event"] == "start"] == \
+        [(2, "DistributedType.DEEPSPEED")]
     assert r.stderr.count("flux_npu patches (backend cpu") == 1  # printed by rank 0 only
 
     # the patch was live in both worker processes, and the patched ops served the model
@@ -118,7 +122,7 @@ def test_example_trains_checkpoints_and_resumes_in_two_processes(tmp_path):
     r = flux_npu_run(*common, "--report-dir", str(rep2), *train, "--max_train_steps", "6",
                      "--resume_from_checkpoint", "latest")
     assert r.returncode == 0, r.stderr[-4000:]
-    new = _events(out / "train_log.jsonl")[len(events):]
+    new = [e for e in _events(out / "train_log.jsonl")[len(events):] if e["event"] != "start"]
     assert new[0] == {"event": "resumed", "step": 4, "checkpoint": str(out / "checkpoint-4")}
     resumed = [e for e in new if e["event"] == "step"]
     assert [e["step"] for e in resumed] == [5, 6]

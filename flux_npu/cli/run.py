@@ -1,6 +1,13 @@
 """`flux-npu run [options] script.py [args...]`: run an unchanged training or inference script with
 flux_npu.patch() applied in every process, its DeepSpeed config and environment translated for
-the backend. Exit status: the script's (1 on a flux-npu error, 2 on bad usage)."""
+the backend.
+
+Exit status: the script's own (a script killed by signal N: 128+N, e.g. 130 SIGINT, 137 SIGKILL,
+143 SIGTERM). With several processes, the first rank to fail decides it (torchrun's root cause); if
+flux-npu run itself is stopped by SIGTERM/SIGINT/SIGHUP it forwards the signal to every worker, waits
+--grace-period seconds, SIGKILLs what is left and returns what the script returned (torchrun stopped
+by a signal: 128+N). 1: a flux-npu error before the script started (bad option, missing script,
+unusable backend); 2: bad command-line usage."""
 
 from __future__ import annotations
 
@@ -15,17 +22,22 @@ def register(sub):
         description="Run an unchanged script with flux_npu.patch() applied in every process. Options go before "
                     "the script; everything after it is passed to the script.")
     p.add_argument("--backend", help="backend name (default: FLUX_NPU_BACKEND, then auto-detect)")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this node (default 1; at most the usable CPU cores or visible devices)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow --nproc above the number of usable CPU cores / visible devices")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
-    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one, single node only)")
+    p.add_argument("--master-port", type=int, help="rendezvous port, 1..65535 (default: a free one, single node only)")
     p.add_argument("--ds-config", metavar="JSON|YAML",
                    help="DeepSpeed config (or x-flux-style YAML) to rewrite for the backend and hand to accelerate")
     p.add_argument("--soc", help="Ascend SoC for the precision rules (e.g. 910A, 910B3; default: ask torch_npu)")
     p.add_argument("--no-transfer-to-npu", action="store_true",
                    help="do not import torch_npu.contrib.transfer_to_npu (on by default on npu)")
     p.add_argument("--report-dir", help="write each process's patch report and dispatch counts here (JSON)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                   help="after forwarding SIGTERM/SIGINT to the workers, wait this long before SIGKILL (default 30)")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not run")
     p.add_argument("script", help="the Python script to run")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -36,11 +48,13 @@ def run(args) -> int:
     from ..distributed.launcher import build_launch
     from ..utils.table import format_table
 
+    if not args.grace_period >= 0:  # also refuses nan
+        raise ValueError(f"--grace-period {args.grace_period} must be a number of seconds >= 0")
     launch = build_launch(
         args.script, args.script_args, backend=args.backend, nproc=args.nproc, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
         ds_config=args.ds_config, transfer_to_npu=False if args.no_transfer_to_npu else None,
-        report_dir=args.report_dir, soc=args.soc)
+        report_dir=args.report_dir, soc=args.soc, oversubscribe=args.oversubscribe)
     if launch.ds_result is not None:
         from .ds_config import render_result
 
@@ -55,4 +69,4 @@ def run(args) -> int:
         launch.cleanup()
         return 0
     sys.stderr.flush()
-    return launch.run()
+    return launch.run(grace=args.grace_period)

@@ -35,16 +35,23 @@ def _rank() -> int:
 def _accelerate_cpu_backend(handle) -> None:
     if handle.backend.name != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu_flag = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if not (deepspeed or cpu_flag):
         return
     try:
         from accelerate.state import PartialState
     except ImportError:
         return
-    PartialState(backend=handle.backend.dist_backend)
-    handle.add_row("accelerate.state", "PartialState", "patched",
-                   f"created first with backend={handle.backend.dist_backend!r}: accelerate picks no process-group "
-                   "backend for DeepSpeed on CPU, so its world size would read 1")
+    if deepspeed:
+        PartialState(backend=handle.backend.dist_backend)
+        why = (f"created first with backend={handle.backend.dist_backend!r}: accelerate picks no process-group "
+               "backend for DeepSpeed on CPU, so its world size would read 1")
+    else:
+        # a script that builds PartialState() itself, before Accelerator, would not read ACCELERATE_USE_CPU
+        PartialState(cpu=True)
+        why = "created first with cpu=True (ACCELERATE_USE_CPU): otherwise each CPU rank's accelerate sees one process"
+    handle.add_row("accelerate.state", "PartialState", "patched", why)
 
 
 def _write_report(path, handle, stats=None) -> None:

@@ -1,0 +1,68 @@
+"""A rank killed inside save_state (issue 12, item 3): the example's checkpoints are written under a
+temporary name and renamed when every rank has finished, so the kill leaves no `checkpoint-N` that
+looks complete; `--resume_from_checkpoint latest` skips incomplete ones with a message and resumes
+from the newest complete one, and the resumed losses are exactly those of the uninterrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "examples", "train_flux_lora.py")
+NPU_CONFIG = os.path.join(REPO, "configs", "ds_zero2_bf16_lora_npu.json")
+
+
+def flux_npu_run(*args, env_extra=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    env.pop("FLUX_NPU_BACKEND", None)
+    # its own session, so that a failure of this test cannot leave ranks behind (the launcher's
+    # group is killed below if it outlives the timeout)
+    proc = subprocess.Popen([sys.executable, "-m", "flux_npu", "run", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def _events(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.slow
+def test_kill_during_save_then_resume_latest_matches_the_uninterrupted_losses(tmp_path):
+    out = tmp_path / "out"
+    common = ["--nproc", "2", "--oversubscribe", "--backend", "cpu", "--ds-config", NPU_CONFIG, "--grace-period", "10"]
+    train = [EXAMPLE, "--output_dir", str(out), "--checkpointing_steps", "2", "--max_train_steps", "4"]
+
+    # rank 1 SIGKILLs itself inside the save of step 4, after writing its part of the checkpoint
+    rc, _, err = flux_npu_run(*common, *train, env_extra={"FLUX_NPU_EXAMPLE_CRASH_IN_SAVE": "4:1"})
+    assert rc == 137, err[-4000:]  # the killed rank's own status (128 + SIGKILL)
+    first = _events(out / "train_log.jsonl")
+    uninterrupted = {e["step"]: e["loss"] for e in first if e["event"] == "step"}
+    assert sorted(uninterrupted) == [1, 2, 3, 4]  # every step ran; only the last save was cut
+    assert [e["step"] for e in first if e["event"] == "saved"] == [2]
+    assert (out / "checkpoint-2" / "COMPLETE").is_file()
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.partial").is_dir()
+    # what an older, non-atomic save left behind: a newer checkpoint-N folder that is empty
+    (out / "checkpoint-9").mkdir()
+
+    rc, stdout, err = flux_npu_run(*common, *train, "--resume_from_checkpoint", "latest")
+    assert rc == 0, err[-4000:]
+    assert f"skipping {out / 'checkpoint-9'}: incomplete" in stdout + err
+    new = _events(out / "train_log.jsonl")[len(first):]
+    resumed = [e for e in new if e["event"] == "resumed"]
+    assert resumed == [{"event": "resumed", "step": 2, "checkpoint": str(out / "checkpoint-2")}]
+    steps = {e["step"]: e["loss"] for e in new if e["event"] == "step"}
+    assert steps == {3: uninterrupted[3], 4: uninterrupted[4]}  # bit-for-bit the same run
+    assert (out / "checkpoint-4" / "COMPLETE").is_file() and not (out / "checkpoint-4.partial").exists()
+
+    # naming an incomplete checkpoint explicitly is an error that says so, not a DeepSpeed assertion
+    rc, _, err = flux_npu_run("--backend", "cpu", *train, "--resume_from_checkpoint", str(out / "checkpoint-9"))
+    assert rc == 1 and "not a complete checkpoint" in err, err[-3000:]
