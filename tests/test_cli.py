@@ -57,3 +57,25 @@ def test_help_and_version(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     assert "flux-npu 0.1.0" in capsys.readouterr().out
+
+
+def test_info_refuses_an_unknown_backend_and_writes_json_with_output(tmp_path, capsys):
+    assert main(["info", "--backend", "tpu"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown backend 'tpu'" in err and "npu" in err and "cuda" in err and "cpu" in err
+    out = tmp_path / "info.json"
+    assert main(["info", "--backend", "cpu", "-o", str(out)]) == 0
+    assert "op routing on backend cpu" in capsys.readouterr().out  # tables on stdout, JSON in the file
+    data = json.loads(out.read_text())
+    assert {b["name"] for b in data["backends"]} >= {"cpu", "npu"}
+    assert main(["info", "-o", str(tmp_path / "missing" / "info.json")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_help_states_the_conventions_and_exit_codes(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    assert "-o/--output" in out and "Exit status" in out

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-npu",
         description="Run unchanged Flux code on Ascend NPU, CUDA and CPU: backends, patches, parity, benchmarks.",
+        epilog="Conventions: results go to a file with -o/--output PATH; --json prints JSON to stdout; lists take "
+               "spaces or commas; --backend must name a registered backend. Exit status: 0 success, 1 error (one "
+               "line on stderr; -v shows the traceback), 2 bad usage; `run` returns the script's own status.",
     )
     parser.add_argument("--version", action="version", version=f"flux-npu {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend selection and patching")
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # OSError: unreadable / unwritable files
         if args.verbose:
             raise
         print(f"flux-npu {args.command}: error: {exc}", file=sys.stderr)
