@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("info", "demo", "run", "ds_config", "parity", "bench")
+COMMANDS = ("info", "demo", "run", "ds_config", "parity", "bench", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:
