@@ -72,6 +72,28 @@ def test_npu_emulator_matches_shipped_golden(npu_emulated):
     assert report.ok, report.table()
 
 
+CUDA_GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "parity_cuda.safetensors")
+_NO_CUDA_GOLDEN = pytest.mark.skipif(
+    not os.path.exists(CUDA_GOLDEN),
+    reason="no CUDA golden shipped yet: a GPU session records it with `bench/gpu_check.sh --only record`")
+
+
+@_NO_CUDA_GOLDEN
+def test_cpu_matches_shipped_cuda_golden():
+    g = parity.load_golden(CUDA_GOLDEN)
+    assert g.meta["backend"] == "cuda"
+    assert json.loads(g.meta["sdpa"])["allowed"] == list(parity.PARITY_SDPA)  # recorded with cuDNN SDPA off
+    report = parity.check(CUDA_GOLDEN, backend="cpu")
+    assert report.ok, report.table()
+
+
+@_NO_CUDA_GOLDEN
+@pytest.mark.emulator
+def test_npu_emulator_matches_shipped_cuda_golden(npu_emulated):
+    report = parity.check(CUDA_GOLDEN, backend=npu_emulated)
+    assert report.ok, report.table()
+
+
 @pytest.fixture
 def wrong_backend(monkeypatch):
     """A throwaway backend whose rms_norm forgets the affine weight (a realistic kernel bug)."""
