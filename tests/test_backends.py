@@ -117,3 +117,36 @@ def test_cpu_device_utils_time_and_memory():
     del big
     u.synchronize()  # no-op on CPU, must not raise
     assert isinstance(u.device_name(), str) and u.device_name()
+
+
+def test_mixed_case_backend_name_is_refused_and_lookups_ignore_case():
+    """A backend registered as 'Acme' used to be listed but impossible to fetch."""
+    mixed = Backend("Acme", "cpu", lambda: None, frozenset({torch.float32}), False, "gloo", "cpu")
+    with pytest.raises(BackendError, match="lower case.*register it as 'acme'"):
+        flux_npu.register_backend(mixed)
+    assert "Acme" not in [b.name for b in flux_npu.backends.registered_backends()]
+    with pytest.raises(ValueError, match="lower case"):
+        ops.register_kernel("rms_norm", "Acme", "acme.rms")
+    assert flux_npu.get_backend(" CPU ").name == "cpu"
+
+
+def test_kernel_module_that_fails_to_import_is_a_reason_every_call(tmp_path, monkeypatch):
+    """The import error used to surface once; later calls silently ran the reference."""
+    (tmp_path / "broken_kernels_mod.py").write_text("raise ImportError('libfoo.so: cannot open shared object')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = Backend("brokenk", "cpu", lambda: None, frozenset({torch.float32}), True, "gloo", "cpu",
+                     kernel_modules=("broken_kernels_mod",))
+    flux_npu.register_backend(broken)
+    try:
+        x = torch.randn(2, 8)
+        for _ in range(2):
+            out = ops.rms_norm(x, None, backend="brokenk")
+            assert torch.equal(out, ops.reference.rms_norm(x, None))
+        (reason, n), = [(r, n) for (op, b, r), n in ops.dispatch_stats()["fallback"].items() if b == "brokenk"]
+        assert n == 2 and "broken_kernels_mod failed to import" in reason and "libfoo.so" in reason
+        assert "libfoo.so" in ops.explain("rms_norm", broken, x, None, 1e-6, None)[1][0]
+        ops.set_strict(True)
+        with pytest.raises(ops.KernelDeclined, match="libfoo.so"):
+            ops.rms_norm(x, None, backend="brokenk")
+    finally:
+        unregister_backend("brokenk")

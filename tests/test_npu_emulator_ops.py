@@ -204,7 +204,7 @@ LIMIT_CASES = [
     ("attention", lambda: _attn_args(D=769), "head dim 769 > 768"),
     ("attention", lambda: _attn_args(H=257, S=2, D=4), "257 query heads > 256"),
     ("attention", lambda: _attn_args(dtype=torch.float64), "dtype torch.float64"),
-    ("attention", lambda: _attn_args(mask=torch.zeros(1, 1, 8, 8)), "additive torch.float32 mask"),
+    ("attention", lambda: _attn_args(mask=torch.randn(1, 1, 8, 8)), "additive torch.float32 mask with values other"),
     ("attention", lambda: _attn_args(Dv=8), "shapes differ"),
     ("apply_rope", lambda: (torch.randn(1, 1, 2, 896), ops.reference.rope_freqs(torch.arange(2.0), 896, form="cos_sin"), 2),
      "head dim 896"),
@@ -398,3 +398,55 @@ def test_emulator_limits_on_meta_tensors(npu_emulated):
     kernel, _ = ops.explain("rms_norm", meta, x[0], None, 1e-6, None)
     assert kernel == "torch_npu.npu_rms_norm"
     assert record.calls() == []
+
+
+# -- masks, fully masked rows, general matrices, empty inputs (issues 11 and 12) ---------------------
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_emulator_zero_or_neginf_float_mask_is_served_as_a_bool_mask(npu_emulated, layout):
+    """Chroma's additive masks hold only 0 and -inf: exactly a boolean mask, so the fused op serves
+    them; a query row with every key masked gives zeros like the reference."""
+    B, H, S, D = 2, 2, 6, 16
+    q, k, v = (_leaf(B, H, S, D, dtype=torch.float32, seed=s) for s in (1, 2, 3))
+    keep = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(4)) > 0.4
+    keep[..., 0] = True
+    keep[1, :, 3] = False  # a fully masked query row
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    t = (lambda x: x) if layout == "BHSD" else (lambda x: x.transpose(1, 2))
+    for mask in (additive, keep):
+        record.clear()
+        out = ops.attention(t(q), t(k), t(v), mask=mask, layout=layout, backend=npu_emulated)
+        ref = reference_attention(q, k, v, keep)
+        assert_close(t(out), ref, torch.float32)
+        assert t(out)[1, :, 3].abs().max() == 0
+        (call,) = record.calls("npu_fusion_attention")
+        assert call["tensors"]["atten_mask"]["dtype"] == torch.bool
+        g_out, g_ref = _grads(out, (q, k, v)), _grads(t(ref), (q, k, v))
+        for a, b in zip(g_out, g_ref):
+            assert_close(a, b, torch.float32)
+    assert _served("attention", "torch_npu.npu_fusion_attention") == 2 and not _fallbacks("attention")
+
+
+def reference_attention(q, k, v, keep):
+    return ops.reference.attention(q.double(), k.double(), v.double(), mask=keep).float()
+
+
+def test_emulator_general_bfl_matrices_fall_back_with_reason(npu_emulated):
+    x = torch.randn(1, 2, 5, 8)
+    mats = torch.randn(1, 1, 5, 4, 2, 2)
+    out = ops.apply_rope(x, mats, backend=npu_emulated)
+    assert_close(out, ops.reference.apply_rope(x.double(), mats.double()), torch.float32)
+    (reason,) = _fallbacks("apply_rope")
+    assert "not rotations" in reason and not record.calls("npu_rotary_mul")
+    ops.set_strict(True)
+    with pytest.raises(KernelDeclined, match="not rotations"):
+        ops.apply_rope(x, mats.clone(), backend=npu_emulated)
+
+
+def test_emulator_zero_size_rope(npu_emulated):
+    for x in (torch.randn(0, 2, 4, 8), torch.randn(1, 2, 0, 8)):
+        cs = ops.reference.rope_freqs(torch.arange(float(x.shape[2])), 8, form="cos_sin")
+        assert ops.apply_rope(x, cs, backend=npu_emulated).shape == x.shape
+        q, k = ops.qk_norm_rope(x, x, torch.ones(8), torch.ones(8), cs, backend=npu_emulated)
+        assert q.shape == k.shape == x.shape

@@ -278,3 +278,120 @@ def test_qk_norm_rope_composes_the_backends_own_kernels_when_it_has_no_fused_one
         assert not ops.dispatch_stats()["fallback"]
     finally:
         flux_npu.backends.unregister_backend("plainb")
+
+
+# -- semantics and validation findings (issue 12 item 7): each of these failed before ----------
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: ops.rope_freqs(torch.arange(4.0), 8, theta=0.0), "theta must be a finite number > 0"),
+        (lambda: ops.rope_freqs(torch.arange(4.0), 8, theta=-5.0), "theta must be a finite number > 0"),
+        (lambda: ops.rms_norm(torch.randn(2, 8), None, out_dtype=torch.int32), "out_dtype must be None or a float"),
+        (lambda: ops.gated_residual(torch.randn(1, 3, 8), torch.randn(2, 1, 8), torch.randn(1, 3, 8)),
+         "without enlarging it"),
+        (lambda: ops.apply_rope(torch.randn(1, 2, 4, 8), reference.rope_freqs(torch.arange(4.0)[None].expand(2, 4), 8)
+                                [:, None]), "without enlarging it"),
+        (lambda: ops.qk_norm_rope(*(torch.randn(1, 2, 4, 8),) * 2, torch.ones(1), None, _cos_sin(4, 8)),
+         r"q_weight must be \(8,\)"),
+        (lambda: ops.qk_norm_rope(*(torch.randn(1, 2, 4, 8),) * 2, None, torch.ones(8, 1), _cos_sin(4, 8)),
+         r"k_weight must be \(8,\)"),
+        (lambda: ops.qk_norm_rope(*(torch.randn(1, 2, 4, 8),) * 2, None, None, _cos_sin(1, 8)), "cos/sin must be"),
+        (lambda: ops.qk_norm_rope(*(torch.randn(1, 2, 4, 8),) * 2, None, None, torch.randn(4, 2, 2, 2)), "BFL freqs"),
+    ],
+)
+def test_bad_input_found_by_the_fault_sweep_gets_a_clear_error(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_fully_masked_rows_give_zeros_on_kernel_and_reference(seed):
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = torch.rand(2, 1, 5, 5) > 0.4
+    keep[..., 0] = True
+    keep[0, :, 2] = False  # query row 2 of sample 0 attends to nothing
+    additive = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    for mask in (keep, additive):
+        ref = reference.attention(q, k, v, mask=mask)
+        out = ops.attention(q, k, v, mask=mask)
+        assert ref[0, :, 2].abs().max() == 0 and out[0, :, 2].abs().max() == 0
+        assert_close(out, ref, torch.float64)
+        g = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        assert grads_ref[0][0, :, 2].abs().max() == 0
+        for a, b in zip(grads, grads_ref):
+            assert_close(a, b, torch.float64)  # NaN never passes
+    assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_general_bfl_matrices_kernel_matches_reference(dtype, seed):
+    """BFL's apply_rope applies any 2x2 matrices; the CPU kernel used to assume rotations."""
+    from flux import math as bfl_math
+
+    x = torch.randn(2, 3, 7, 12)
+    mats = torch.randn(2, 1, 7, 6, 2, 2)
+    expect, _ = bfl_math.apply_rope(x.double(), x.double(), mats.double())
+    assert_close(reference.apply_rope(x.double(), mats.double()), expect, torch.float64)
+    _check_fwd_bwd(lambda x: ops.apply_rope(x, mats), lambda x: reference.apply_rope(x, mats.double()), [x], dtype)
+    assert ops.dispatch_stats()["served"][("apply_rope", "cpu", "torch.complex_mul")] == 1
+
+
+@pytest.mark.parametrize("form", ["bfl", "cos_sin"])
+def test_zero_size_rope_returns_empty(form):
+    for x in (torch.randn(0, 2, 4, 8), torch.randn(2, 0, 4, 8), torch.randn(1, 2, 0, 8)):
+        freqs = reference.rope_freqs(torch.arange(float(x.shape[2])), 8, form=form)
+        f = freqs if form == "cos_sin" else freqs[None, None]
+        out = ops.apply_rope(x, f)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert reference.apply_rope(x, f).shape == x.shape  # the fallback of every backend
+        qo, ko = ops.qk_norm_rope(x, x, torch.ones(8), torch.ones(8), f)
+        assert qo.shape == ko.shape == x.shape
+        assert reference.qk_norm_rope(x, x, torch.ones(8), torch.ones(8), f)[0].shape == x.shape
+
+
+def test_rope_operand_cache_sees_data_reassignment_and_inplace_writes(seed):
+    x = torch.randn(1, 2, 6, 8)
+    cos, sin = _cos_sin(6, 8)
+    assert_close(ops.apply_rope(x, (cos, sin)), reference.apply_rope(x.double(), (cos.double(), sin.double())),
+                 torch.float32)
+    cos2, sin2 = reference.rope_freqs(torch.arange(6.0) * 7.0, 8, form="cos_sin")
+    cos.data, sin.data = cos2.clone(), sin2.clone()  # same objects, new storage
+    assert_close(ops.apply_rope(x, (cos, sin)), reference.apply_rope(x.double(), (cos2.double(), sin2.double())),
+                 torch.float32)
+    cos.mul_(0.5)
+    assert_close(ops.apply_rope(x, (cos, sin)), reference.apply_rope(x.double(), (cos2.double() * 0.5, sin2.double())),
+                 torch.float32)
+
+
+def test_rope_operand_cache_is_thread_safe():
+    """A lookup by another thread in the middle of an update must not pair one key with another
+    value. The old cache stored key parts and value in separate statements; a thread switch
+    between them (12 wrong of 600,000 calls over 4 threads in the fault sweep) is forced here
+    deterministically: reading the writer's version counter lets a reader thread run to the end."""
+    import threading
+
+    from flux_npu.kernels._common import LastValueCache
+
+    writer = {}
+
+    class Key(torch.Tensor):
+        @property
+        def _version(self):
+            if threading.get_ident() == writer.get("id") and not writer.get("fired"):
+                writer["fired"] = True
+                reader = threading.Thread(target=lambda: got.append(cache.get((k1,), None, lambda: "v1")))
+                reader.start()
+                reader.join()
+            return torch.Tensor._version.__get__(self)
+
+    cache = LastValueCache()
+    k0, k1 = (torch.Tensor._make_subclass(Key, torch.randn(3)) for _ in range(2))
+    got = []
+    assert cache.get((k0,), None, lambda: "v0") == "v0"
+    writer["id"] = threading.get_ident()
+    got.append(cache.get((k1,), None, lambda: "v1"))
+    assert writer["fired"] and got == ["v1", "v1"], got
+    assert cache.get((k0,), None, lambda: "v0") == "v0" and cache.get((k1,), None, lambda: "v1") == "v1"

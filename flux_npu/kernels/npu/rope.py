@@ -12,7 +12,10 @@ tensors: `LastValueCache`), in x's dtype, on x's device: no host sync.
 BFL rotation matrices (..., S, D/2, 2, 2) = [[cos, -sin], [sin, cos]] become cos/sin from entries
 [0, 0] and [1, 0]. They must not vary over heads. BFL code builds them per batch element
 ((B, 1, S, ...), from per-sample ids); as interleave mode has no per-batch cos/sin, such a batch
-is rotated one sample at a time.
+is rotated one sample at a time. The op only rotates: BFL matrices that are not rotations
+([[c, -s], [s, c]] exactly; checked once per operand build, one host sync per forward) are handed
+to the reference, counted as a fallback with the reason. Under torch.compile that check cannot
+run, so BFL matrices are declined there (the reference traces into the graph).
 
 Limits (docstring): 4-D input, D even and < 896, B*N < 1000, float16/bfloat16/float32,
 Atlas A2/A3. B*N >= 1000 (a training batch of 42+ at Flux's 24 heads) is met by splitting the
@@ -26,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from ...backends.npu import soc_declines
-from ...ops.registry import register_kernel
+from ...ops import reference
+from ...ops.registry import record_fallback, register_kernel
 from .._common import LastValueCache
 from ._support import dtype_declines, op_has_param, prelude, torch_npu
 
@@ -76,6 +80,9 @@ def _check(backend, x, freqs, sequence_dim):
     if isinstance(freqs, torch.Tensor) and _bfl_batch(freqs, x) is None:
         return (f"BFL freqs {tuple(freqs.shape)} vary over heads or do not match x {tuple(x.shape)}: interleave "
                 "mode takes one cos/sin (1,1,S,D) for all heads (per batch element at most)")
+    if isinstance(freqs, torch.Tensor) and torch.compiler.is_compiling():
+        return ("BFL matrices under torch.compile: whether they are rotations (all npu_rotary_mul computes) "
+                "cannot be checked inside a graph")
     why = op_has_param("npu_rotary_mul", "rotary_mode")
     if why:
         return why
@@ -86,13 +93,16 @@ def _operands(freqs, seq, dtype, batch):
     """(r1, r2): (batch, 1, S, D) for BFL freqs (batch 1 or per sample), (1,1,S,D) / (1,S,1,D)
     for a (cos, sin) pair, in x's dtype."""
     if isinstance(freqs, torch.Tensor):
+        rotation = bool(
+            torch.equal(freqs[..., 0, 0], freqs[..., 1, 1]) and torch.equal(freqs[..., 0, 1], -freqs[..., 1, 0])
+        )
         S, half = freqs.shape[-4], freqs.shape[-3]
         cos = freqs[..., 0, 0].reshape(batch, 1, S, half).repeat_interleave(2, dim=-1)
         sin = freqs[..., 1, 0].reshape(batch, 1, S, half).repeat_interleave(2, dim=-1)
-        return cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
+        return cos.to(dtype).contiguous(), sin.to(dtype).contiguous(), rotation
     cos, sin = freqs
     shape = (1, 1, cos.shape[0], cos.shape[1]) if seq == 2 else (1, cos.shape[0], 1, cos.shape[1])
-    return cos.to(dtype).reshape(shape).contiguous(), sin.to(dtype).reshape(shape).contiguous()
+    return cos.to(dtype).reshape(shape).contiguous(), sin.to(dtype).reshape(shape).contiguous(), True
 
 
 @register_kernel("apply_rope", "npu", "torch_npu.npu_rotary_mul", check=_check)
@@ -102,7 +112,11 @@ def rotary_mul(backend, x, freqs, sequence_dim):
     bfl = isinstance(freqs, torch.Tensor)
     batch = _bfl_batch(freqs, x) if bfl else 1
     keys = (freqs,) if bfl else tuple(freqs)
-    r1, r2 = _CACHE.get(keys, (seq, x.dtype, batch), lambda: _operands(freqs, seq, x.dtype, batch))
+    r1, r2, rotation = _CACHE.get(keys, (seq, x.dtype, batch), lambda: _operands(freqs, seq, x.dtype, batch))
+    if not rotation:
+        record_fallback("apply_rope", backend.name, "torch_npu.npu_rotary_mul: BFL matrices are not rotations "
+                        "[[c, -s], [s, c]]; the op can only rotate")
+        return reference.apply_rope(x, freqs, sequence_dim)
     rotary_mul = torch_npu().npu_rotary_mul
     B, N = x.shape[0], x.shape[1 if seq == 2 else 2]
     chunk = 1 if batch > 1 else max(1, (MAX_BN - 1) // N)  # keep every call's B*N < 1000
