@@ -18,8 +18,11 @@ sin, or the (D/2, 2, 2) block of a BFL row as one contiguous 2*D-element load sp
 at stride 2 and four scalar loads per pair made the first kernel run at 7% of copy bandwidth on
 an H100). Frequencies are never expanded in memory: broadcast dims get stride 0.
 
-Two tensors in one launch: grid axis 1 picks the tensor (q or k of `qk_norm_rope`), so both are
-processed by one kernel launch; `apply_rope` passes one.
+Two tensors in one launch (q and k of `qk_norm_rope`; `apply_rope` passes one): each program
+reads its row block's frequencies once and rotates the block of both. Which tensor is written is
+decided at compile time (constexpr TWO), never by choosing a pointer at run time: torch.compile's
+analysis of what a Triton kernel writes treats every pointer that meets a run-time branch as
+written, and would then copy q, k and the weights before each call.
 
 With NORM the row is first RMS-normalised (weight optional) and rounded to x's dtype, as unfused
 Flux code does between its QK norm and RoPE, then rotated. The backward rotates the incoming
@@ -39,26 +42,6 @@ from ...ops.registry import register_kernel
 from . import _triton as T
 from ._checks import freqs_reason, row_reason, triton_reason
 from ._triton import jit, row_offsets, row_tile, tl
-
-
-@jit
-def _pick(which, A0, A1, B0, B1, C0, C1, a0, a1, a2, b0, b1, b2):
-    """Tensor `which` (0 or 1) of a two-tensor launch: its three pointers and row strides."""
-    if which == 0:
-        A = A0
-        B = B0
-        C = C0
-        s0 = a0
-        s1 = a1
-        s2 = a2
-    else:
-        A = A1
-        B = B1
-        C = C1
-        s0 = b0
-        s1 = b1
-        s2 = b2
-    return A, B, C, s0, s1, s2
 
 
 @jit
@@ -87,14 +70,9 @@ def _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2,
 
 
 @jit
-def _rope_fwd(
-    X0, X1, W0, W1, Y0, Y1, F0, F1, n_rows, n_cols, n1, n2,
-    a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, eps,
-    COS_SIN: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    X, W, Y, s0, s1, s2 = _pick(tl.program_id(1), X0, X1, W0, W1, Y0, Y1, a0, a1, a2, b0, b1, b2)
-    rows, cols, cmask, mask = row_tile(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_D)
+def _rotate_rows(X, W, Y, rows, cols, cmask, mask, n_cols, n1, n2, s0, s1, s2, eps, m00, m01, m10, m11,
+                 NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Forward of one tensor's row block: load whole rows, (normalise,) rotate, store whole rows."""
     xoff = row_offsets(rows, n1, n2, s0, s1, s2)
     x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM:
@@ -105,50 +83,81 @@ def _rope_fwd(
         # unfused Flux rounds the normalised q/k to their dtype before RoPE: do the same
         x = x.to(X.dtype.element_ty).to(tl.float32)
     x0, x1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_D // 2, 2)))
-    m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
     y = tl.reshape(tl.join(m00 * x0 + m01 * x1, m10 * x0 + m11 * x1), (BLOCK_M, BLOCK_D))
     tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rope_fwd(
+    X0, X1, W0, W1, Y0, Y1, F0, F1, n_rows, n_cols, n1, n2,
+    a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, eps,
+    COS_SIN: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, TWO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows, cols, cmask, mask = row_tile(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_D)
+    # the block's frequencies are read once and serve both tensors (q and k)
+    m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
+    _rotate_rows(X0, W0, Y0, rows, cols, cmask, mask, n_cols, n1, n2, a0, a1, a2, eps, m00, m01, m10, m11,
+                 NORM, HAS_W, BLOCK_M, BLOCK_D)
+    if TWO:  # compile-time: no pointer is chosen at run time, so torch.compile sees exactly what is written
+        _rotate_rows(X1, W1, Y1, rows, cols, cmask, mask, n_cols, n1, n2, b0, b1, b2, eps, m00, m01, m10, m11,
+                     NORM, HAS_W, BLOCK_M, BLOCK_D)
+
+
+@jit
+def _unrotate_rows(X, w, DY, DX, rows, cols, mask, n_cols, n1, n2, s0, s1, s2, eps, m00, m01, m10, m11,
+                   NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of one tensor's row block; stores dx and returns its dw contribution (BLOCK_D,)."""
+    dense = rows[:, None] * n_cols + cols[None, :]
+    d = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
+    d0, d1 = tl.split(tl.reshape(d, (BLOCK_M, BLOCK_D // 2, 2)))
+    g = tl.reshape(tl.join(m00 * d0 + m10 * d1, m01 * d0 + m11 * d1), (BLOCK_M, BLOCK_D))  # M^T dout
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if NORM:
+        xoff = row_offsets(rows, n1, n2, s0, s1, s2)
+        x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        h = x * rstd[:, None]
+        if HAS_W:
+            dw = tl.sum(g * h, axis=0)
+            g = g * w[None, :]
+        c = tl.sum(g * h, axis=1) / n_cols
+        g = rstd[:, None] * (g - h * c[:, None])
+    tl.store(DX + dense, g.to(DX.dtype.element_ty), mask=mask)
+    return dw
 
 
 @jit
 def _rope_bwd(
     X0, X1, W0, W1, DY0, DY1, DX0, DX1, DW, F0, F1, n_rows, n_cols, n_blocks, n1, n2,
     a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, eps,
-    COS_SIN: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    COS_SIN: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, TWO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    which = tl.program_id(1)
     pid = tl.program_id(0)
-    X, W, DX, s0, s1, s2 = _pick(which, X0, X1, W0, W1, DX0, DX1, a0, a1, a2, b0, b1, b2)
-    if which == 0:
-        DY = DY0
-    else:
-        DY = DY1
+    programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < n_cols
+    w0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    w1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for blk in range(pid, n_blocks, tl.num_programs(0)):  # persistent when there is a dw to reduce
+        w0 = tl.load(W0 + cols, mask=cmask, other=0.0).to(tl.float32)
+        if TWO:
+            w1 = tl.load(W1 + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for blk in range(pid, n_blocks, programs):  # persistent when there is a dw to reduce
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_D)
-        dense = rows[:, None] * n_cols + cols[None, :]
-        d = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
-        d0, d1 = tl.split(tl.reshape(d, (BLOCK_M, BLOCK_D // 2, 2)))
         m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
-        g = tl.reshape(tl.join(m00 * d0 + m10 * d1, m01 * d0 + m11 * d1), (BLOCK_M, BLOCK_D))  # M^T dout
-        if NORM:
-            xoff = row_offsets(rows, n1, n2, s0, s1, s2)
-            x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-            h = x * rstd[:, None]
-            if HAS_W:
-                dw += tl.sum(g * h, axis=0)
-                g = g * w[None, :]
-            c = tl.sum(g * h, axis=1) / n_cols
-            g = rstd[:, None] * (g - h * c[:, None])
-        tl.store(DX + dense, g.to(DX.dtype.element_ty), mask=mask)
+        dw0 += _unrotate_rows(X0, w0, DY0, DX0, rows, cols, mask, n_cols, n1, n2, a0, a1, a2, eps,
+                              m00, m01, m10, m11, NORM, HAS_W, BLOCK_M, BLOCK_D)
+        if TWO:
+            dw1 += _unrotate_rows(X1, w1, DY1, DX1, rows, cols, mask, n_cols, n1, n2, b0, b1, b2, eps,
+                                  m00, m01, m10, m11, NORM, HAS_W, BLOCK_M, BLOCK_D)
     if HAS_W:
-        tl.store(DW + (which * tl.num_programs(0) + pid) * n_cols + cols, dw, mask=cmask)
+        tl.store(DW + pid * n_cols + cols, dw0, mask=cmask)
+        if TWO:
+            tl.store(DW + (programs + pid) * n_cols + cols, dw1, mask=cmask)
 
 
 # -- launchers ---------------------------------------------------------------------------------
@@ -191,10 +200,10 @@ def fwd_launch(xs, weights, f0, f1, sequence_dim, norm, eps):
     a, b = xs[0], xs[-1]
     wa, wb = weights[0], weights[-1]
     has_w = norm and wa is not None
-    T.launch(_rope_fwd)[(n_blocks, len(xs))](
+    T.launch(_rope_fwd)[(n_blocks,)](
         a, b, wa if has_w else a, wb if has_w else b, ys[0], ys[-1], F0, F1, n_rows, n_cols, x.shape[1], x.shape[2],
         *T.row_args(a), *T.row_args(b), *fstrides, eps,
-        COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, BLOCK_M=bm, BLOCK_D=bd,
+        COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, TWO=len(xs) == 2, BLOCK_M=bm, BLOCK_D=bd,
         num_warps=T.num_warps_for(bm * bd * (2 if cos_sin else 3)),
     )
     return ys
@@ -211,11 +220,11 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
     dys = [d.contiguous() for d in dys]
     dw_part = T.empty((len(xs), programs, n_cols), torch.float32, x.device) if has_w else dxs[0]
     a, b = xs[0], xs[-1]
-    T.launch(_rope_bwd)[(programs, len(xs))](
+    T.launch(_rope_bwd)[(programs,)](
         a, b, weights[0] if has_w else a, weights[-1] if has_w else b, dys[0], dys[-1], dxs[0], dxs[-1], dw_part,
         F0, F1, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
         *T.row_args(a), *T.row_args(b), *fstrides, eps,
-        COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, BLOCK_M=bm, BLOCK_D=bd,
+        COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, TWO=len(xs) == 2, BLOCK_M=bm, BLOCK_D=bd,
         num_warps=T.num_warps_for(bm * bd * (2 if cos_sin else 3)),
     )
     return dxs, ([dw_part[i].sum(0) for i in range(len(xs))] if has_w else None)
