@@ -19,7 +19,7 @@ So that it runs anywhere without downloads, the model is a random-init *tiny*
 noise and timesteps drawn once: a small, learnable regression problem whose loss falls within a
 few steps. Swap in real latents, text embeddings and a real checkpoint for actual training.
 
-    accelerate launch --config_file configs/accelerate_zero2_lora_cuda.yaml examples/train_flux_lora.py --output_dir out
+    accelerate launch --config_file configs/accelerate_zero2_lora.yaml examples/train_flux_lora.py --output_dir out
     accelerate launch ... examples/train_flux_lora.py --output_dir out --max_train_steps 12 --resume_from_checkpoint latest
 """
 

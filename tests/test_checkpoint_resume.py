@@ -12,7 +12,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "train_flux_lora.py")
-NPU_CONFIG = os.path.join(REPO, "configs", "ds_zero2_bf16_lora_npu.json")
+NPU_CONFIG = os.path.join(REPO, "configs", "ds_zero2_bf16_lora.json")
 
 
 def flux_npu_run(*args, env_extra=None, timeout=300):

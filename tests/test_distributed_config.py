@@ -222,20 +222,25 @@ def test_unknown_xflux_key_and_bad_input():
 
 
 def test_committed_configs_match_the_generator_and_validate():
-    configs = os.path.join(REPO, "configs")
+    configs = os.path.join(REPO, "flux_npu", "data", "configs")  # shipped in the package; configs/ links here
+    assert os.path.samefile(configs, os.path.join(REPO, "configs")) and os.path.samefile(configs, gen.SHIPPED)
     assert gen.check(configs) == []
     from accelerate.commands.config.config_args import load_config_from_file
 
     names = sorted(gen.render())
-    assert len([n for n in names if n.endswith(".json")]) == 4
+    assert [n for n in names if n.endswith(".json")] == ["ds_zero2_bf16_full.json", "ds_zero2_bf16_lora.json"]
     for name in names:
         path = os.path.join(configs, name)
         if name.endswith(".json"):
             cfg = json.load(open(path))
             ds = validate(cfg)
             assert ds.zero_optimization_stage == 2 and ds.bfloat16_config.enabled
-            backend = name.rsplit("_", 1)[1][:-5]
-            assert rewrite(path, backend, soc="910B" if backend == "npu" else None).changes == []  # a fixed point
+            # one file for both: a fixed point of the rules for each, on the installed and the minimum DeepSpeed
+            for version in (None, gen.MIN_DEEPSPEED):
+                assert rewrite(path, "npu", soc="910B", deepspeed_version=version).changes == []
+                assert rewrite(path, "cuda", deepspeed_version=version).changes == []
+            # what a 910A needs is applied for it at launch, not shipped as a copy
+            assert rewrite(path, "npu", soc="910A").config["fp16"]["enabled"] is True
         else:
             acc = load_config_from_file(path)
             assert acc.distributed_type == "DEEPSPEED" and acc.mixed_precision == "bf16"
@@ -246,9 +251,10 @@ def test_committed_configs_match_the_generator_and_validate():
 def test_generator_check_detects_drift(tmp_path):
     gen.write(str(tmp_path))
     assert gen.check(str(tmp_path)) == []
-    victim = tmp_path / "ds_zero2_bf16_lora_npu.json"
+    victim = tmp_path / "ds_zero2_bf16_lora.json"
     victim.write_text(victim.read_text().replace("200000000", "300000000"))
-    assert gen.check(str(tmp_path)) == ["ds_zero2_bf16_lora_npu.json"]
+    (tmp_path / "ds_zero2_bf16_lora_npu.json").write_text("{}")  # a copy the generator no longer makes
+    assert gen.check(str(tmp_path)) == ["ds_zero2_bf16_lora.json", "ds_zero2_bf16_lora_npu.json"]
     assert gen.main(["--check", str(tmp_path)]) == 1
 
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NPU_CONFIG = os.path.join(REPO, "configs", "ds_zero2_bf16_lora_npu.json")
+NPU_CONFIG = os.path.join(REPO, "configs", "ds_zero2_bf16_lora.json")
 
 # Each rank records its pid, its parent's (torchrun, or the launcher in single-process mode) and the
 # temporary DeepSpeed config the launcher made, then does what argv[2] says.

@@ -214,7 +214,8 @@ def load_config(config) -> Tuple[dict, str]:
             data = _load_yaml(text, path)
         else:
             try:
-                data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=lambda c: _reject_constant(c, path))
+                data = json.loads(text, object_pairs_hook=_no_duplicates,
+                                  parse_constant=lambda c: _reject_constant(c, path))
             except json.JSONDecodeError as exc:
                 raise DeepSpeedConfigError(f"{path} is not valid JSON: {exc}") from None
             except RecursionError:

@@ -1,0 +1,72 @@
+"""Packaging (issue 12, item 10): pyproject metadata and license, extras given as ranges (so installing
+flux-npu never downgrades an existing diffusers / DeepSpeed / accelerate), and package data that
+covers the shipped configs and golden. (`pip install .` into a fresh venv was checked by hand; see
+the README's install sections.)"""
+
+import glob
+import os
+import re
+
+import pytest
+
+import flux_npu
+from flux_npu.distributed import configs as gen
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYPROJECT = os.path.join(REPO, "pyproject.toml")
+
+
+@pytest.fixture(scope="module")
+def project():
+    with open(PYPROJECT, "rb") as f:
+        return tomllib.load(f)
+
+
+def _name(req):
+    return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower()
+
+
+def test_metadata_and_license(project):
+    meta = project["project"]
+    assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
+    with open(os.path.join(REPO, "LICENSE")) as f:
+        text = f.read()
+    assert "Apache License" in text and "Version 2.0" in text and "END OF TERMS AND CONDITIONS" in text
+    assert meta["authors"] == [{"name": "flux-npu developers"}] and meta["readme"] == "README.md"
+    assert meta["requires-python"] == ">=3.10" and meta["description"]
+    assert any(c.startswith("Programming Language :: Python :: 3.11") for c in meta["classifiers"])
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "flux_npu.__version__"}
+    assert meta["scripts"] == {"flux-npu": "flux_npu.cli:main"}
+    assert not os.path.exists(os.path.join(REPO, "setup.py"))  # one source of metadata
+
+
+def test_extras_are_ranges_and_all_covers_the_test_suite(project):
+    extras = project["project"]["optional-dependencies"]
+    assert {"diffusers", "deepspeed", "triton", "npu", "plot", "test", "all"} <= set(extras)
+    for group, reqs in [("dependencies", project["project"]["dependencies"])] + list(extras.items()):
+        for req in reqs:
+            assert "==" not in req and "~=" not in req, f"{group}: {req} is a pin; give a range"
+    for req in extras["diffusers"] + extras["deepspeed"]:
+        assert ">=" in req or _name(req) in ("sentencepiece", "packaging"), req
+    # torch_npu must be installed by hand to match torch and CANN: an extra would let pip pick a wrong one
+    assert not any(_name(r) in ("torch-npu", "torch_npu") for reqs in extras.values() for r in reqs)
+    # DeepSpeed's floor is what lets one shipped config serve NPU and CUDA
+    ds = next(r for r in extras["deepspeed"] if _name(r) == "deepspeed")
+    assert f">={gen.MIN_DEEPSPEED}" in ds
+    (everything,) = extras["all"]
+    assert set(everything.split("[")[1].rstrip("]").split(",")) == set(extras) - {"all"}
+
+
+def test_package_data_covers_the_configs_and_the_golden(project):
+    globs = project["tool"]["setuptools"]["package-data"]["flux_npu"]
+    pkg = os.path.dirname(flux_npu.__file__)
+    covered = {os.path.relpath(p, pkg) for g in globs for p in glob.glob(os.path.join(pkg, g))}
+    shipped = {os.path.join("data", "configs", name) for name in gen.render()}
+    assert shipped <= covered
+    assert os.path.join("data", "golden", "parity_cpu.safetensors") in covered
+    # the packaged golden is the tests' golden (a link: one file, two paths), never a stale copy
+    assert os.path.samefile(os.path.join(pkg, "data", "golden", "parity_cpu.safetensors"),
+                            os.path.join(REPO, "tests", "golden", "parity_cpu.safetensors"))
+    assert os.path.samefile(os.path.join(REPO, "configs"), gen.SHIPPED)
