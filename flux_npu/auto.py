@@ -7,9 +7,11 @@ FLUX_NPU_TRANSFER_TO_NPU=1 also applies torch_npu.contrib.transfer_to_npu (npu o
 effects). Nothing is imported on behalf of the script: diffusers, transformers and BFL-layout code
 (ComfyUI, kohya, forks found by structure) are patched by the import hook when the script imports
 them, so this line costs little more than importing torch. The handle is `flux_npu.auto.HANDLE`
-(report(), undo()); FLUX_NPU_REPORT=1 prints its report to stderr.
+(report(), undo()); FLUX_NPU_REPORT=1 prints its report to stderr when the script exits (then it
+shows what the import hook patched and the run-time hand-backs, not only what was pending).
 """
 
+import atexit
 import os
 import sys
 
@@ -28,5 +30,10 @@ HANDLE = patch(
     lazy=True,
 )
 
-if os.environ.get("FLUX_NPU_REPORT", "") not in ("", "0"):
+
+def _print_report():
     print(HANDLE.report_table(), file=sys.stderr)
+
+
+if os.environ.get("FLUX_NPU_REPORT", "") not in ("", "0"):
+    atexit.register(_print_report)

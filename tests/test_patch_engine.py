@@ -38,7 +38,7 @@ def _diffusers_symbols():
 
 def _bfl_symbols():
     import flux.math
-    import flux.modules.layers as layers
+    from flux.modules import layers
 
     return {
         "attention": (flux.math, "attention"),
@@ -111,9 +111,9 @@ def test_import_hook_patches_modules_imported_later():
     _forget_bfl()
     handle = flux_npu.patch("cpu", targets=["bfl"])
     assert any(r.status == "pending" and "the import hook patches one" in r.reason for r in handle.report())
-    import flux.model  # noqa: F401  (imported after patch())
     import flux.math
-    import flux.modules.layers as layers
+    import flux.model
+    from flux.modules import layers
 
     assert getattr(flux.math.attention, "__wrapped_original__", None) is not None
     assert layers.attention is flux.math.attention  # the by-name import got the replacement
@@ -128,7 +128,7 @@ def test_import_hook_patches_modules_imported_later():
     assert flux.math.attention is original and layers.attention is original
     assert_close(out, original(q, k, v, pe), torch.float32)
     _forget_bfl()
-    import flux.model  # noqa: F401,F811  (fresh, unpatched copy for the tests that follow)
+    import flux.model
 
 
 def test_drifted_target_is_skipped_with_a_reason():

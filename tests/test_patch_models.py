@@ -8,11 +8,6 @@ import copy
 
 import pytest
 import torch
-
-import flux_npu
-from flux_npu import ops
-from flux_npu.testing import tolerance
-
 from flux_helpers import (
     bfl_inputs,
     bfl_model,
@@ -23,6 +18,10 @@ from flux_helpers import (
     diffusers_run,
     errors,
 )
+
+import flux_npu
+from flux_npu import ops
+from flux_npu.testing import tolerance
 
 BF16_FACTOR = 2.0  # patched bf16 error may be at most this multiple of the stock bf16 error (+ a floor)
 BF16_FLOOR = 1e-3
@@ -72,7 +71,10 @@ def test_diffusers_patched_ops_actually_ran():
     assert served[("apply_rope", "cpu", "torch.complex_mul")] == 4  # q and k in the double blocks
     assert served[("rms_norm", "cpu", "torch.rms_norm")] == 2 * 4  # norm_q/k/added_q/added_k
     assert served[("qk_norm_rope", "cpu", "torch.rms_norm+complex_mul")] == 2  # single blocks: norm feeds RoPE
-    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * 2 + 2 + 1  # norm1(+context), single, norm_out
+    # AdaLN: norm1/norm1_context (AdaLayerNormZero) and norm2/norm2_context (inside the block
+    # forward) in 2 double blocks, 1 per single block, norm_out
+    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * 4 + 2 + 1
+    assert served[("gated_residual", "cpu", "torch.addcmul")] == 2 * 4 + 2  # attn, ff x (img, text); single out
     assert served[("rope_freqs", "cpu", "reference")] == 3
     assert not ops.dispatch_stats()["fallback"]
     ops.reset_dispatch_stats()
@@ -115,6 +117,9 @@ def test_bfl_model_float32_and_routing():
     assert served[("apply_rope", "cpu", "torch.complex_mul")] == 8
     assert served[("rms_norm", "cpu", "torch.rms_norm")] == 12  # QKNorm q and k: 2 per stream in 2 double, 1 in 2 single
     assert served[("rope_freqs", "cpu", "reference")] == 3
+    # AdaLN: img/txt norm1/norm2 per double block, pre_norm per single block, the last layer
+    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * 4 + 2 + 1
+    assert served[("gated_residual", "cpu", "torch.addcmul")] == 2 * 4 + 2
 
 
 def test_bfl_model_bfloat16():

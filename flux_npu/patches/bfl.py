@@ -16,9 +16,11 @@ math:   attention(q, k, v, pe, [mask | attn_mask], [transformer_options]) -> ops
 layers: RMSNorm.forward -> ops.rms_norm (output dtype probed from the original once: BFL promotes
         with the scale's dtype, kohya keeps x's); QKNorm.forward -> ops.rms_norm of q and k rounded
         once to v's dtype; EmbedND.forward -> ops.rope_freqs per axis.
-blocks: DoubleStreamBlock / SingleStreamBlock / LastLayer forwards (the 11 LayerNorm+modulate calls
-        of a Flux forward per double+single+last) -> ops.layer_norm_modulate, and the gated
-        residuals -> ops.gated_residual: see bfl_blocks.py.
+blocks: DoubleStreamBlock / SingleStreamBlock / LastLayer forwards (kohya: their `_forward`): the
+        inline LayerNorm+modulate expressions (4 per double block, 1 per single block, 1 in the
+        last layer) -> ops.layer_norm_modulate and the gated residuals -> ops.gated_residual, by
+        rewriting those expressions in the forward's own source (rewrite.py); a forward written
+        another way (e.g. ComfyUI's apply_mod helper) is reported as skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from .. import ops
 from .engine import PatchSet, Spec, handback, register_patch_set, signature_drift, suffix_pattern
+from .rewrite import build_block_forward
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 
@@ -249,6 +252,11 @@ register_patch_set(
                  params=("self", "q", "k", "v"), ops=("rms_norm",)),
             Spec("EmbedND.forward", build_embednd_forward, "RoPE frequencies -> ops.rope_freqs", params=("self", "ids"),
                  ops=("rope_freqs",)),
+            *[Spec(f"{cls}.{meth}", build_block_forward(f"BFL {cls}"), "AdaLN + gated residuals",
+                   ops=("layer_norm_modulate", "gated_residual"), optional=optional)
+              for cls, meth, optional in (("DoubleStreamBlock", "forward", False), ("DoubleStreamBlock", "_forward", True),
+                                          ("SingleStreamBlock", "forward", False), ("SingleStreamBlock", "_forward", True),
+                                          ("LastLayer", "forward", False))],
         ],
     )
 )

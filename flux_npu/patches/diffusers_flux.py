@@ -6,6 +6,10 @@
   backend can hand it to the fused op without a transpose). In single-stream blocks, where the QK
   norm feeds RoPE directly, both go through ops.qk_norm_rope (one fused Triton pass on cuda). Processors configured for another
   diffusers attention backend or for context parallelism keep the stock path.
+- `FluxTransformerBlock.forward` / `FluxSingleTransformerBlock.forward`: the feed-forward-side
+  LayerNorm + (1 + scale_mlp) + shift_mlp (norm2, norm2_context) -> ops.layer_norm_modulate and
+  the gated residuals (attention, feed-forward, single-block output) -> ops.gated_residual, by
+  rewriting only those expressions in the installed forward's source (rewrite.py).
 - `FluxPosEmbed.forward`: RoPE frequencies -> ops.rope_freqs (float32 on devices without float64).
 - `AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous.forward`: the AdaLN
   LayerNorm + modulation -> ops.layer_norm_modulate (only the no-affine LayerNorm form Flux uses;
@@ -24,6 +28,7 @@ import torch
 
 from .. import ops
 from .engine import OP_NAMES, PatchSet, Spec, exact, handback, note_route, register_patch_set, torch_compiling
+from .rewrite import build_block_forward
 
 FLUX_MODULE = "diffusers.models.transformers.transformer_flux"
 NORM_MODULE = "diffusers.models.normalization"
@@ -222,7 +227,7 @@ def build_ada_continuous_forward(original, backend):
     return forward
 
 
-_PAIR_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()  # (id cos, id sin) -> (weakrefs, versions, verdict)
+_PAIR_CACHE: OrderedDict[tuple, tuple] = OrderedDict()  # (id cos, id sin) -> (weakrefs, versions, verdict)
 _PAIR_CACHE_SIZE = 16
 
 
@@ -300,6 +305,12 @@ register_patch_set(
                 instance=_processor_instances,
                 ops=("attention", "rms_norm", "apply_rope"),
             ),
+            Spec("FluxTransformerBlock.forward", build_block_forward("diffusers FluxTransformerBlock"),
+                 "AdaLN (feed-forward side) + gated residuals", ops=("layer_norm_modulate", "gated_residual"),
+                 params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
+            Spec("FluxSingleTransformerBlock.forward", build_block_forward("diffusers FluxSingleTransformerBlock"),
+                 "gated residual", ops=("gated_residual",),
+                 params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
             Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs", params=("self", "ids"),
                  ops=("rope_freqs",)),
         ],

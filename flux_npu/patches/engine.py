@@ -40,8 +40,9 @@ import types
 import warnings
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from ..backends import Backend, get_backend
 
@@ -58,7 +59,7 @@ DEFERRED = "deferred"  # found half-imported; patched when its import finishes
 OP_NAMES = ("attention", "apply_rope", "rope_freqs", "rms_norm", "layer_norm_modulate", "gated_residual")
 
 
-def select_ops(ops=None, exclude=None) -> FrozenSet[str]:
+def select_ops(ops=None, exclude=None) -> frozenset[str]:
     """The set of op names to route: `ops` (default all) minus `exclude`; unknown names raise."""
     chosen = set(OP_NAMES) if ops is None else set([ops] if isinstance(ops, str) else ops)
     dropped = set() if exclude is None else set([exclude] if isinstance(exclude, str) else exclude)
@@ -78,7 +79,7 @@ def handback(op: str, backend, reason: str) -> None:
     record_fallback(op, backend.name, reason)
 
 
-_ROUTES: "Counter[tuple]" = Counter()  # (what, route) -> calls: which implementation a patched call used
+_ROUTES: Counter[tuple] = Counter()  # (what, route) -> calls: which implementation a patched call used
 
 
 def note_route(what: str, route: str) -> None:
@@ -87,7 +88,7 @@ def note_route(what: str, route: str) -> None:
         _ROUTES[(what, route)] += 1
 
 
-def routes() -> Dict[tuple, int]:
+def routes() -> dict[tuple, int]:
     return dict(_ROUTES)
 
 
@@ -133,10 +134,10 @@ class Spec:
     symbol: str
     build: Callable[..., Any]
     what: str
-    params: Optional[Sequence[str]] = None
+    params: Sequence[str] | None = None
     rebind: bool = False
-    instance: Optional[Callable] = None
-    ops: Tuple[str, ...] = OP_NAMES
+    instance: Callable | None = None
+    ops: tuple[str, ...] = OP_NAMES
     optional: bool = False
 
 
@@ -148,10 +149,10 @@ class PatchSet:
 
     target: str  # the group name used by patch(targets=[...]): "diffusers", "bfl", "transformers"
     matches: Callable[[str], bool]
-    specs: List[Spec]
+    specs: list[Spec]
     import_names: Sequence[str] = ()
     describe: str = ""
-    recognise: Optional[Callable[[types.ModuleType], bool]] = None
+    recognise: Callable[[types.ModuleType], bool] | None = None
 
     def applies_to(self, name: str, module) -> bool:
         if self.matches(name):
@@ -177,7 +178,7 @@ def suffix_pattern(*suffixes: str) -> Callable[[str], bool]:
 
 # -- registry of patch sets -------------------------------------------------------------------
 
-_SETS: Dict[str, List[PatchSet]] = {}
+_SETS: dict[str, list[PatchSet]] = {}
 
 
 def register_patch_set(ps: PatchSet) -> PatchSet:
@@ -185,7 +186,7 @@ def register_patch_set(ps: PatchSet) -> PatchSet:
     return ps
 
 
-def known_targets() -> List[str]:
+def known_targets() -> list[str]:
     _load_builtin_sets()
     return list(_SETS)
 
@@ -199,8 +200,8 @@ def _load_builtin_sets():
 _LOCK = threading.RLock()
 # (id(owner), attr) -> handle that patched it. Weak: an instance-level handle (and the model its
 # records reference) must die with the user's last reference, not live on in this table.
-_LIVE: "weakref.WeakValueDictionary[tuple, PatchHandle]" = weakref.WeakValueDictionary()
-_HANDLES: List["PatchHandle"] = []  # module/class-level handles (the import hook serves them)
+_LIVE: weakref.WeakValueDictionary[tuple, PatchHandle] = weakref.WeakValueDictionary()
+_HANDLES: list[PatchHandle] = []  # module/class-level handles (the import hook serves them)
 
 
 @dataclass
@@ -241,6 +242,12 @@ def _build(spec: Spec, original, backend, enabled):
     return spec.build(original, backend, enabled) if n >= 3 else spec.build(original, backend)
 
 
+def _build_failure(exc) -> str:
+    if type(exc).__name__ == "NothingToFuse":  # a block forward without the expressions we fuse
+        return f"nothing to fuse: {exc}; stock code kept"
+    return f"cannot build replacement: {type(exc).__name__}: {exc}"
+
+
 def _guard(replacement, original, alive):
     """A replacement that runs only while its handle is live and the original otherwise: someone
     else may put our replacement back after undo() (a mock.patch that exits out of order)."""
@@ -256,7 +263,7 @@ def _guard(replacement, original, alive):
     return guarded
 
 
-def signature_drift(original, params: Optional[Sequence[str]]) -> Optional[str]:
+def signature_drift(original, params: Sequence[str] | None) -> str | None:
     if params is None:
         return None
     fn = _callable_of(original)
@@ -300,7 +307,7 @@ class _WatchedSpec(importlib.machinery.ModuleSpec):
                     logger.warning("flux_npu: deferred patch of %s failed: %s", self.name, exc)
 
 
-_WHEN_IMPORTED: Dict[int, List[Callable[[], None]]] = {}
+_WHEN_IMPORTED: dict[int, list[Callable[[], None]]] = {}
 
 
 def _when_imported(module, fn) -> bool:
@@ -317,16 +324,16 @@ def _when_imported(module, fn) -> bool:
 class PatchHandle:
     """What one `patch()` call did: `report()`, `undo()`, context manager."""
 
-    def __init__(self, backend: Backend, targets: Sequence[str], model=None, enabled: FrozenSet[str] = frozenset(OP_NAMES)):
+    def __init__(self, backend: Backend, targets: Sequence[str], model=None, enabled: frozenset[str] = frozenset(OP_NAMES)):
         self.backend = backend
         self.targets = list(targets)
         self.enabled = frozenset(enabled)
         self._model = weakref.ref(model) if model is not None else None
-        self._records: List[_Record] = []
-        self._rows: List[Row] = []
+        self._records: list[_Record] = []
+        self._rows: list[Row] = []
         self._seen_modules: set = set()
-        self._rebind_scopes: Dict[int, tuple] = {}
-        self._deferred: List[tuple] = []  # (patch set, module) found half-imported, no spec hook
+        self._rebind_scopes: dict[int, tuple] = {}
+        self._deferred: list[tuple] = []  # (patch set, module) found half-imported, no spec hook
         self._alive = [True]  # read by every replacement (see _guard)
         self._active = True
 
@@ -338,11 +345,11 @@ class PatchHandle:
     def add_row(self, target, symbol, status, reason):
         self._rows.append(Row(target, symbol, status, reason))
 
-    def report(self) -> List[Row]:
+    def report(self) -> list[Row]:
         """Rows (target, symbol, status, reason), in the order they happened."""
         return list(self._rows)
 
-    def runtime_handbacks(self) -> List[tuple]:
+    def runtime_handbacks(self) -> list[tuple]:
         """(op, reason, count) of this backend's run-time hand-backs so far: patched code that
         passed a call to the original and kernels that declined an input (dispatch_stats)."""
         from ..ops import dispatch_stats
@@ -374,7 +381,7 @@ class PatchHandle:
     def active(self) -> bool:
         return self._active
 
-    def patched_symbols(self) -> List[tuple]:
+    def patched_symbols(self) -> list[tuple]:
         return [(r.owner, r.attr) for r in self._records]
 
     # applying ----------------------------------------------------------------------------
@@ -394,7 +401,7 @@ class PatchHandle:
         self._records.append(_Record(owner, attr, original, replacement, had_own, _current(owner, attr)))
         _LIVE[key] = self
 
-    def set_attr(self, owner, attr, replacement) -> Optional[str]:
+    def set_attr(self, owner, attr, replacement) -> str | None:
         """Replace owner.attr, recorded. Returns a reason if it was already patched."""
         with _LOCK:
             other = _LIVE.get((id(owner), attr))
@@ -495,8 +502,9 @@ class PatchHandle:
         try:
             replacement = _build(spec, original, self.backend, self.enabled)
         except Exception as exc:  # a builder that cannot cope with this version: skip, say why
-            self.add_row(name, spec.symbol, SKIPPED, f"cannot build replacement: {type(exc).__name__}: {exc}")
+            self.add_row(name, spec.symbol, SKIPPED, _build_failure(exc))
             return
+        what = getattr(replacement, "__flux_npu_what__", spec.what)
         replacement = _guard(replacement, _callable_of(original), self._alive)
         installed = staticmethod(replacement) if isinstance(original, staticmethod) else replacement
         reason = self.set_attr(owner, attr, installed)
@@ -509,9 +517,9 @@ class PatchHandle:
             if places:
                 shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
                 extra = f" (also rebound where imported by name: {shown})"
-        self.add_row(name, spec.symbol, PATCHED, spec.what + extra)
+        self.add_row(name, spec.symbol, PATCHED, what + extra)
 
-    def _rebind(self, original, replacement, module) -> List[str]:
+    def _rebind(self, original, replacement, module) -> list[str]:
         """Replace names bound to `original` in the other loaded modules of the same top-level
         package, and remember the scope so modules imported later are rebound too."""
         top = module.__name__.split(".")[0]
@@ -562,7 +570,7 @@ class PatchHandle:
 class _ImportHook(importlib.abc.MetaPathFinder):
     """Wraps loaders so live handles see every module right after it executes."""
 
-    _installed: Optional["_ImportHook"] = None
+    _installed: _ImportHook | None = None
 
     def find_spec(self, fullname, path, target=None):
         for finder in sys.meta_path:
@@ -604,7 +612,7 @@ class _HookedLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        for h in list(_HANDLES):
+        for h in _HANDLES:
             try:
                 h.on_import(module)
             except Exception as exc:  # never break the user's import
@@ -614,7 +622,7 @@ class _HookedLoader(importlib.abc.Loader):
 # -- public entry points ----------------------------------------------------------------------
 
 
-def _select_targets(targets) -> List[str]:
+def _select_targets(targets) -> list[str]:
     _load_builtin_sets()
     if targets is None:
         return list(_SETS)
@@ -626,7 +634,7 @@ def _select_targets(targets) -> List[str]:
     return list(targets)
 
 
-def _top_installed(modname: str) -> Optional[str]:
+def _top_installed(modname: str) -> str | None:
     """None when the top-level package of modname can be found without importing anything, else
     the reason it cannot."""
     top = modname.split(".")[0]
@@ -730,14 +738,20 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                 handle.add_row(module.__name__, spec.symbol, SKIPPED,
                                "module-level symbol: instance-only patching cannot reach it (call patch() without model=)")
                 continue
-            fn = _guard(_build(spec, original, handle.backend, handle.enabled), _callable_of(original), handle._alive)
+            try:
+                built = _build(spec, original, handle.backend, handle.enabled)
+            except Exception as exc:
+                handle.add_row(module.__name__, spec.symbol, SKIPPED, _build_failure(exc))
+                continue
+            what = getattr(built, "__flux_npu_what__", spec.what)
+            fn = _guard(built, _callable_of(original), handle._alive)
             count = 0
             for sub in model.modules():
                 if isinstance(sub, owner):
                     if handle.set_attr(sub, attr, types.MethodType(fn, sub)) is None:
                         count += 1
             handle.add_row(module.__name__, spec.symbol, PATCHED if count else SKIPPED,
-                           f"{spec.what} on {count} instance(s)" if count else f"no {owner.__name__} in the model")
+                           f"{what} on {count} instance(s)" if count else f"no {owner.__name__} in the model")
 
 
 def patch_module(module, backend=None, targets=("bfl",), ops=None, exclude=None) -> PatchHandle:
@@ -771,5 +785,5 @@ def _has_any(mod, ps: PatchSet) -> bool:
     return any(s.symbol.split(".")[0] in vars(mod) for s in ps.specs if not s.optional)
 
 
-def live_handles() -> List[PatchHandle]:
+def live_handles() -> list[PatchHandle]:
     return list(_HANDLES)
