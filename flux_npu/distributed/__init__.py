@@ -6,8 +6,9 @@
   DeepSpeed's own config class.
 - `translate_env(env, backend)`: CUDA/NCCL variables -> HCCL/Ascend ones, plus DS_ACCELERATOR.
 - `launcher.build_launch(...)` / `flux-npu run`: run an unchanged script with flux_npu.patch()
-  in every process (`bootstrap`), through torchrun for several processes.
-- `configs`: the generator of the committed files in configs/.
+  in every process (`bootstrap`), through torchrun for several processes (`torchrun`: torchrun
+  exiting with the failing rank's own code); stop signals reach every worker.
+- `configs`: the generator of the shipped files in flux_npu/data/configs (configs/ in the repository).
 """
 
 from .dsconfig import (

@@ -12,6 +12,9 @@ knows (hccl, nccl, ...) unless `cpu=True`, which turns DeepSpeed off; with `LOCA
 device its state then says one process while DeepSpeed runs two, so gather and data sharding break
 (accelerate/state.py `_prepare_backend`). On the cpu backend the bootstrap creates accelerate's
 PartialState first with the backend's process-group backend (gloo), and records that in the report.
+CPU without DeepSpeed: accelerate only forms a multi-CPU run when told it is a CPU run
+(ACCELERATE_USE_CPU, set by the launcher, which AcceleratorState reads); PartialState(cpu=True) is
+created first as well, for scripts that build a PartialState themselves before the Accelerator.
 It also makes accelerate apply an OmegaConf / x-flux DeepSpeed block it would ignore (accelerate_fix).
 """
 
