@@ -442,7 +442,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="backend to benchmark (default: FLUX_NPU_BACKEND, then auto-detect)")
     parser.add_argument("--ops", nargs="+", default=list(OPS), help=f"ops (default: all: {' '.join(OPS)})")
     parser.add_argument("--shapes", nargs="+", default=None,
-                        help=f"shape presets {' '.join(SHAPES)} (default: mini; --quick: quick; dev = Flux-dev 1024 px)")
+                        help=f"shape presets {' '.join(SHAPES)} "
+                             "(default: mini; --quick: quick; dev = Flux-dev 1024 px)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="bf16, fp32, fp16 (default: bf16 fp32)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2, GPU 10)")

@@ -32,7 +32,8 @@ def register(sub):
     r.add_argument("--backend", help="backend to record on (default: FLUX_NPU_BACKEND, then auto-detect)")
     r.add_argument("--shapes", nargs="+", default=["tiny", "width"],
                    help="shape sets: tiny, width, flux-mini, flux-dev (default: tiny width)")
-    r.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"], help="fp32, bf16, fp16 (default: all three)")
+    r.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "fp16"],
+                   help="fp32, bf16, fp16 (default: all three)")
     r.add_argument("--cases", nargs="+", help="case names (default: all; see `flux-npu parity list`)")
     r.add_argument("--seed", type=int, default=0, help="seed of the inputs and block parameters (default: 0)")
     r.add_argument("--no-backward", action="store_true", help="forward only (no gradients recorded)")

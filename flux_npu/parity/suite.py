@@ -424,12 +424,14 @@ def _verify_checksums(path, handle, keys, checksums: dict) -> None:
     unlisted = sorted(set(keys) - set(checksums))
     if unlisted:
         raise GoldenCorrupted(f"golden corrupted: tensor {unlisted[0]} has no recorded checksum ({path}; "
-                              f"{len(unlisted)} such tensor(s)): the file was altered after recording; {_rerecord(path)}")
+                              f"{len(unlisted)} such tensor(s)): the file was altered after recording; "
+                              f"{_rerecord(path)}")
     for name in sorted(keys):
         try:
             t = handle.get_tensor(name)
         except Exception as exc:
-            raise GoldenCorrupted(f"golden corrupted: tensor {name} cannot be read ({exc}); {path}: {_rerecord(path)}") from None
+            raise GoldenCorrupted(f"golden corrupted: tensor {name} cannot be read ({exc}); {path}: "
+                                  f"{_rerecord(path)}") from None
         if tensor_sha256(t) != checksums[name]:
             raise GoldenCorrupted(f"golden corrupted: tensor {name} does not match its recorded sha256 ({path}): "
                                   f"the file changed after recording (disk, transfer or edit); fetch it again or "
