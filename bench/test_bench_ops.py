@@ -1,7 +1,10 @@
 """Per-op timings, stock Flux code vs our patched op, with pytest-benchmark.
 
 Each case first checks its implementation against the reference with the tests' tolerance, then
-times it; extra_info carries the bytes moved, GB/s inputs and the device/version record.
+times it; extra_info carries the bytes moved, GB/s inputs and the device/version record. Each
+pytest-benchmark round is one call followed by a synchronisation, i.e. per-call latency (host path
+included); device time (back-to-back calls, the basis of GB/s and % of copy) is what
+`flux-npu bench ops` reports next to it.
 `pytest bench/ --benchmark-only --bench-shape mini --benchmark-json out.json`
 """
 
