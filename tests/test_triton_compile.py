@@ -4,9 +4,9 @@ The interpreter (how the other Triton tests run without a GPU) executes kernels 
 accepts programs the real compiler rejects (layouts of tl.reshape/tl.split/tl.join, pointer
 values chosen by a branch, loop-carried types). Triton can compile for a named target without a
 device: each kernel is compiled here to a cubin for sm_90 (H100) in bfloat16 at the
-configurations Flux uses (about 20 s uncached; cached by Triton after that), in a fresh interpreter where TRITON_INTERPRET is unset (`triton.jit`
-decides interpreted-or-compiled at import). On a GPU host the other tests compile and run them
-for real, so this one is skipped there.
+configurations Flux uses (about 20 s uncached; Triton caches it), in a fresh interpreter where
+TRITON_INTERPRET is unset (`triton.jit` decides interpreted-or-compiled at import). On a GPU host
+the other tests compile and run them for real, so these are skipped there.
 """
 
 import os
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from flux_npu.kernels.cuda import layer_norm_modulate, rms_norm, rope
+    from flux_npu.kernels.cuda import adaln_residual, layer_norm_modulate, rms_norm, rope
 
     PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
@@ -58,6 +58,8 @@ SCRIPT = textwrap.dedent(
         CASES.append((rope._rope_bwd, consts, ("F0", "F1", "DW")))
     CASES.append((layer_norm_modulate._ln_mod_fwd, dict(BLOCK_M=1, BLOCK_N=4096), ()))
     CASES.append((layer_norm_modulate._ln_mod_bwd, dict(BLOCK_M=1, BLOCK_N=4096), ("DSH", "DSC")))
+    CASES.append((adaln_residual._adaln_res_fwd, dict(BLOCK_M=1, BLOCK_N=4096), ()))
+    CASES.append((adaln_residual._adaln_res_bwd, dict(BLOCK_M=1, BLOCK_N=4096), ("DG", "DSH", "DSC")))
 
     done = []
     for arch, dt in ((90, "bf16"),):
@@ -81,7 +83,7 @@ def test_kernels_compile_for_sm90():
     import json
 
     done = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(done) == 18, done  # rms_norm 4, rope 12, layer_norm_modulate 2
+    assert len(done) == 20, done  # rms_norm 4, rope 12, layer_norm_modulate 2, adaln_residual 2
 
 
 TRACE_SCRIPT = textwrap.dedent(
@@ -97,17 +99,20 @@ TRACE_SCRIPT = textwrap.dedent(
 
 
     triton.runtime.driver.set_active(TargetOnly())
-    from flux_npu.kernels.cuda import _triton, layer_norm_modulate as LN, qk_norm_rope as QK, rms_norm as RMS, rope as R
+    from flux_npu.kernels.cuda import _triton, adaln_residual as AR, layer_norm_modulate as LN, qk_norm_rope as QK
+    from flux_npu.kernels.cuda import rms_norm as RMS, rope as R
 
     assert not _triton.interpreted(RMS._rms_norm_fwd)
 
     def f(x, w, q, k, cos, sin, h, sh, sc):
         yq, yk = QK.qk_norm_rope(q, k, w, w, (cos, sin), 1e-6, 1)
         outs = (RMS.rms_norm(x, w), yq, yk, LN.layer_norm_modulate(h, sh, sc), R.apply_rope(q, (cos, sin), 1))
+        outs += AR.adaln_residual(h, sc, h * 2, sh, sc)
         return (sum(o.float().pow(2).sum() for o in outs),)
 
     m = lambda *s: torch.randn(*s, device="meta")
-    args = [m(2, 5, 3, 32), m(32), m(1, 6, 2, 32), m(1, 6, 2, 32), m(6, 32), m(6, 32), m(2, 7, 64), m(2, 1, 64), m(2, 1, 64)]
+    args = [m(2, 5, 3, 32), m(32), m(1, 6, 2, 32), m(1, 6, 2, 32), m(6, 32), m(6, 32)]
+    args += [m(2, 7, 64), m(2, 1, 64), m(2, 1, 64)]
     for i in (0, 1, 2, 3, 6, 7, 8):
         args[i].requires_grad_()
     g = aot_export_joint_simple(f, args, trace_joint=True)
@@ -123,12 +128,12 @@ TRACE_SCRIPT = textwrap.dedent(
 def test_compiled_triton_path_traces_without_input_copies():
     """With compiled Triton the custom ops are triton_ops: torch.compile's AOT tracing (fake
     implementations derived from the launchers, functional decomposition into the Triton kernel
-    wrapper) covers forward and backward of all four ops, and its analysis of what each kernel
+    wrapper) covers forward and backward of all five kernels, and its analysis of what each kernel
     writes finds only the outputs, so no input is copied before a call. Traced on meta tensors
     with only a compile target set (no device)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     n_hops, cloned = res.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert int(n_hops) == 8, res.stdout  # 4 forward launches + 4 backward launches
+    assert int(n_hops) == 10, res.stdout  # 5 forward launches + 5 backward launches
     assert cloned == "[]", f"inputs copied before a Triton kernel: {cloned}"

@@ -1,0 +1,203 @@
+"""Fused gated residual + AdaLN on CUDA in Triton: h = x + gate * y, n = LayerNorm(h) * (1 + scale) + shift.
+
+Flux's double-stream blocks do exactly this between attention and the feed-forward:
+`hidden_states = hidden_states + gate_msa * attn_output`, then `norm2` and the `(1 + scale_mlp)`,
+`+ shift_mlp` modulation. Unfused that is an addcmul (read x, y; write h) and an AdaLN (read h;
+write n); here one kernel reads x and y once and writes h and n. It is not in the op table yet
+(the op and the patch that would route Flux's blocks to it belong to the op catalogue and the
+patches); the proposed op is `adaln_residual(x, gate, y, shift, scale, eps) -> (h, n)`.
+
+Numerics as the unfused code: h is computed in float32 and rounded to x's dtype, and the
+LayerNorm reads the rounded h (what the next op of unfused code sees); corrected-mean centring as
+`layer_norm_modulate.py`. gate, shift and scale vary along the same leading dims of x and are
+constant after them ((B, 1, D) against (B, S, D)); y has x's shape (any strides).
+
+Backward, with dn the gradient of n and dh that of h: the LayerNorm backward gives dh_ln (as in
+`layer_norm_modulate.py`), dh_total = dh + dh_ln, then dx = dh_total, dy = dh_total * gate,
+dgate = sum_L(dh_total * y), dshift = sum_L(dn), dscale = sum_L(dn * hhat); the three L
+reductions on a persistent grid with one float32 partial row per program. h is the saved output,
+not recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _triton as T
+from ._checks import group_split, row_reason, triton_reason
+from ._triton import jit, row_tile, tl
+from .layer_norm_modulate import _centred
+
+
+@jit
+def _adaln_res_fwd(
+    X, G, Yin, SH, SC, H, N, n_rows, n_cols, xsg, xsl, ysg, ysl, gsg, shg, scg, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    rows, cols, cmask, mask = row_tile(tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(G + g * gsg + cols, mask=cmask, other=0.0).to(tl.float32)
+    # unfused code stores h in x's dtype and normalises what it stored: round here too
+    h = (x + gate[None, :] * y).to(H.dtype.element_ty)
+    dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
+    tl.store(H + dense, h, mask=mask)
+    xc, var = _centred(h.to(tl.float32), mask, n_cols)
+    hhat = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    sh = tl.load(SH + g * shg + cols, mask=cmask, other=0.0).to(tl.float32)
+    sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(N + dense, (hhat * (1.0 + sc[None, :]) + sh[None, :]).to(N.dtype.element_ty), mask=mask)
+
+
+@jit
+def _adaln_res_bwd(
+    H, Yin, G, SC, DH, DN, DX, DY, DG, DSH, DSC, n_rows, n_cols, n_blocks, ysg, ysl, gsg, scg, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    programs = tl.num_programs(1)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    gate = tl.load(G + g * gsg + cols, mask=cmask, other=0.0).to(tl.float32)
+    sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
+    dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dsh = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dsc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for blk in range(pid, n_blocks, programs):  # persistent: one partial row per program
+        rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
+        dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
+        h = tl.load(H + dense, mask=mask, other=0.0).to(tl.float32)
+        dn = tl.load(DN + dense, mask=mask, other=0.0).to(tl.float32)
+        xc, var = _centred(h, mask, n_cols)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        hhat = xc * rstd[:, None]
+        dsh += tl.sum(dn, axis=0)
+        dsc += tl.sum(dn * hhat, axis=0)
+        dxh = dn * (1.0 + sc[None, :])
+        c1 = tl.sum(dxh, axis=1) / n_cols
+        c2 = tl.sum(dxh * hhat, axis=1) / n_cols
+        dht = rstd[:, None] * (dxh - c1[:, None] - hhat * c2[:, None])
+        dht += tl.load(DH + dense, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + dense, dht.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DY + dense, (dht * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+        y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dg += tl.sum(dht * y, axis=0)
+    part = (g * programs + pid) * n_cols + cols
+    tl.store(DG + part, dg, mask=cmask)
+    tl.store(DSH + part, dsh, mask=cmask)
+    tl.store(DSC + part, dsc, mask=cmask)
+
+
+def _blocks(n_cols, n_rows):
+    bm, bn = T.block_sizes(n_cols, n_rows)
+    return bm, bn, T.cdiv(n_rows, bm)
+
+
+def _fwd(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y (G, L, N) with unit last-dim stride; gate, shift, scale (G, N). Dense (h, n) in x's dtype."""
+    Gn, L, N = x.shape
+    bm, bn, nb = _blocks(N, L)
+    h = T.empty((Gn, L, N), x.dtype, x.device)
+    n = T.empty((Gn, L, N), x.dtype, x.device)
+    T.launch(_adaln_res_fwd)[(Gn, nb)](
+        x, gate, y, shift, scale, h, n, L, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        gate.stride(0), shift.stride(0), scale.stride(0), eps,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+    )
+    return h, n
+
+
+def _fwd_fake(x, gate, y, shift, scale, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def _bwd(
+    h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    dh: torch.Tensor, dn: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgate, dy, dshift, dscale) in the dtypes of x (= h), gate, y, shift, scale."""
+    Gn, L, N = h.shape
+    bm, bn, nb = _blocks(N, L)
+    programs = T.persistent_programs(h.device, nb)
+    dx = T.empty((Gn, L, N), h.dtype, h.device)
+    dy = T.empty((Gn, L, N), y.dtype, h.device)
+    dg, dsh, dsc = (T.empty((Gn, programs, N), torch.float32, h.device) for _ in range(3))
+    T.launch(_adaln_res_bwd)[(Gn, programs)](
+        h, y, gate, scale, dh.contiguous(), dn.contiguous(), dx, dy, dg, dsh, dsc, L, N, nb,
+        y.stride(0), y.stride(1), gate.stride(0), scale.stride(0), eps,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+    )
+    return dx, dg.sum(1).to(gate.dtype), dy, dsh.sum(1).to(shift.dtype), dsc.sum(1).to(scale.dtype)
+
+
+def _bwd_fake(h, y, gate, shift, scale, dh, dn, eps):
+    return (
+        h.new_empty(h.shape), gate.new_empty(gate.shape), y.new_empty(h.shape),
+        shift.new_empty(shift.shape), scale.new_empty(scale.shape),
+    )
+
+
+adaln_residual_op = T.define_op("adaln_residual", _fwd, _adaln_res_fwd, _fwd_fake)
+adaln_residual_bwd_op = T.define_op("adaln_residual_bwd", _bwd, _adaln_res_bwd, _bwd_fake)
+
+
+def _setup(ctx, inputs, output):
+    x, gate, y, shift, scale, eps = inputs
+    ctx.save_for_backward(output[0], y, gate, shift, scale)
+    ctx.eps = eps
+
+
+def _backward(ctx, dh, dn):
+    h, y, gate, shift, scale = ctx.saved_tensors
+    dx, dg, dy, dsh, dsc = adaln_residual_bwd_op(h, y, gate, shift, scale, dh, dn, ctx.eps)
+    return dx, dg, dy, dsh, dsc, None
+
+
+if adaln_residual_op is not None:
+    adaln_residual_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _groups(x, gate, shift, scale):
+    ks = {group_split(x.shape, t.shape) for t in (gate, shift, scale)}
+    return ks.pop() if len(ks) == 1 else None
+
+
+def adaln_residual(x, gate, y, shift, scale, eps: float = 1e-6):
+    """(x + gate * y, (1 + scale) * LayerNorm(x + gate * y) + shift), both in x's dtype, in one
+    pass; differentiable in all five tensors."""
+    why = reason(x, gate, y, shift, scale)
+    if why:
+        raise ValueError(f"triton adaln_residual: {why}")
+    k = _groups(x, gate, shift, scale)
+    N = x.shape[-1]
+    Gn, L = math.prod(x.shape[:k]), math.prod(x.shape[k:-1])
+    x3, y3 = (T.last_dim_unit(t.reshape(Gn, L, N)) for t in (x, y))
+    g2, sh2, sc2 = (T.last_dim_unit(t.reshape(Gn, N)) for t in (gate, shift, scale))
+    h, n = adaln_residual_op(x3, g2, y3, sh2, sc2, float(eps))
+    return h.view(x.shape), n.view(x.shape)
+
+
+def reason(x, gate, y, shift, scale) -> str | None:
+    """Shape rules of the kernel (None when it takes the input)."""
+    if tuple(y.shape) != tuple(x.shape):
+        return f"y {tuple(y.shape)} must have x's shape {tuple(x.shape)}"
+    if _groups(x, gate, shift, scale) is None:
+        return (
+            f"gate {tuple(gate.shape)}, shift {tuple(shift.shape)}, scale {tuple(scale.shape)} against x "
+            f"{tuple(x.shape)}: they must vary along the same leading dims and be constant after them (e.g. (B, 1, D))"
+        )
+    return None
+
+
+def check(backend, x, gate, y, shift, scale, eps):
+    """The check a registration of the proposed op would use (same convention as the others)."""
+    return (
+        triton_reason(backend, x, gate, y, shift, scale) or row_reason(x.shape[-1])
+        or reason(x, gate, y, shift, scale)
+    )
