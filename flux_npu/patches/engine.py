@@ -192,7 +192,7 @@ def known_targets() -> list[str]:
 
 
 def _load_builtin_sets():
-    from . import bfl, diffusers_flux, transformers_t5  # noqa: F401  (registration)
+    from . import bfl, diffusers_flux, diffusers_more, transformers_t5  # noqa: F401  (registration)
 
 
 # -- live bookkeeping -------------------------------------------------------------------------

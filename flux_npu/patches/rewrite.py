@@ -14,6 +14,12 @@ parsed and only these expressions are replaced, everything else is kept as writt
   (V not read afterwards) -> `_gated(X, G, Y)`: ops.gated_residual when the shapes and dtypes
   allow (y has x's shape, one dtype), else the original expression.
 
+The same machinery serves diffusers attention processors we have no hand-written replacement for
+(FLUX.2, IP-adapter): `attn.norm_q(X)` and its siblings -> `_rms(attn.norm_q, X)` (ops.rms_norm
+for a torch.nn.RMSNorm over the head dim), and `dispatch_attention_fn(...)` -> `_attention(...)`:
+ops.attention in the (B, S, H, D) layout unless the user chose a diffusers attention backend
+(or context parallelism), whose own dispatch then runs.
+
 The rewritten function is compiled against the original module's globals (names still resolve
 there, live) with its file and line numbers; a forward whose source cannot be read, that is
 decorated, uses a closure (e.g. `super()`), or contains none of these expressions is not touched
@@ -25,14 +31,18 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import types
 
 import torch
 
 from .. import ops
-from .engine import handback
+from .engine import handback, note_route
 
 LN = "__flux_npu_lnmod"
 GATED = "__flux_npu_gated"
+RMS = "__flux_npu_rms"
+ATTN = "__flux_npu_attention"
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 class NothingToFuse(Exception):
@@ -111,6 +121,30 @@ class _Expressions(ast.NodeTransformer):
         return node
 
 
+class _ProcessorCalls(ast.NodeTransformer):
+    """In an attention processor: `attn.norm_q(X)` (and norm_k / norm_added_q / norm_added_k)
+    -> `_rms(attn.norm_q, X)`; `dispatch_attention_fn(...)` -> `_attention(...)`, same arguments."""
+
+    def __init__(self, norms: bool, attention: bool):
+        self.norms, self.attention = norms, attention
+        self.rms = self.attn = 0
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        if (
+            self.norms and isinstance(f, ast.Attribute) and f.attr in QK_NORMS and isinstance(f.value, ast.Name)
+            and len(node.args) == 1 and not node.keywords
+        ):
+            self.rms += 1
+            return ast.copy_location(_call(RMS, f, node.args[0]), node)
+        if self.attention and isinstance(f, ast.Name) and f.id == "dispatch_attention_fn":
+            self.attn += 1
+            return ast.copy_location(ast.Call(func=ast.Name(id=ATTN, ctx=ast.Load()), args=node.args,
+                                              keywords=node.keywords), node)
+        return node
+
+
 def _single_target(stmt):
     if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
         return stmt.targets[0].id
@@ -181,33 +215,67 @@ def _broadcasts_to(t, x) -> bool:
         return False
 
 
-def make_helpers(backend, where: str):
-    """The two run-time helpers the rewritten forward calls; each takes the fused op when it
-    applies and computes the original expression (and counts a hand-back) when it does not."""
+def make_helpers(backend, where: str, enabled, dispatch=None):
+    """The run-time helpers the rewritten function calls; each takes the fused op when it applies
+    and computes what the original expression computes (counting a hand-back) when it does not.
+    An op the user excluded (patch(exclude=...)) gets the plain original expression."""
+    use_ln, use_gated = "layer_norm_modulate" in enabled, "gated_residual" in enabled
+    use_rms, use_attn = "rms_norm" in enabled, "attention" in enabled
 
     def lnmod(norm, x, shift, scale):
         if (
-            isinstance(x, torch.Tensor) and _plain_ln(norm, x) and _broadcasts_to(shift, x) and _broadcasts_to(scale, x)
-            and shift.dtype == scale.dtype == x.dtype
+            use_ln and isinstance(x, torch.Tensor) and _plain_ln(norm, x) and _broadcasts_to(shift, x)
+            and _broadcasts_to(scale, x) and shift.dtype == scale.dtype == x.dtype
         ):
             return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
-        handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm + same-dtype modulation")
+        if use_ln:
+            handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm + same-dtype modulation")
         return (1 + scale) * norm(x) + shift
 
     def gated(x, gate, y):
         if (
-            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(gate, torch.Tensor)
+            use_gated and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(gate, torch.Tensor)
             and y.shape == x.shape and x.dtype == y.dtype == gate.dtype and _broadcasts_to(gate, x)
         ):
             return ops.gated_residual(x, gate, y, backend=backend)
-        handback("gated_residual", backend, f"{where}: shapes or dtypes of x + gate * y differ")
+        if use_gated:
+            handback("gated_residual", backend, f"{where}: shapes or dtypes of x + gate * y differ")
         return x + gate * y
 
-    return lnmod, gated
+    def rms(norm, x):
+        if use_rms and type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
+            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+            return ops.rms_norm(x, norm.weight, eps, backend=backend)
+        if use_rms:
+            handback("rms_norm", backend, f"{where}: QK norm is not a torch.nn.RMSNorm over the head dim")
+        return norm(x)
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  attention_kwargs=None, *, backend=None, parallel_config=None):
+        from .diffusers_flux import _backend_name, user_attention_backend
+
+        chosen = user_attention_backend(types.SimpleNamespace(_attention_backend=backend))
+        if use_attn and chosen is None and parallel_config is None:
+            if dropout_p == 0.0 and not is_causal and not enable_gqa and not attention_kwargs:
+                mask = attn_mask
+                if mask is not None and mask.dim() == 2:  # (B, Sk) key padding, as diffusers' native path
+                    mask = mask[:, None, None, :]
+                note_route(f"{where} attention", "ops.attention")
+                return ops.attention(query, key, value, mask=mask, scale=scale, layout="BSHD", backend=ops_backend)
+            handback("attention", ops_backend, f"{where}: dropout, causal, GQA or attention_kwargs requested")
+        note_route(f"{where} attention", f"diffusers dispatch_attention_fn ({_backend_name(chosen)})")
+        return dispatch(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
+                        parallel_config=parallel_config)
+
+    ops_backend = backend
+    return lnmod, gated, rms, attention
 
 
-def rewrite_forward(original, backend, enabled, where: str):
-    """The original function with its AdaLN / gated-residual expressions routed to our ops."""
+def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
+    """The original function with the chosen kinds of expressions routed to our ops:
+    "adaln" (LayerNorm+modulate and gated residuals) and "processor" (QK norms and
+    dispatch_attention_fn calls of an attention processor)."""
     fn = original
     if fn.__code__.co_freevars:
         raise NothingToFuse(f"uses a closure ({', '.join(fn.__code__.co_freevars)}): not rewritten")
@@ -219,29 +287,29 @@ def rewrite_forward(original, backend, enabled, where: str):
     fdef = tree.body[0]
     if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
         raise NothingToFuse("decorated or not a plain function: not rewritten")
-    counts = {"ln": 0, "gated": 0}
-    fdef.body = _merge_pairs(fdef.body, counts)
-    tx = _Expressions()
-    fdef = tx.visit(fdef)
-    counts["ln"] += tx.ln
-    counts["gated"] += tx.gated
-    if "layer_norm_modulate" not in enabled:
-        counts["ln"] = 0
-    if "gated_residual" not in enabled:
-        counts["gated"] = 0
-    if not counts["ln"] and not counts["gated"]:
-        raise NothingToFuse("no LayerNorm+modulate or gated-residual expression in its source")
-    # route the disabled kind back to plain arithmetic: the helper names still appear in the tree
-    lnmod, gated = make_helpers(backend, where)
-    if "layer_norm_modulate" not in enabled:
-        def lnmod(norm, x, shift, scale):
-            return (1 + scale) * norm(x) + shift
-    if "gated_residual" not in enabled:
-        def gated(x, gate, y):
-            return x + gate * y
+    counts = {"ln": 0, "gated": 0, "rms": 0, "attn": 0}
+    if "adaln" in kinds:
+        fdef.body = _merge_pairs(fdef.body, counts)
+        tx = _Expressions()
+        fdef = tx.visit(fdef)
+        counts["ln"] += tx.ln
+        counts["gated"] += tx.gated
+    if "processor" in kinds:
+        px = _ProcessorCalls(norms=True, attention="dispatch_attention_fn" in fn.__globals__)
+        fdef = px.visit(fdef)
+        counts["rms"], counts["attn"] = px.rms, px.attn
+    for key, op in (("ln", "layer_norm_modulate"), ("gated", "gated_residual"), ("rms", "rms_norm"),
+                    ("attn", "attention")):
+        if op not in enabled:
+            counts[key] = 0
+    if not any(counts.values()):
+        raise NothingToFuse("no expression we fuse (LayerNorm+modulate, gated residual, QK norm, attention call) "
+                            "in its source")
+    helpers = make_helpers(backend, where, enabled, fn.__globals__.get("dispatch_attention_fn"))
     maker = ast.FunctionDef(
-        name="__flux_npu_make", args=ast.arguments(posonlyargs=[], args=[ast.arg(LN), ast.arg(GATED)], kwonlyargs=[],
-                                                    kw_defaults=[], defaults=[]),
+        name="__flux_npu_make",
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in (LN, GATED, RMS, ATTN)], kwonlyargs=[],
+                           kw_defaults=[], defaults=[]),
         body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
     )
     if "type_params" in ast.FunctionDef._fields:  # Python 3.12+
@@ -251,26 +319,33 @@ def rewrite_forward(original, backend, enabled, where: str):
     ast.increment_lineno(module, first - 1)
     code = compile(module, inspect.getsourcefile(fn) or "<flux_npu rewrite>", "exec")
     scope: dict = {}
-    exec(code, fn.__globals__, scope)  # defines only __flux_npu_make in `scope`, not in the module
-    new = scope["__flux_npu_make"](lnmod, gated)
+    exec(code, fn.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
+    new = scope["__flux_npu_make"](*helpers)
     new.__defaults__ = fn.__defaults__
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
     new.__wrapped_original__ = original
-    new.__flux_npu_fused__ = (counts["ln"], counts["gated"])
     parts = []
-    if counts["ln"]:
-        parts.append(f"{counts['ln']} LayerNorm+modulate -> ops.layer_norm_modulate")
-    if counts["gated"]:
-        parts.append(f"{counts['gated']} gated residual(s) -> ops.gated_residual")
+    for key, text in (("ln", "LayerNorm+modulate -> ops.layer_norm_modulate"),
+                      ("gated", "gated residual(s) -> ops.gated_residual"),
+                      ("rms", "QK norm(s) -> ops.rms_norm"),
+                      ("attn", "attention call(s) -> ops.attention (a diffusers backend the user chose: "
+                               "dispatch_attention_fn)")):
+        if counts[key]:
+            parts.append(f"{counts[key]} {text}")
     new.__flux_npu_what__ = ", ".join(parts) + " (rewritten in its own source; the rest as written)"
     return new
 
 
-def build_block_forward(where):
-    """A Spec builder rewriting a block forward (see module doc); `where` names it in hand-backs."""
+def build_rewrite(where, kinds=("adaln",)):
+    """A Spec builder rewriting a block forward or a processor (see module doc); `where` names it
+    in hand-back reasons and routes."""
 
     def build(original, backend, enabled):
-        return rewrite_forward(original, backend, enabled, where)
+        return rewrite_function(original, backend, enabled, where, kinds)
 
     return build
+
+
+def build_block_forward(where):
+    return build_rewrite(where, ("adaln",))
