@@ -1,5 +1,7 @@
 """Backend registry: selection order, clear errors, third-party backends, device utilities."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -150,3 +152,65 @@ def test_kernel_module_that_fails_to_import_is_a_reason_every_call(tmp_path, mon
             ops.rms_norm(x, None, backend="brokenk")
     finally:
         unregister_backend("brokenk")
+
+
+# -- cuda: attention routed around known-bad SDPA backends (pure functions, faked inputs) -----------
+
+
+def test_sdpa_route_excludes_cudnn_for_training_on_sm90_since_torch_2_11():
+    from flux_npu.backends.cuda import sdpa_route
+
+    r = sdpa_route("2.11.0+cu130", (9, 0), training=True)
+    assert r.backends == ("flash", "efficient", "math")
+    assert "196678" in r.reason and "FLUX_NPU_SDPA_BACKENDS" in r.reason and "sm_90" in r.reason
+    assert sdpa_route("2.13.0", (9, 0), training=True).backends == ("flash", "efficient", "math")  # no fix known
+    for version, cc, training in (("2.11.0", (9, 0), False), ("2.10.2", (9, 0), True), ("2.11.0", (8, 0), True),
+                                  ("2.11.0", None, True)):
+        assert sdpa_route(version, cc, training).backends is None, (version, cc, training)
+
+
+def test_sdpa_route_fact_with_a_fix_and_the_override():
+    from flux_npu.backends.cuda import SDPA_FACTS, sdpa_route
+
+    fixed = [dataclasses.replace(SDPA_FACTS[0], fixed_in=(2, 12))]
+    assert sdpa_route("2.11.1", (9, 0), True, facts=fixed).backends == ("flash", "efficient", "math")
+    assert sdpa_route("2.12.0", (9, 0), True, facts=fixed).backends is None
+    r = sdpa_route("2.11.0", (9, 0), True, override="cudnn, FLASH")
+    assert r.backends == ("cudnn", "flash") and "FLUX_NPU_SDPA_BACKENDS" in r.reason
+    with pytest.raises(ValueError, match="unknown or no SDPA backends.*flash,efficient,math"):
+        sdpa_route("2.11.0", (9, 0), True, override="cudnn,triton")
+
+
+def test_cuda_attention_runs_under_the_routed_sdpa_backends():
+    """The cuda kernel on CPU tensors with the route given as a backend option: an SDPA backend list
+    CPU cannot serve makes SDPA refuse (proof the restriction is applied), math serves, and the
+    routed call compiles without a graph break."""
+    from flux_npu.backends import cuda as cuda_backend
+
+    def routed(names):
+        opts = tuple(o for o in cuda_backend.BACKEND.options if o[0] != "sdpa_backends")
+        b = dataclasses.replace(cuda_backend.BACKEND, options=opts + (("sdpa_backends", names),))
+        return b.with_device_type("cpu")
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):
+        ops.attention(q, k, v, backend=routed(("efficient",)))
+    b = routed(("math",))
+    assert cuda_backend.route_for(b, None, True).reason.startswith("SDPA backends math (from backend option")
+    out = ops.attention(q, k, v, backend=b)
+    from flux_npu.testing import assert_close
+
+    assert_close(out, ops.reference.attention(q.double(), k.double(), v.double()), torch.float32)
+    compiled = torch.compile(lambda q, k, v: ops.attention(q, k, v, backend=b), backend="eager", fullgraph=True)
+    assert_close(compiled(q, k, v), out.detach().double(), torch.float32)
+    # the refused call and the math call went to the kernel; calls inside a compiled graph are not counted
+    assert ops.dispatch_stats()["served"][("attention", "cuda", "torch.sdpa")] == 2
+
+
+def test_sdpa_routing_is_in_the_cuda_capability_rows():
+    from flux_npu.backends import cuda as cuda_backend
+
+    rows = dict(cuda_backend.BACKEND.option("capability_rows")())
+    assert "cudnn" in rows["sdpa routing (training)"] and "196678" in rows["known-bad sdpa"]
+    assert cuda_backend.sdpa_routing_line(True)

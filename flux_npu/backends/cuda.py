@@ -8,6 +8,10 @@ says why it declines.
 """
 
 import functools
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,6 +39,169 @@ def compute_capability(index: int = None):
     if _probe() is not None:
         return None
     return tuple(torch.cuda.get_device_capability(index))
+
+
+# -- SDPA routing around known-bad kernels ----------------------------------------------------------
+
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")  # torch.nn.attention.SDPBackend names, short
+SDPA_ENV = "FLUX_NPU_SDPA_BACKENDS"
+SDPA_ENV_OLD = "FLUX_NPU_SDPA_PRIORITY"  # earlier name of the same setting, still read
+
+
+@dataclass(frozen=True)
+class SdpaFact:
+    """One known-bad SDPA backend: which, for what (backward = training), on which torch versions
+    ([since, fixed_in); fixed_in None while no fix is known) and compute capabilities, and where
+    the fact comes from."""
+
+    sdpa_backend: str
+    affects: str  # "backward" (training only) or "forward" (always)
+    since: Tuple[int, int]
+    fixed_in: Optional[Tuple[int, int]]
+    capabilities: Tuple[Tuple[int, int], ...]
+    what: str
+    sources: Tuple[str, ...]
+
+    def applies(self, version: Tuple[int, int], capability, training: bool) -> bool:
+        if self.affects == "backward" and not training:
+            return False
+        if capability is None or tuple(capability) not in self.capabilities:
+            return False
+        return version >= self.since and (self.fixed_in is None or version < self.fixed_in)
+
+
+SDPA_FACTS = (
+    SdpaFact(
+        sdpa_backend="cudnn",
+        affects="backward",
+        since=(2, 11),
+        fixed_in=None,
+        capabilities=((9, 0),),
+        what="cuDNN SDPA backward is broken on sm_90 (H100): illegal memory access in Flux training, "
+        "wrong (NaN) grad_q at small shapes",
+        sources=(
+            'PyTorch issue 196678, "NaN grad_q from cuDNN SDPA backward since 2.11"',
+            "flux-npu, 2026-11-25: stock diffusers Flux training on an H100 80GB HBM3 with torch 2.11.0+cu130 died "
+            "with an illegal memory access (CUBLAS_STATUS_EXECUTION_FAILED / mha_graph execute failures) and "
+            "trained with cuDNN SDPA disabled",
+        ),
+    ),
+)
+
+
+def torch_version_tuple(version: str) -> Tuple[int, int]:
+    """(major, minor) of a torch version string such as '2.11.0+cu130'."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ValueError(f"cannot read a torch version from {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_sdpa_backends(spec: str, source: str = SDPA_ENV) -> Tuple[str, ...]:
+    """'flash,efficient,math' -> ('flash', 'efficient', 'math'); unknown names are a clear error."""
+    names = tuple(s.strip().lower() for s in spec.split(",") if s.strip())
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise ValueError(
+            f"{source}={spec!r}: unknown or no SDPA backends {unknown}; name one or more of {', '.join(SDPA_BACKENDS)} "
+            "in priority order, e.g. flash,efficient,math"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class SdpaRoute:
+    """The SDPA backends to allow, in priority order (None: torch's own choice) and why."""
+
+    backends: Optional[Tuple[str, ...]]
+    reason: str
+    facts: Tuple[SdpaFact, ...] = ()
+
+
+def sdpa_route(torch_version: str, capability, training: bool, override: Optional[str] = None,
+               override_source: str = SDPA_ENV, facts=SDPA_FACTS) -> SdpaRoute:
+    """Which SDPA backends attention may use. A pure function of its inputs (tests fake them).
+
+    override (FLUX_NPU_SDPA_BACKENDS or the backend option `sdpa_backends`) wins and is used as
+    given. Otherwise every fact that applies to this torch version, compute capability and mode
+    removes its SDPA backend from torch's list (flash, efficient, cudnn, math kept in that order);
+    with none applying, torch chooses freely."""
+    if override:
+        chosen = parse_sdpa_backends(override, override_source)
+        return SdpaRoute(chosen, f"SDPA backends {','.join(chosen)} (from {override_source})")
+    version = torch_version_tuple(torch_version)
+    bad = tuple(f for f in facts if f.applies(version, capability, training))
+    if not bad:
+        return SdpaRoute(None, "SDPA backend chosen by torch (no known-bad backend for this torch/device/mode)")
+    drop = {f.sdpa_backend for f in bad}
+    chosen = tuple(b for b in SDPA_BACKENDS if b not in drop)
+    cc = f"sm_{capability[0]}{capability[1]}"
+    why = "; ".join(f"{f.what} [{f.sources[0]}]" for f in bad)
+    mode = "training" if training else "inference"
+    return SdpaRoute(
+        chosen,
+        f"SDPA {mode} on torch {version[0]}.{version[1]} / {cc}: {','.join(sorted(drop))} excluded, using "
+        f"{','.join(chosen)} ({why}); override with {SDPA_ENV}=flash,efficient,cudnn,math",
+        bad,
+    )
+
+
+_ROUTES: dict = {}
+
+
+def _override(backend: Optional[Backend] = None):
+    opt = backend.option("sdpa_backends") if backend is not None else None
+    if opt:
+        return (",".join(opt) if not isinstance(opt, str) else opt), "backend option sdpa_backends"
+    if SDPA_ENV not in _ROUTES:  # read once; reset_sdpa_routes() re-reads
+        _ROUTES[SDPA_ENV] = (os.environ.get(SDPA_ENV, "").strip() or os.environ.get(SDPA_ENV_OLD, "").strip(),
+                             SDPA_ENV if os.environ.get(SDPA_ENV, "").strip() else SDPA_ENV_OLD)
+    return _ROUTES[SDPA_ENV]
+
+
+def reset_sdpa_routes() -> None:
+    """Forget the cached routes and re-read FLUX_NPU_SDPA_BACKENDS at the next attention call."""
+    _ROUTES.clear()
+
+
+def route_for(backend: Optional[Backend], device_index, training: bool) -> SdpaRoute:
+    """The route for attention on this CUDA device in this mode, decided once and cached."""
+    key = (None if backend is None else backend.plan_key, device_index, training)
+    route = _ROUTES.get(key)
+    if route is None:
+        override, source = _override(backend)
+        cap = compute_capability(device_index) if not override else None
+        route = _ROUTES[key] = sdpa_route(torch.__version__, cap, training, override, source)
+    return route
+
+
+def warm_routes(backend: Optional[Backend] = None) -> None:
+    """Decide the routes of the current CUDA device for both modes now (the op table calls this
+    when the backend is loaded or bound by `patch()`), so a torch.compile trace only reads them."""
+    if _probe() is None:
+        index = torch.cuda.current_device()
+        for training in (True, False):
+            route_for(backend, index, training)
+
+
+def sdpa_routing_line(training: bool = True, backend: Optional[Backend] = None) -> str:
+    """One line for reports (`flux-npu info`, the patch report): how attention is routed here."""
+    if _probe() is not None and not _override(backend)[0]:
+        facts = "; ".join(f"{f.sdpa_backend} {f.affects} on torch>={f.since[0]}.{f.since[1]} "
+                          f"{'/'.join(f'sm_{a}{b}' for a, b in f.capabilities)}" for f in SDPA_FACTS)
+        return f"no CUDA device here; known-bad SDPA backends avoided when present: {facts}"
+    return route_for(backend, None, training).reason
+
+
+def capability_rows() -> list:
+    """(capability, value) rows for `flux-npu info`: compute capability and the SDPA routing."""
+    cc = compute_capability() if _probe() is None else None
+    rows = [("compute capability", f"sm_{cc[0]}{cc[1]}" if cc else "no CUDA device")]
+    rows.append(("sdpa routing (training)", sdpa_routing_line(True)))
+    rows.append(("sdpa routing (inference)", sdpa_routing_line(False)))
+    for f in SDPA_FACTS:
+        rows.append(("known-bad sdpa", f"{f.sdpa_backend} {f.affects}: {f.what}; sources: {' | '.join(f.sources)}"))
+    return rows
 
 
 class CUDADeviceUtils(DeviceUtils):
@@ -67,5 +234,7 @@ BACKEND = Backend(
     options=(
         ("min_compute_capability", MIN_COMPUTE_CAPABILITY),
         ("bf16_compute_capability", BF16_COMPUTE_CAPABILITY),
+        ("capability_rows", capability_rows),
+        ("prepare", warm_routes),
     ),
 )

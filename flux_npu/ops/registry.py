@@ -163,6 +163,9 @@ def _ensure_loaded(backend: Backend) -> None:
         prepare = getattr(sys.modules.get(mod), "prepare", None)
         if prepare is not None:
             prepare()
+    prepare = backend.option("prepare")  # the backend description's own warm-up (e.g. cuda's SDPA routes)
+    if prepare is not None:
+        prepare(backend)
 
 
 def reload_kernels(backend: Backend) -> None:
