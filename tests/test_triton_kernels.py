@@ -19,6 +19,7 @@ from flux_npu.testing import assert_close, tolerance
 triton = pytest.importorskip("triton")
 
 from flux_npu.kernels.cuda import _checks, _triton  # noqa: E402
+from flux_npu.kernels.cuda import adaln_residual as AR  # noqa: E402
 from flux_npu.kernels.cuda import layer_norm_modulate as LN  # noqa: E402
 from flux_npu.kernels.cuda import qk_norm_rope as QK  # noqa: E402
 from flux_npu.kernels.cuda import rms_norm as RMS  # noqa: E402
@@ -377,7 +378,8 @@ def test_layer_norm_modulate_grads_on_a_persistent_grid(device, launches):
 # -- custom ops: opcheck and torch.compile -----------------------------------------------------
 
 def _op_cases(device):
-    """(op, args) for every custom op, small inputs requiring grad where the op is differentiable."""
+    """(op, args) for every custom op, small inputs requiring grad where the op is differentiable
+    (tests/test_custom_ops.py also reads this table: every flux_npu op needs a case here)."""
     _seed("opcheck")
 
     def r(*shape, grad=False):
@@ -404,6 +406,11 @@ def _op_cases(device):
         "layer_norm_modulate": (LN.layer_norm_modulate_op, (x3, sh, sc, 1e-6)),
         "layer_norm_modulate_bwd": (
             LN.layer_norm_modulate_bwd_op, (r(2, 5, 40), r(2, 40), r(2, 40), r(2, 5, 40), 1e-6),
+        ),
+        "adaln_residual": (AR.adaln_residual_op, (x3, sh, r(2, 5, 40, grad=True), sh, sc, 1e-6)),
+        "adaln_residual_bwd": (
+            AR.adaln_residual_bwd_op,
+            (r(2, 5, 40), r(2, 5, 40), r(2, 40), r(2, 40), r(2, 40), r(2, 5, 40), r(2, 5, 40), 1e-6),
         ),
     }
 
