@@ -156,7 +156,13 @@ if wanted record; then
   step record record.txt $FLUX parity record --backend cuda --shapes tiny width -o tests/golden/parity_cuda.safetensors
   step record-check record.txt $FLUX parity check tests/golden/parity_cuda.safetensors --backend cpu \
     -o "$OUT/parity-cuda-on-cpu.json"
-  [ "$DRY" = 1 ] || cp "$REPO/tests/golden/parity_cuda.safetensors" "$OUT/" 2>/dev/null || true
+  if [ "$DRY" = 0 ] && [ -f "$REPO/tests/golden/parity_cuda.safetensors" ]; then
+    cp "$REPO/tests/golden/parity_cuda.safetensors" "$OUT/"
+    # the wheel ships goldens from flux_npu/data/golden, links to tests/golden (one file, two paths)
+    if [ -d "$REPO/flux_npu/data/golden" ] && [ ! -e "$REPO/flux_npu/data/golden/parity_cuda.safetensors" ]; then
+      ln -s ../../../tests/golden/parity_cuda.safetensors "$REPO/flux_npu/data/golden/parity_cuda.safetensors"
+    fi
+  fi
 fi
 if wanted ops; then
   step ops ops.txt $FLUX bench ops --backend cuda --shapes dev --dtypes bf16 fp16 fp32 $OPS_ARGS --no-progress \
@@ -179,5 +185,6 @@ if [ "$DRY" = 0 ]; then
   cat "$SUMMARY"
   echo
   echo "everything is under $OUT; send it back with: tar czf $OUT.tar.gz -C $(dirname "$OUT") $(basename "$OUT")"
-  echo "and, if the record step ran, commit tests/golden/parity_cuda.safetensors"
+  echo "and, if the record step ran, commit tests/golden/parity_cuda.safetensors and its link"
+  echo "flux_npu/data/golden/parity_cuda.safetensors"
 fi

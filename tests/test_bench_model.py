@@ -293,3 +293,22 @@ def test_list_options_take_spaces_and_commas(tmp_path):
     assert main(["bench", "model", "--preset", "tiny", "--mode", "infer", "--res", "64,80", "--steps", "1",
                  "--repeats", "1", "--no-progress", "-o", str(out)]) == 0
     assert [r["res"] for r in json.loads(out.read_text())["results"]] == [64, 80]
+
+
+def test_compile_switch_runs_each_variant_through_its_own_compiled_module():
+    """--compile: stock and patched each get a torch.compile wrapper of the same transformer
+    (the patched one traces the patched code); without it the transformer runs as is. Only the
+    wiring is checked here: compiling a model on CPU takes minutes."""
+    b = get_backend("cpu")
+    setup = M._build_setup("tiny", torch.float32, torch.device("cpu"), None, False, 0, b, True)
+    setup.use("stock")
+    stock = setup.active
+    setup.use("patched")
+    patched = setup.active
+    assert stock is not patched and stock is not setup.transformer
+    assert stock._orig_mod is setup.transformer and patched._orig_mod is setup.transformer
+    setup.use("stock")
+    assert setup.active is stock  # built once per variant
+    plain = M._build_setup("tiny", torch.float32, torch.device("cpu"), None, False, 0, b, False)
+    plain.use("patched")
+    assert plain.active is plain.transformer

@@ -7,7 +7,7 @@
 
 Command line: `flux-npu parity record|check|list`. The catalogue is in `cases.py`, the golden
 format and the comparison in `suite.py`. The shipped goldens (`parity_<backend>.safetensors`, in
-`tests/golden/` of the repository and `flux_npu/goldens/` of a wheel) are found by `golden_dir()`
+`tests/golden/` of the repository and `flux_npu/data/golden/` of a wheel) are found by `golden_dir()`
 / `shipped_goldens()` / `golden_path()`.
 """
 

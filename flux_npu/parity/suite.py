@@ -52,8 +52,9 @@ class GoldenCorrupted(GoldenError):
 
 
 def golden_dir() -> str:
-    """The directory of the shipped goldens: $FLUX_NPU_GOLDEN_DIR, else the package data of an
-    installed wheel (`flux_npu/goldens`), else the repository's `tests/golden`."""
+    """The directory of the shipped goldens: $FLUX_NPU_GOLDEN_DIR, else the repository's
+    `tests/golden` (a checkout: where `parity record` writes them), else the package data of an
+    installed wheel (`flux_npu/data/golden`, links to tests/golden in the repository)."""
     import glob
 
     env = os.environ.get("FLUX_NPU_GOLDEN_DIR")
@@ -62,11 +63,11 @@ def golden_dir() -> str:
             raise GoldenError(f"FLUX_NPU_GOLDEN_DIR={env!r} is not a directory; unset it or point it at the goldens")
         return env
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for d in (os.path.join(pkg, "goldens"), os.path.join(os.path.dirname(pkg), "tests", "golden")):
+    for d in (os.path.join(os.path.dirname(pkg), "tests", "golden"), os.path.join(pkg, "data", "golden")):
         if glob.glob(os.path.join(d, GOLDEN_FILES)):
             return d
-    raise GoldenError("no shipped parity golden found (looked in flux_npu/goldens and tests/golden); reinstall "
-                      "flux-npu from a wheel that includes its goldens, or set FLUX_NPU_GOLDEN_DIR")
+    raise GoldenError("no shipped parity golden found (looked in tests/golden and flux_npu/data/golden); "
+                      "reinstall flux-npu from a wheel that includes its goldens, or set FLUX_NPU_GOLDEN_DIR")
 
 
 def shipped_goldens() -> List[str]:
