@@ -33,6 +33,24 @@ def test_golden_locator_finds_the_shipped_goldens(tmp_path, monkeypatch):
         parity.golden_dir()
 
 
+def test_golden_locator_in_an_installed_wheel(tmp_path, monkeypatch):
+    """site-packages has flux_npu/data/golden (package data) and no tests/ beside the package."""
+    from flux_npu.parity import suite
+
+    site = tmp_path / "site-packages"
+    (site / "flux_npu" / "parity").mkdir(parents=True)
+    data = site / "flux_npu" / "data" / "golden"
+    data.mkdir(parents=True)
+    (data / "parity_cpu.safetensors").write_bytes(open(GOLDEN, "rb").read())
+    monkeypatch.delenv("FLUX_NPU_GOLDEN_DIR", raising=False)
+    monkeypatch.setattr(suite, "__file__", str(site / "flux_npu" / "parity" / "suite.py"))
+    assert parity.golden_path() == str(data / "parity_cpu.safetensors")
+    assert parity.load_golden(parity.golden_path()).meta["backend"] == "cpu"
+    (data / "parity_cpu.safetensors").unlink()
+    with pytest.raises(GoldenError, match="no shipped parity golden found"):
+        parity.golden_dir()
+
+
 def test_shipped_golden_covers_every_op_and_both_blocks():
     g = parity.load_golden(GOLDEN)
     covered = {C.CASES[e["case"]].op for e in g.entries}
