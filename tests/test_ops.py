@@ -395,3 +395,68 @@ def test_rope_operand_cache_is_thread_safe():
     got.append(cache.get((k1,), None, lambda: "v1"))
     assert writer["fired"] and got == ["v1", "v1"], got
     assert cache.get((k0,), None, lambda: "v0") == "v0" and cache.get((k1,), None, lambda: "v1") == "v1"
+
+
+# -- planned dispatch (issue 9 item 1) ----------------------------------------------------------
+
+
+def test_checks_run_once_per_signature_and_counts_stay_exact(monkeypatch):
+    """Validation and kernel checks run on the first call of an input signature only; a new shape
+    is a new signature (shape-dependent checks stay right); no environment read per call; every
+    call is counted."""
+    import os
+
+    seen = []
+    counting = Backend("countb", "cpu", lambda: None, frozenset({torch.float32}), True, "gloo", "cpu")
+    flux_npu.register_backend(counting, replace=True)
+    try:
+        def check(b, x, w, eps, od):
+            seen.append(tuple(x.shape))
+            return None if x.shape[-1] <= 64 else f"row {x.shape[-1]} > 64"
+
+        ops.register_kernel("rms_norm", "countb", "count.rms", check=check)(
+            lambda b, x, w, eps, od: reference.rms_norm(x, w, eps, od))
+        small, big = torch.randn(3, 32), torch.randn(3, 128)
+        ops.rms_norm(small, None, backend=counting)  # plans and the default backend resolved before counting
+        ops.gated_residual(small, small, small)
+
+        class CountingEnviron(dict):
+            reads = 0
+
+            def get(self, *a):
+                CountingEnviron.reads += 1
+                return super().get(*a)
+
+            def __getitem__(self, k):
+                CountingEnviron.reads += 1
+                return super().__getitem__(k)
+
+        monkeypatch.setattr(os, "environ", CountingEnviron(os.environ))
+        for _ in range(5):
+            ops.rms_norm(small, None, backend=counting)
+            ops.rms_norm(big, None, backend=counting)
+            ops.gated_residual(small, small, small)  # default backend: cached, not re-read from the env
+        assert CountingEnviron.reads == 0
+        assert seen == [(3, 32), (3, 128)]
+        stats = ops.dispatch_stats()
+        assert stats["served"][("rms_norm", "countb", "count.rms")] == 6
+        assert stats["served"][("rms_norm", "countb", "reference")] == 5
+        assert stats["fallback"][("rms_norm", "countb", "count.rms: row 128 > 64")] == 5
+        assert stats["served"][("gated_residual", "cpu", "torch.addcmul")] == 6
+        ops.set_strict(True)  # strict applies to planned fallbacks too
+        with pytest.raises(ops.KernelDeclined, match="row 128 > 64"):
+            ops.rms_norm(big, None, backend=counting)
+        ops.reset_dispatch_stats()
+        assert not ops.dispatch_stats()["served"]
+    finally:
+        flux_npu.backends.unregister_backend("countb")
+
+
+def test_bad_input_is_rejected_on_every_call_not_only_the_first():
+    x = torch.randn(2, 8)
+    ops.rms_norm(x, torch.ones(8))
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"weight must be \(8,\)"):
+            ops.rms_norm(x, torch.ones(7))
+        with pytest.raises(TypeError, match="must be a torch.Tensor"):
+            ops.rms_norm([1.0, 2.0], None)
