@@ -136,11 +136,17 @@ def test_rms_norm_out_dtype_promotes(device):
     assert_close(w.grad, wr.grad, torch.bfloat16)  # dw sums bf16-rounded-input terms
 
 
+def _blocks_beyond_persistent(device) -> int:
+    """A row-block count larger than the persistent grid on `device` (its SMs, or the
+    interpreter's few programs), so each program loops over several blocks."""
+    return _triton.persistent_programs(torch.device(device), 10**9) + 5
+
+
 def test_rms_norm_weight_grad_on_a_persistent_grid(device, launches):
-    """Many row blocks: the backward runs about one program per SM (a few under the interpreter),
-    each looping over blocks and writing one partial dw row, and still matches the reference."""
+    """More row blocks than SMs: the backward runs about one program per SM (a few under the
+    interpreter), each looping over blocks and writing one partial dw row, and still matches."""
     _seed("rms-persistent")
-    x = _leaf(torch.randn(4, 300, 2, 64).to(device))  # 2400 rows of 64 -> 38 blocks of 64 rows
+    x = _leaf(torch.randn(_blocks_beyond_persistent(device), 32, 2, 64).to(device))  # blocks of 64 rows of 64
     w = _leaf(torch.randn(64).to(device))
     y = RMS.rms_norm(x, w, 1e-6)
     g = torch.randn(y.shape).to(device)
@@ -367,7 +373,7 @@ def test_layer_norm_modulate_fp32_constant_and_offset_rows(rows, D, device):
 
 def test_layer_norm_modulate_grads_on_a_persistent_grid(device, launches):
     _seed("ln-persistent")
-    x = _leaf(torch.randn(2, 500, 48).to(device))
+    x = _leaf(torch.randn(2, 64 * _blocks_beyond_persistent(device) - 7, 48).to(device))  # blocks of 64 rows
     sh, sc = _leaf(torch.randn(2, 1, 48).to(device)), _leaf(torch.randn(2, 1, 48).to(device))
     _ln_run(x, sh, sc, sh, sc, torch.float32, device)
     (fwd,) = [grid for name, grid in launches if name == "_ln_mod_fwd"]

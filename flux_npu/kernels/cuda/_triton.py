@@ -96,9 +96,13 @@ def next_pow2(n: int) -> int:
 
 
 def block_sizes(n_cols: int, n_rows: int, tile: int = TILE):
-    """(BLOCK_M rows, BLOCK_N columns) for rows of `n_cols` elements, about `tile` elements."""
+    """(BLOCK_M rows, BLOCK_N columns) for rows of `n_cols` elements, about `tile` elements.
+    The row count is only compared, never converted, unless it is below one tile: under
+    torch.compile with dynamic shapes a changing sequence length then causes no recompile."""
     block_n = next_pow2(max(n_cols, 1))
-    block_m = max(1, min(tile // block_n, next_pow2(max(n_rows, 1)), 64))
+    block_m = max(1, min(tile // block_n, 64))
+    if n_rows < block_m:
+        block_m = next_pow2(max(n_rows, 1))
     return block_m, block_n
 
 
