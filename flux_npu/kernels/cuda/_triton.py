@@ -34,6 +34,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+from torch.library import wrap_triton  # torch's own: needs triton only when a kernel is wrapped
 
 try:  # guarded: without triton, kernels stay plain functions and the checks say why
     import triton
@@ -156,8 +157,6 @@ def row_args(t: torch.Tensor):
 def launch(kernel):
     """`kernel` as a custom op launches it: through wrap_triton (traceable by torch.compile), which
     hands interpreted kernels back unchanged."""
-    from torch.library import wrap_triton
-
     return wrap_triton(kernel)
 
 
