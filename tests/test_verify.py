@@ -65,6 +65,8 @@ def test_verify_parity_on_the_emulated_npu(tmp_path, npu_emulated):
     data = V.verify(npu_emulated, out_dir=str(tmp_path / "npu"), quick=True, skip=("ops", "model"))
     assert data["verdict"] == "PASS", data["failures"]
     assert data["environment"]["backend"] == "npu"
+    assert "not hardware results" in data["environment"]["note"]
+    assert "not hardware results" in (tmp_path / "npu" / "report.md").read_text()
     g = data["parity"]["goldens"][0]
     assert g["status"] == "pass" and g["passed"] == g["total"]
     served = {(s["op"], s["backend"]): s["kernel"] for s in data["parity"]["kernels"]["served"] if s["calls"]}

@@ -94,14 +94,14 @@ def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, iso
     b = get_backend(backend)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or f"flux-npu-verify-{b.name}-{stamp}"
+    bad = [p for p in skip if p not in PHASES]
+    if bad:
+        raise ValueError(f"--skip: unknown phase(s) {bad}; phases: {', '.join(PHASES)}")
     os.makedirs(out_dir, exist_ok=True)
     for name in REPORT_FILES:  # a reused directory must not mix this run's files with an older run's
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     log_path = os.path.join(out_dir, "verify.log")
-    bad = [p for p in skip if p not in PHASES]
-    if bad:
-        raise ValueError(f"--skip: unknown phase(s) {bad}; phases: {', '.join(PHASES)}")
     if isolate is None:
         isolate = b.device_type in ("cuda", "npu")
     report: dict = {
@@ -118,6 +118,10 @@ def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, iso
         "failures": [],
         "files": {"report": "report.md", "json": "report.json", "log": "verify.log"},
     }
+    if getattr(sys.modules.get("torch_npu"), "EMULATED", False):
+        # the tests' torch_npu contract emulator is loaded: say so wherever the figures go
+        report["environment"]["note"] = ("torch_npu is the tests' contract emulator (CPU tensors): "
+                                         "these are not hardware results")
     try:
         from .. import report as info
 
@@ -344,6 +348,8 @@ def render_markdown(r: dict) -> str:
            f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
            f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads", ""]
+    if env.get("note"):
+        out[2:2] = [f"- **{env['note']}**"]
     if r["failures"]:
         out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
     p = r.get("parity")
