@@ -2,8 +2,10 @@
 
     import flux_npu
     handle = flux_npu.patch()          # swap Flux's hot ops for the active backend's kernels
-    print(handle.report())
+    print(handle.report_table())       # what was patched, and run-time hand-backs to stock code
     handle.undo()
+
+    flux_npu.patch(exclude=["attention"])   # keep stock (or your chosen) attention, fuse the rest
 
 or `import flux_npu.auto` at the top of a script. Backends: `flux_npu.get_backend()`,
 `flux_npu.available_backends()`; ops: `flux_npu.ops.<name>`.

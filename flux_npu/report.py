@@ -102,6 +102,7 @@ def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
         data["selection"] = {"error": str(exc)}
     if patches:
         data["patches"] = dry_run_patches()
+        data["patch_runtime"] = patch_runtime()
     return data
 
 
@@ -114,6 +115,21 @@ def dry_run_patches() -> List[dict]:
         return [r.as_dict() for r in handle.report()]
     finally:
         handle.undo()
+
+
+def patch_runtime() -> Dict[str, list]:
+    """What patched code did so far in this process: run-time hand-backs to stock code (and kernel
+    declines) per op and reason, and which implementation served calls that have a choice (e.g.
+    diffusers attention: ops.attention or the user's dispatch_attention_fn backend). Empty in a
+    fresh `flux-npu info`; useful from a script (`flux_npu.report.collect(patches=True)`)."""
+    from .ops import dispatch_stats
+    from .patches import routes
+
+    fb = dispatch_stats()["fallback"]
+    return {
+        "handbacks": [{"op": op, "backend": b, "reason": r, "calls": n} for (op, b, r), n in sorted(fb.items())],
+        "routes": [{"call": w, "served_by": r, "calls": n} for (w, r), n in sorted(routes().items())],
+    }
 
 
 def render(data: Dict) -> str:
@@ -155,4 +171,15 @@ def render(data: Dict) -> str:
         out.append("what patch() would do here")
         out.append(format_table(("target", "symbol", "status", "reason"),
                                 [(r["target"], r["symbol"], r["status"], r["reason"]) for r in data["patches"]]))
+        rt = data.get("patch_runtime") or {}
+        if rt.get("handbacks"):
+            out.append("")
+            out.append("run-time hand-backs to stock code / reference so far")
+            out.append(format_table(("op", "backend", "reason", "calls"),
+                                    [(h["op"], h["backend"], h["reason"], str(h["calls"])) for h in rt["handbacks"]]))
+        if rt.get("routes"):
+            out.append("")
+            out.append("which implementation served patched calls so far")
+            out.append(format_table(("call", "served by", "calls"),
+                                    [(r["call"], r["served_by"], str(r["calls"])) for r in rt["routes"]]))
     return "\n".join(out)

@@ -195,6 +195,12 @@ def test_comfy_attention_override_is_handed_back_and_counted(layout_path):
     reasons = {r: n for (op, b, r), n in stats["fallback"].items() if op == "attention"}
     assert list(reasons.values()) == [4] and "optimized_attention_override" in next(iter(reasons))
     assert "run-time hand-backs" in table and "optimized_attention_override" in table
+    from flux_npu import report  # what `flux-npu info --patches` shows for this process
+
+    runtime = report.patch_runtime()
+    assert [h["calls"] for h in runtime["handbacks"] if "optimized_attention_override" in h["reason"]] == [4]
+    assert "optimized_attention_override" in report.render({"versions": {}, "backends": [], "patches": [],
+                                                           "patch_runtime": runtime})
     assert stats["served"][("rms_norm", "cpu", "torch.rms_norm")] == 12  # the rest is still fused
     _check_fp32(patched, stock)
 

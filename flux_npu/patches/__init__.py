@@ -1,8 +1,11 @@
 """Patches that swap Flux's hot ops for the active backend's kernels (see engine.py)."""
 
 from .engine import (
+    DEFERRED,
     NOT_FOUND,
+    OP_NAMES,
     PATCHED,
+    PENDING,
     SKIPPED,
     PatchHandle,
     PatchSet,
@@ -13,11 +16,17 @@ from .engine import (
     patch,
     patch_module,
     register_patch_set,
+    reset_routes,
+    routes,
+    select_ops,
 )
 
 __all__ = [
+    "DEFERRED",
     "NOT_FOUND",
+    "OP_NAMES",
     "PATCHED",
+    "PENDING",
     "SKIPPED",
     "PatchHandle",
     "PatchSet",
@@ -28,4 +37,7 @@ __all__ = [
     "patch",
     "patch_module",
     "register_patch_set",
+    "reset_routes",
+    "routes",
+    "select_ops",
 ]
