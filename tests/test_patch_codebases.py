@@ -294,3 +294,23 @@ def test_kohya_bfloat16_keeps_its_rmsnorm_dtype(layout_path):
         assert norm(x).dtype == torch.bfloat16
         patched = _run(m16, m16, k16, leaves)
     _check_bf16(patched, stock, ref32)
+
+
+def test_kohya_emulated_npu_calls_fused_ops_with_the_bool_mask(layout_path, npu_emulated):
+    from npu_emulator import record
+
+    fm, model = _kohya(layout_path)
+    inputs = _inputs(model.params)
+    kwargs = _kohya_kwargs(inputs)
+    leaves = {"img": inputs["img"], "txt": inputs["txt"]}
+    stock = _run(model, model, kwargs, leaves)
+    record.clear()
+    with flux_npu.patch(backend=npu_emulated, targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, model, kwargs, leaves)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    fa = record.calls("npu_fusion_attention")
+    assert len(fa) >= 4 and all("atten_mask" in c["tensors"] for c in fa[:4]), "the bool mask did not reach the op"
+    assert record.calls("npu_rotary_mul") and record.calls("npu_rms_norm")

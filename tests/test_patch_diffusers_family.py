@@ -226,3 +226,46 @@ def test_ip_adapter_processor_attention_and_norms_served():
     assert served[("attention", "cpu", "torch.sdpa")] == 2 * 2 + 2
     assert served[("rms_norm", "cpu", "torch.rms_norm")] == 2 * 4  # IP processors' QK norms
     assert served[("apply_rope", "cpu", "torch.complex_mul")] == 2 * 2  # through the patched apply_rotary_emb
+
+
+def test_flux2_and_ip_adapter_emulated_npu_call_fused_ops(npu_emulated):
+    from npu_emulator import record
+
+    for build in ("flux2", "ip"):
+        if build == "flux2":
+            model = _flux2()
+            kwargs, leaves = _flux2_inputs(torch.float32)
+        else:
+            model, kwargs, leaves = _ip_model()
+        stock = _run(model, kwargs, leaves)
+        record.clear()
+        with flux_npu.patch(backend=npu_emulated, targets=["diffusers"]):
+            ops.reset_dispatch_stats()
+            patched = _run(model, kwargs, leaves)
+            stats = ops.dispatch_stats()
+        _check_fp32(patched, stock)
+        assert not stats["fallback"], (build, stats["fallback"])
+        fa = record.calls("npu_fusion_attention")
+        assert fa and all(c["args"]["input_layout"] == "BSND" for c in fa), build
+        assert record.calls("npu_rotary_mul") and record.calls("npu_rms_norm"), build
+
+
+def test_chroma_float_mask_on_emulated_npu_is_correct_and_its_fallback_reported(npu_emulated):
+    """Chroma's pipeline mask is float 0/1, which diffusers' SDPA *adds* to the scores: not a
+    boolean mask, so npu_fusion_attention cannot take it exactly. The call is served by the
+    reference (correct) and counted with that reason; everything else stays on the fused ops."""
+    from npu_emulator import record
+
+    model = _chroma()
+    kwargs, leaves = _chroma_inputs(torch.float32)
+    stock = _run(model, kwargs, leaves)
+    record.clear()
+    with flux_npu.patch(backend=npu_emulated, targets=["diffusers"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, kwargs, leaves)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    reasons = [(r, n) for (op, b, r), n in stats["fallback"].items() if op == "attention"]
+    assert len(reasons) == 1 and reasons[0][1] == 2 and "mask" in reasons[0][0], stats["fallback"]
+    assert not [k for k in stats["fallback"] if k[0] != "attention"], stats["fallback"]
+    assert record.calls("npu_rotary_mul") and record.calls("npu_rms_norm")
