@@ -90,3 +90,30 @@ def test_compiled_patched_flux_is_one_graph_on_the_npu_code_path(npu_backend, np
     served = _check(npu_backend, npu_device, stock_graphs)
     assert served[("attention", "npu", "torch_npu.npu_fusion_attention")] > 0
     assert served[("apply_rope", "npu", "torch_npu.npu_rotary_mul")] > 0
+
+
+def test_ops_called_without_backend_compile_after_prepare(seed):
+    """Ops called directly (no patch, default backend) inside one fullgraph region, forward and
+    backward, match eager; `ops.prepare()` resolves and loads the backend outside the trace."""
+    from flux_npu.ops import reference
+
+    ops.prepare()
+    x = torch.randn(2, 6, 2, 16, requires_grad=True)
+    w = (torch.rand(16) + 0.5).requires_grad_()
+    shift, scale = torch.randn(2, 1, 32), torch.randn(2, 1, 32)
+    cs = reference.rope_freqs(torch.arange(6.0), 16, form="cos_sin")
+
+    def f(x, w):
+        q, k = ops.qk_norm_rope(x, x * 0.5, w, w, cs, 1e-6, 1)
+        a = ops.attention(q, k, x, layout="BSHD")
+        h = ops.layer_norm_modulate(a.flatten(2), shift, scale)
+        return ops.gated_residual(h, scale, ops.rms_norm(h, None))
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out_c = compiled(x, w)
+    grads_c = torch.autograd.grad(out_c.square().sum(), (x, w))
+    out_e = f(x, w)
+    grads_e = torch.autograd.grad(out_e.square().sum(), (x, w))
+    assert_close(out_c, out_e, torch.float32, scale=10.0)
+    for a, b in zip(grads_c, grads_e):
+        assert_close(a, b, torch.float32, scale=10.0)

@@ -23,6 +23,7 @@ _LAST_SELECTION: dict = {}
 # Bumped whenever the registry changes: the op table re-resolves its cached default backend then
 # (instead of reading FLUX_NPU_BACKEND on every op call).
 _GENERATION = [0]
+_DEFAULT_RESOLVED: list = []  # [generation, backend] of the last get_backend() without a name
 
 
 class BackendError(RuntimeError):
@@ -86,6 +87,7 @@ def get_backend(name: Union[str, Backend, None] = None) -> Backend:
             reason = b.unavailable_reason()
             if reason is None:
                 _record(b, "auto-detect", skipped)
+                _DEFAULT_RESOLVED[:] = [_GENERATION[0], b]
                 return b
             skipped.append((b.name, reason))
         raise BackendError("no flux_npu backend is available:\n" + _describe_all())
@@ -103,6 +105,8 @@ def get_backend(name: Union[str, Backend, None] = None) -> Backend:
             f"Pick another with {ENV_VAR}=<name> or get_backend('<name>'):\n{_describe_all()}"
         )
     _record(backend, how, [])
+    if how != "explicit":
+        _DEFAULT_RESOLVED[:] = [_GENERATION[0], backend]
     return backend
 
 

@@ -30,6 +30,7 @@ from .registry import (
     explain,
     fused_ops,
     kernels_for,
+    prepare,
     record_fallback,
     register_kernel,
     reset_default_backend,
@@ -164,7 +165,11 @@ def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("attention", _validate_attention, b, reference.attention, args, key)
-    return _run("attention", plan, b, reference.attention, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return reference.attention(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 # -- RoPE --------------------------------------------------------------------------------------
@@ -201,7 +206,11 @@ def rope_freqs(pos, dim: int, theta: float = 10000.0, form: str = "bfl", *, back
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("rope_freqs", _validate_rope_freqs, b, ref, args, key)
-    return _run("rope_freqs", plan, b, ref, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return ref(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 def _validate_apply_rope(x, freqs, sequence_dim, op="apply_rope"):
@@ -258,7 +267,11 @@ def apply_rope(x, freqs, sequence_dim: int = 2, *, backend=None):
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("apply_rope", _validate_apply_rope, b, reference.apply_rope, args, key)
-    return _run("apply_rope", plan, b, reference.apply_rope, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return reference.apply_rope(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 # -- norms -------------------------------------------------------------------------------------
@@ -295,7 +308,11 @@ def rms_norm(x, weight=None, eps: float = 1e-6, out_dtype: Optional[torch.dtype]
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("rms_norm", _validate_rms_norm, b, reference.rms_norm, args, key)
-    return _run("rms_norm", plan, b, reference.rms_norm, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return reference.rms_norm(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 def _validate_layer_norm_modulate(x, shift, scale, eps):
@@ -329,7 +346,11 @@ def layer_norm_modulate(x, shift, scale, eps: float = 1e-6, *, backend=None):
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("layer_norm_modulate", _validate_layer_norm_modulate, b, reference.layer_norm_modulate, args, key)
-    return _run("layer_norm_modulate", plan, b, reference.layer_norm_modulate, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return reference.layer_norm_modulate(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 def _validate_gated_residual(x, gate, y):
@@ -360,7 +381,11 @@ def gated_residual(x, gate, y, *, backend=None):
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("gated_residual", _validate_gated_residual, b, reference.gated_residual, args, key)
-    return _run("gated_residual", plan, b, reference.gated_residual, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return reference.gated_residual(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 def _validate_qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
@@ -405,7 +430,11 @@ def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_di
         key = plan = None
     if plan is None:  # first call with this signature, or none could be made
         return _miss("qk_norm_rope", _validate_qk_norm_rope, b, composed, args, key)
-    return _run("qk_norm_rope", plan, b, composed, args)
+    # the planned call, inline (one Python frame less on every op call)
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    return composed(*args) if plan.fn is None else plan.fn(b, *args)
 
 
 def _resolve_backend(backend):
@@ -425,6 +454,7 @@ __all__ = [
     "gated_residual",
     "kernels_for",
     "layer_norm_modulate",
+    "prepare",
     "qk_norm_rope",
     "record_fallback",
     "reference",

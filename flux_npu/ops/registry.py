@@ -238,9 +238,31 @@ def active_backend() -> Backend:
         return s[-1]
     gen = _backends._GENERATION[0]
     if _DEFAULT.get("gen") != gen:
+        last = _backends._DEFAULT_RESOLVED
+        if last and last[0] == gen:  # the application already called get_backend() for the default
+            backend = last[1]
+        elif _is_compiling():
+            # detection probes devices and imports vendor packages: not something to trace
+            raise RuntimeError(_NOT_PREPARED.format(what="no default backend is resolved yet"))
+        else:
+            backend = get_backend()
         _DEFAULT.clear()
-        _DEFAULT.update(gen=gen, backend=get_backend())
+        _DEFAULT.update(gen=gen, backend=backend)
     return _DEFAULT["backend"]
+
+
+_NOT_PREPARED = (
+    "flux_npu: {what} while torch.compile traces (detection probes devices and imports kernel packages, which "
+    "cannot be traced); call flux_npu.ops.prepare(backend) or flux_npu.patch(...) before compiling"
+)
+
+
+def prepare(backend=None) -> Backend:
+    """Resolve `backend` (None: the default), import its kernels and warm their runtime caches, so
+    that ops called inside a torch.compile region only read them. `patch()` does this itself."""
+    b = resolve_backend(backend)
+    _ensure_loaded(b)
+    return b
 
 
 def resolve_backend(backend) -> Backend:
@@ -255,6 +277,8 @@ def resolve_backend(backend) -> Backend:
         _NAMED["gen"] = gen
     b = _NAMED.get(backend) if isinstance(backend, str) else None
     if b is None:
+        if _is_compiling():
+            raise RuntimeError(_NOT_PREPARED.format(what=f"backend {backend!r} is not resolved yet"))
         b = get_backend(backend)  # raises BackendError naming the known backends
         if isinstance(backend, str):
             _NAMED[backend] = b
@@ -341,7 +365,7 @@ def traced(op: str, b: Backend, reference: Callable, args: tuple):
     """Dispatch while torch.compile traces: the checks are walked in the trace (dynamo turns
     their answers into shape/dtype guards), nothing global is read or written."""
     if b.name not in _LOADED:
-        _ensure_loaded(b)
+        raise RuntimeError(_NOT_PREPARED.format(what=f"the kernels of backend {b.name!r} are not loaded yet"))
     k, reasons = _walk(op, b, args)
     if k is not None:
         return k.fn(b, *args)
