@@ -450,3 +450,14 @@ def test_emulator_zero_size_rope(npu_emulated):
         assert ops.apply_rope(x, cs, backend=npu_emulated).shape == x.shape
         q, k = ops.qk_norm_rope(x, x, torch.ones(8), torch.ones(8), cs, backend=npu_emulated)
         assert q.shape == k.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulator_gated_residual_is_one_addcmul(npu_emulated, dtype):
+    x, g, y = (_leaf(*shape, dtype=dtype, seed=s) for s, shape in enumerate(((2, 7, 48), (2, 1, 48), (2, 7, 48))))
+    out = ops.gated_residual(x, g, y, backend=npu_emulated)
+    ref = ops.reference.gated_residual(x.double(), g.double(), y.double())  # float64, differentiable to the leaves
+    assert_close(out, ref, dtype, scale=2.0)
+    for a, b in zip(_grads(out, (x, g, y)), _grads(ref, (x, g, y))):
+        assert_close(a, b, dtype, scale=2.0)
+    assert _served("gated_residual", "torch.addcmul") == 1

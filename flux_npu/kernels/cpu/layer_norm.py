@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.registry import register_kernel
-from .._common import addcmul_gated_residual, check_gated_residual, foreign_device
+from .._common import foreign_device
 
 
 def _check(backend, x, shift, scale, eps):
@@ -17,6 +17,3 @@ def layer_norm_modulate(backend, x, shift, scale, eps):
     y = F.layer_norm(x, (x.shape[-1],), eps=eps)
     out = torch.addcmul(shift, y, scale + 1)
     return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-register_kernel("gated_residual", "cpu", "torch.addcmul", check=check_gated_residual)(addcmul_gated_residual)
