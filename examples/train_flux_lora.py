@@ -20,7 +20,8 @@ noise and timesteps drawn once: a small, learnable regression problem whose loss
 few steps. Swap in real latents, text embeddings and a real checkpoint for actual training.
 
     accelerate launch --config_file configs/accelerate_zero2_lora.yaml examples/train_flux_lora.py --output_dir out
-    accelerate launch ... examples/train_flux_lora.py --output_dir out --max_train_steps 12 --resume_from_checkpoint latest
+    accelerate launch ... examples/train_flux_lora.py --output_dir out --max_train_steps 12 \
+        --resume_from_checkpoint latest
 """
 
 import argparse

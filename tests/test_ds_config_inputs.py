@@ -21,7 +21,7 @@ FLUXKITS = os.path.join(HERE, "data", "ds_configs", "fluxkits_lora.yaml")
 # The classic "billion laughs" in YAML: nine levels of nine aliases, 342 bytes, 9**9 strings expanded.
 _LOL = ",".join(['"lol"'] * 9)
 ALIAS_BOMB = "".join(f"{name}: &{name} [{','.join([f'*{prev}'] * 9) if prev else _LOL}]\n"
-                     for prev, name in zip([None, *"abcdefgh"], "abcdefghi"))
+                     for prev, name in zip([None, *"abcdefgh"], "abcdefghi", strict=True))
 
 
 def run_cli(capsys, *args):

@@ -465,7 +465,8 @@ def convert_xflux(section: dict, top: Optional[dict], changes: List[Change]) -> 
         if k in section:
             put(k, f"zero_optimization.{k}", section[k])
     if "zero_allow_untested_optimizer" in section:
-        put("zero_allow_untested_optimizer", "zero_allow_untested_optimizer", bool(section["zero_allow_untested_optimizer"]))
+        put("zero_allow_untested_optimizer", "zero_allow_untested_optimizer",
+            bool(section["zero_allow_untested_optimizer"]))
     if "logging_batch_size_per_gpu" in section:
         changes.append(Change("deepspeed.logging_batch_size_per_gpu", section["logging_batch_size_per_gpu"], UNSET,
                               "Lightning-only logging setting with no DeepSpeed meaning; the micro-batch "
@@ -613,7 +614,8 @@ def _rule_communication(ctx: _Ctx):
             try:
                 f = float(v)
             except (TypeError, ValueError):
-                raise DeepSpeedConfigError(f"{path} = {v!r} is not a number of elements (e.g. 5e8 or 500000000)") from None
+                raise DeepSpeedConfigError(
+                    f"{path} = {v!r} is not a number of elements (e.g. 5e8 or 500000000)") from None
             if f != int(f):
                 raise DeepSpeedConfigError(f"{path} = {v!r} must be a whole number of elements")
             n = int(f)
@@ -679,8 +681,8 @@ def _rule_optimizer(ctx: _Ctx):
     if not name:
         raise DeepSpeedConfigError("optimizer block without a 'type': name one (AdamW, Adam, Lion, ...) or remove the "
                                    "block to use the optimizer your script builds")
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
     import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
     if lname not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, name):
         raise DeepSpeedConfigError(
@@ -703,7 +705,8 @@ def _rule_optimizer(ctx: _Ctx):
         elif t.backend == "npu":
             ctx.notes.append("optimizer Adam/AdamW runs as DeepSpeed's NPU FusedAdam (torch_npu.npu_apply_adam_w)")
     builder = (_CPU_OFFLOAD_BUILDER if offload else _DEVICE_BUILDER).get(lname)
-    if builder and ctx.has_builder(builder) is False and not (lname in ("adam", "adamw") and _true(_get(cfg, "optimizer.params.torch_adam"))):
+    torch_adam = lname in ("adam", "adamw") and _true(_get(cfg, "optimizer.params.torch_adam"))
+    if builder and ctx.has_builder(builder) is False and not torch_adam:
         fix = ("set zero_optimization.offload_optimizer.device='cpu' (DeepSpeed has a CPU Lion) or " if lname == "lion"
                and not offload else "")
         raise DeepSpeedConfigError(

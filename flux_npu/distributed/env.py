@@ -68,7 +68,8 @@ def translate_env(env: Mapping[str, str], backend: str) -> Tuple[Dict[str, str],
         elif name == "NCCL_DEBUG":
             level = NCCL_DEBUG_LEVELS.get(value.upper())
             if level is None:
-                rows.append((name, value, "no-equivalent", "unknown NCCL_DEBUG level; set ASCEND_GLOBAL_LOG_LEVEL yourself"))
+                rows.append((name, value, "no-equivalent",
+                             "unknown NCCL_DEBUG level; set ASCEND_GLOBAL_LOG_LEVEL yourself"))
             else:
                 _put(env, add, rows, name, value, "ASCEND_GLOBAL_LOG_LEVEL", level)
         elif name.startswith("GLOO_"):

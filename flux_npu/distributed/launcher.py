@@ -238,7 +238,8 @@ def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, n
         path = os.path.join(launch.temp_dir, "ds_config.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(result.config, f, indent=2)
-        added.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": path, ENV_DS_CONFIG: path})
+        added.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": path,
+                      ENV_DS_CONFIG: path})
     env.update(added)
 
     boot = ["-m", "flux_npu.distributed.bootstrap", script, *script_args]
