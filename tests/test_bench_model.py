@@ -260,6 +260,30 @@ def test_isolate_turns_a_dead_process_into_a_row(tmp_path, monkeypatch, capsys):
     assert "crashed" in (tmp_path / "iso.log").read_text()
 
 
+_HANGING_PYTHON = """#!/bin/sh
+# a Python that hangs when asked to run the stock variant (a stand-in for a hung device)
+case "$*" in *'"variants": ["stock"]'*) exec sleep 60 ;; esac
+exec {python} "$@"
+"""
+
+
+def test_isolate_timeout_turns_a_hung_process_into_a_row(tmp_path, monkeypatch):
+    hanging = tmp_path / "python"
+    hanging.write_text(_HANGING_PYTHON.format(python=sys.executable))
+    hanging.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(hanging))
+    rows = M.run_benchmark(presets=("tiny",), modes=("infer",), resolutions=(64, 128), backend="cpu",
+                           variants=("stock",), dtype="fp32", steps=1, warmup=0, repeats=1, isolate=True, timeout_s=2)
+    # both configurations got their row: the run went on past the first hung process
+    assert [(r.res, r.status) for r in rows] == [(64, "timeout"), (128, "timeout")]
+    assert "killed after 2 s" in rows[0].message
+
+
+def test_timeout_without_isolate_is_refused(capsys):
+    assert main(["bench", "model", "--preset", "tiny", "--timeout-s", "5", "--no-progress"]) == 1
+    assert "--timeout-s needs --isolate" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("limit", ["0.001", "0.003", "0"])
 def test_memory_limit_too_small_is_refused_up_front(capsys, limit):
     assert main(["bench", "model", "--preset", "tiny", "--res", "64", "--no-progress", "--memory-limit-gb", limit]) == 1

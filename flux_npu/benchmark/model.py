@@ -517,12 +517,22 @@ def _signal_name(rc: int) -> str:
     return f"exited with code {rc}"
 
 
-def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps: int) -> List[BenchResult]:
+def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps: int,
+                      timeout_s: Optional[float] = None) -> List[BenchResult]:
     """One configuration and variant in a fresh interpreter; a process that dies without a row
-    becomes a 'crashed' row carrying its exit status and the end of its output."""
+    becomes a 'crashed' row carrying its exit status and the end of its output, one that outlives
+    `timeout_s` a 'timeout' row (a hung device must not hang the whole run)."""
     child = dict(spec, preset=job.preset, mode=job.mode, kind=job.kind, res=job.res, variants=[variant])
     cmd = [sys.executable, "-m", "flux_npu.benchmark.model", "--child", json.dumps(child)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stderr or exc.stdout or ""
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        tail = "\n".join(out.strip().splitlines()[-40:])
+        return _failed_rows(job, b, dt, steps, spec["compile"], "timeout",
+                            f"process killed after {timeout_s:g} s (--timeout-s)",
+                            f"$ {' '.join(cmd[:4])} '<spec>'\n{tail}\n", variants=[variant])
     rows = [BenchResult(**json.loads(line[len(_ROW_TAG):])) for line in proc.stdout.splitlines()
             if line.startswith(_ROW_TAG)]
     if rows:
@@ -540,11 +550,13 @@ def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps:
 def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), resolutions=(512,), backend=None,
                   variants=("patched",), dtype="bf16", steps=None, train_steps=None, warmup=1, full_pipeline=False,
                   text_len=None, seed=0, limit_gb=None, repeats=5, progress=False, isolate=False,
-                  compile_model=False, on_row: Optional[Callable] = None) -> List[BenchResult]:
+                  compile_model=False, on_row: Optional[Callable] = None,
+                  timeout_s: Optional[float] = None) -> List[BenchResult]:
     """Run every configuration; returns one BenchResult per configuration and variant (OOM, error
     and crashed rows included), calling `on_row(row)` for each as soon as it is known.
     Each configuration is measured `repeats` times, variants interleaved; the median time is
-    reported with its spread. `isolate`: each configuration and variant in its own process."""
+    reported with its spread. `isolate`: each configuration and variant in its own process,
+    killed after `timeout_s` seconds when given."""
     b = get_backend(backend)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dt not in b.dtypes:
@@ -578,14 +590,16 @@ def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), re
                     train_steps=train_steps,
                     warmup=warmup, full_pipeline=full_pipeline, text_len=text_len, seed=seed, limit_gb=limit_gb,
                     repeats=repeats, compile=compile_model)
-        for job in jobs:
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError("--timeout-s must be positive")
+        for i, job in enumerate(jobs):
             n = steps if job.mode == "infer" else train_steps
             # variants alternate in order from one configuration to the next; within a process
             # there is one variant, so they cannot interleave round by round
-            order = job.variants if len(results) % 2 == 0 else tuple(reversed(job.variants))
+            order = job.variants if i % 2 == 0 else tuple(reversed(job.variants))
             by_variant = {}
             for v in order:
-                by_variant[v] = _run_job_isolated(job, v, spec, b, dt, n)
+                by_variant[v] = _run_job_isolated(job, v, spec, b, dt, n, timeout_s)
             take([r for v in job.variants for r in by_variant[v]])
         return results
     total = repeats * sum((steps if j.mode == "infer" else train_steps) * len(j.variants) for j in jobs)
@@ -814,6 +828,8 @@ def add_arguments(p) -> None:
     p.add_argument("--isolate", action="store_true",
                    help="run each configuration and variant in its own process: a crash (CUDA fault, segfault) "
                         "costs that row only")
+    p.add_argument("--timeout-s", type=float,
+                   help="with --isolate: kill a configuration's process after this many seconds (a 'timeout' row)")
     p.add_argument("--full-pipeline", action="store_true",
                    help="infer: include random-init T5 + CLIP text encoders and the VAE decoder in the timing")
     p.add_argument("--text-len", type=int, help="T5 tokens (default: 512 for Flux presets, 16 for tiny)")
@@ -849,6 +865,8 @@ def run(args) -> int:
         res = [int(r) for r in dict.fromkeys(names(args.res) or [])]
     except ValueError:
         raise ValueError(f"--res takes integers (pixels), got {args.res}") from None
+    if args.timeout_s is not None and not args.isolate:
+        raise ValueError("--timeout-s needs --isolate (a configuration in this process cannot be killed alone)")
     if args.plot:
         require_matplotlib()
     get_backend(args.backend)  # an unknown or unavailable backend fails before anything runs
@@ -880,7 +898,7 @@ def run(args) -> int:
         variants=variants, dtype=args.dtype, steps=args.steps, train_steps=args.train_steps, warmup=args.warmup,
         full_pipeline=args.full_pipeline, text_len=args.text_len, seed=args.seed, limit_gb=args.memory_limit_gb,
         repeats=args.repeats, progress=not args.no_progress and sys.stderr.isatty(), isolate=args.isolate,
-        compile_model=args.compile, on_row=on_row,
+        compile_model=args.compile, on_row=on_row, timeout_s=args.timeout_s,
     )
     data = to_json(results, arg_record, done=True)
     print(file=out)
@@ -901,7 +919,7 @@ def run(args) -> int:
     if args.plot:
         plot(results, args.plot, data["meta"])
         print(f"wrote {args.plot}", file=out)
-    failed = [r for r in results if r.status in ("error", "crashed")]
+    failed = [r for r in results if r.status in ("error", "crashed", "timeout")]
     if failed:
         for r in failed:
             print(f"flux-npu bench model: {r.model} {r.mode} {r.res}px {_variant_label(r)}: {r.status}: {r.message}"

@@ -234,7 +234,7 @@ def _model_bench(report, b, quick, isolate, out_dir, ops):
     # isolated children are other processes: their dispatch counts cannot be read from here
     results = M.run_benchmark(modes=("infer", "train"), train_kinds=("lora",), backend=b,
                               variants=("stock", "patched"), dtype=dtype, warmup=1, isolate=isolate,
-                              on_row=on_row, **cfg)
+                              on_row=on_row, timeout_s=900 if isolate else None, **cfg)
     data = M.to_json(results, dict(cfg, dtype=dtype, isolate=isolate), done=True)
     M.write_json_atomic(json_path, data)
     entry = report["model"]
@@ -243,7 +243,7 @@ def _model_bench(report, b, quick, isolate, out_dir, ops):
                  ratio_table=M.ratio_table(data["ratios"]) if data["ratios"] else "")
     entry["kernels"] = (_served(ops.dispatch_stats()) if not isolate else
                         "counted in the isolated benchmark processes, not here: see the parity phase's kernels")
-    failed = [r for r in results if r.status in ("error", "crashed")]
+    failed = [r for r in results if r.status in ("error", "crashed", "timeout")]
     for r in failed:
         report["failures"].append(f"model: {r.model} {r.mode} {r.res}px {r.variant}: {r.status}: {r.message}")
     entry["status"] = "FAIL" if failed else "pass"
