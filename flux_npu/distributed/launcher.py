@@ -41,7 +41,8 @@ ENV_DS_CONFIG = "FLUX_NPU_DS_CONFIG"
 
 
 DEFAULT_GRACE = 30.0  # seconds between forwarding a stop signal and SIGKILL (torchrun's own default too)
-POLL_S = 0.2
+POLL_S = 0.2  # how often the wait loop looks at the child and the stop deadline
+TRACK_S = 1.0  # how often the process tree is re-read (psutil walks /proc: not every poll)
 
 
 def _die_with_parent() -> None:
@@ -152,8 +153,11 @@ class Launch:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {s: signal.signal(s, forward) for s in handled}
         try:
+            next_track = 0.0
             while True:
-                _track(child.pid, tracked)
+                if time.monotonic() >= next_track:
+                    _track(child.pid, tracked)
+                    next_track = time.monotonic() + TRACK_S
                 try:
                     returncode = child.wait(timeout=POLL_S)
                     break
