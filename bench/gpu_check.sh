@@ -27,7 +27,8 @@
 # --quick: fewer repeats and steps (a smoke run of every step). --dry-run: print the commands.
 # Device-time budget: a lent GPU allows 10 minutes per command, so on such a machine run it in
 # pieces into the same OUT_DIR, e.g. --only env,tests,parity,record then --only suite, --only ops,
-# --only model, --only compile, --only verify.
+# --only model, --only compile, --only verify. RES="512" (or "1024") limits the model and compile
+# steps to one resolution (default "512 1024"; each run writes model-<step>-<res>.json then).
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
     --skip) SKIP="${2:?--skip needs a list of steps}"; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n "2,31p" "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT="$1"; shift ;;
   esac
@@ -168,13 +169,20 @@ if wanted ops; then
   step ops ops.txt $FLUX bench ops --backend cuda --shapes dev --dtypes bf16 fp16 fp32 $OPS_ARGS --no-progress \
     -o "$OUT/ops-cuda.json"
 fi
-MODEL="$FLUX bench model --backend cuda --preset flux-mini --res 512 1024 --mode both --train lora full --compare \
+RES="${RES:-512 1024}"
+TAG=""
+[ "$RES" = "512 1024" ] || TAG="-${RES// /-}"
+if [ -n "$TAG" ] && [ -n "$PLOT_EAGER" ]; then
+  PLOT_EAGER="--plot $OUT/model-eager$TAG.png"
+  PLOT_COMPILE="--plot $OUT/model-compile$TAG.png"
+fi
+MODEL="$FLUX bench model --backend cuda --preset flux-mini --res $RES --mode both --train lora full --compare \
 --isolate $MODEL_ARGS --no-progress"
 if wanted model; then
-  step model model.txt $MODEL -o "$OUT/model-eager.json" $PLOT_EAGER
+  step model "model$TAG.txt" $MODEL -o "$OUT/model-eager$TAG.json" $PLOT_EAGER
 fi
 if wanted compile; then
-  step compile compile.txt $MODEL --compile -o "$OUT/model-compile.json" $PLOT_COMPILE
+  step compile "compile$TAG.txt" $MODEL --compile -o "$OUT/model-compile$TAG.json" $PLOT_COMPILE
 fi
 if wanted verify; then
   step verify verify.txt $FLUX verify --backend cuda -o "$OUT/verify" $([ "$QUICK" = 1 ] && echo --quick)
