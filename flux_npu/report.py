@@ -148,7 +148,8 @@ def render(data: Dict) -> str:
             ",".join(d.replace("float", "f").replace("bf", "bf") for d in b["dtypes"]),
             ",".join(b["fused_ops"]),
         ))
-    out.append(format_table(("backend", "avail", "device / reason", "dist", "autocast", "fp64", "dtypes", "fused ops"), rows))
+    heads = ("backend", "avail", "device / reason", "dist", "autocast", "fp64", "dtypes", "fused ops")
+    out.append(format_table(heads, rows))
     sel = data.get("selection") or {}
     out.append("")
     if "error" in sel:

@@ -79,8 +79,9 @@ def _flux2(dtype=torch.float32):
 
 def _flux2_inputs(dtype, batch=2, side=4, text_len=5):
     g = torch.Generator().manual_seed(1)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)), torch.zeros(1),
-                                         indexing="ij"), dim=-1).reshape(-1, 4)
+    axis = torch.arange(float(side))
+    grid = torch.meshgrid(torch.zeros(1), axis, axis, torch.zeros(1), indexing="ij")
+    img_ids = torch.stack(grid, dim=-1).reshape(-1, 4)
     txt_ids = torch.zeros(text_len, 4)
     txt_ids[:, 3] = torch.arange(text_len)
     kwargs = dict(
@@ -182,7 +183,8 @@ def test_chroma_with_its_float_mask(dtype):
     assert not stats["fallback"], stats["fallback"]
     served = stats["served"]
     assert served[("attention", "cpu", "torch.sdpa")] == 2  # the float mask is taken as additive, like SDPA
-    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 + 2 + 1  # pruned norm1s, norm2s, single
+    # pruned norm1/norm1_context, norm2/norm2_context, the single block's norm
+    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 + 2 + 1
     assert served[("gated_residual", "cpu", "torch.addcmul")] == 4 + 1
     if dtype == torch.float32:
         _check_fp32(patched, stock)

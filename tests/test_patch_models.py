@@ -115,7 +115,8 @@ def test_bfl_model_float32_and_routing():
     _assert_fp32(patched, stock)
     assert served[("attention", "cpu", "torch.sdpa")] == 4
     assert served[("apply_rope", "cpu", "torch.complex_mul")] == 8
-    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 12  # QKNorm q and k: 2 per stream in 2 double, 1 in 2 single
+    # QKNorm q and k: 2 per stream in 2 double blocks, 1 in 2 single blocks
+    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 12
     assert served[("rope_freqs", "cpu", "reference")] == 3
     # AdaLN: img/txt norm1/norm2 per double block, pre_norm per single block, the last layer
     assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * 4 + 2 + 1
@@ -165,7 +166,8 @@ def test_t5_encoder(dtype):
         m.zero_grad(set_to_none=True)
         out = m(input_ids=ids).last_hidden_state
         out.float().pow(2).mean().backward()
-        return {"out": out.detach().clone(), **{n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}}
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return {"out": out.detach().clone(), **grads}
 
     ref32 = run(model)
     m = copy.deepcopy(model).to(dtype)

@@ -169,7 +169,8 @@ def build_embednd_forward(original, backend):
     def forward(self, ids):
         n_axes = ids.shape[-1]
         emb = torch.cat(
-            [ops.rope_freqs(ids[..., i], self.axes_dim[i], self.theta, form="bfl", backend=backend) for i in range(n_axes)],
+            [ops.rope_freqs(ids[..., i], self.axes_dim[i], self.theta, form="bfl", backend=backend)
+             for i in range(n_axes)],
             dim=-3,
         )
         return emb.unsqueeze(1)
@@ -178,6 +179,10 @@ def build_embednd_forward(original, backend):
 
 
 MATH_MODULES = ("flux.math",)
+# (class, method, optional): kohya runs the block body in `_forward` (behind checkpointing)
+BLOCK_FORWARDS = (("DoubleStreamBlock", "forward", False), ("DoubleStreamBlock", "_forward", True),
+                  ("SingleStreamBlock", "forward", False), ("SingleStreamBlock", "_forward", True),
+                  ("LastLayer", "forward", False))
 LAYER_MODULES = ("flux.modules.layers", "flux.layers")
 
 MATH_SIGNATURES = {"attention": ("q", "k", "v", "pe"), "apply_rope": ("xq", "xk", "freqs_cis"),
@@ -254,9 +259,7 @@ register_patch_set(
                  ops=("rope_freqs",)),
             *[Spec(f"{cls}.{meth}", build_block_forward(f"BFL {cls}"), "AdaLN + gated residuals",
                    ops=("layer_norm_modulate", "gated_residual"), optional=optional)
-              for cls, meth, optional in (("DoubleStreamBlock", "forward", False), ("DoubleStreamBlock", "_forward", True),
-                                          ("SingleStreamBlock", "forward", False), ("SingleStreamBlock", "_forward", True),
-                                          ("LastLayer", "forward", False))],
+              for cls, meth, optional in BLOCK_FORWARDS],
         ],
     )
 )

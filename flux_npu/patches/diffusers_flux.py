@@ -4,8 +4,11 @@
   on our ops: QK RMSNorms (`norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`) -> ops.rms_norm,
   RoPE -> ops.apply_rope, attention -> ops.attention in diffusers' (B, S, H, D) layout (so the npu
   backend can hand it to the fused op without a transpose). In single-stream blocks, where the QK
-  norm feeds RoPE directly, both go through ops.qk_norm_rope (one fused Triton pass on cuda). Processors configured for another
-  diffusers attention backend or for context parallelism keep the stock path.
+  norm feeds RoPE directly, both go through ops.qk_norm_rope (one fused Triton pass on cuda).
+  When the user chose a diffusers attention backend (set_attention_backend, the
+  attention_backend context, DIFFUSERS_ATTN_BACKEND) or context parallelism, the QK norms and
+  RoPE stay on our ops and the attention itself is diffusers' dispatch_attention_fn with their
+  backend (counted in patches.routes()); patch(exclude=["attention"]) does the same.
 - `FluxTransformerBlock.forward` / `FluxSingleTransformerBlock.forward`: the feed-forward-side
   LayerNorm + (1 + scale_mlp) + shift_mlp (norm2, norm2_context) -> ops.layer_norm_modulate and
   the gated residuals (attention, feed-forward, single-block output) -> ops.gated_residual, by
@@ -14,9 +17,11 @@
 - `AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous.forward`: the AdaLN
   LayerNorm + modulation -> ops.layer_norm_modulate (only the no-affine LayerNorm form Flux uses;
   other configurations keep the stock forward).
-- `embeddings.apply_rotary_emb` (and its by-name imports): the Flux (cos, sin) form ->
-  ops.apply_rope; any other form goes to the original. Reaches processors we do not rewrite
-  (e.g. the IP-adapter one).
+- `embeddings.apply_rotary_emb` (and its by-name imports in ~10 other diffusers models): only
+  the Flux form -> ops.apply_rope, i.e. real (cos, sin) of shape (S, D) that repeat each value
+  for both elements of a pair (checked on the data once per tensor pair and version, cached);
+  every other caller gets the original. Reaches processors rewritten from source (FLUX.2,
+  IP-adapter).
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ def build_processor_call(original, backend, enabled=frozenset(OP_NAMES)):
         q = q.unflatten(-1, (-1, attn.head_dim))
         k = k.unflatten(-1, (-1, attn.head_dim))
         v = v.unflatten(-1, (-1, attn.head_dim))
-        if use_rms and use_rope and attn.added_kv_proj_dim is None and image_rotary_emb is not None and _fusable(attn, q):
+        single = attn.added_kv_proj_dim is None and image_rotary_emb is not None
+        if use_rms and use_rope and single and _fusable(attn, q):
             # single-stream block: QK-norm feeds RoPE directly, one fused op where the backend has it
             q, k = ops.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb,
                                     attn.norm_q.eps, sequence_dim=1, backend=backend)
@@ -168,7 +174,8 @@ def _processor_instances(module, model, backend, handle, spec, original):
     note = f"{spec.what} on {count} attention module(s)"
     if skipped:
         note += f"; {skipped} with another processor class left as is"
-    handle.add_row(module.__name__, spec.symbol, status, note if count else f"no FluxAttnProcessor in the model{'' if not skipped else ' (' + str(skipped) + ' other processors)'}")
+    none = "no FluxAttnProcessor in the model" + (f" ({skipped} other processors)" if skipped else "")
+    handle.add_row(module.__name__, spec.symbol, status, note if count else none)
 
 
 def build_pos_embed_forward(original, backend):
@@ -192,7 +199,8 @@ def _plain_layer_norm(norm) -> bool:
 def build_ada_zero_forward(original, backend):
     def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
         if self.emb is not None or not _plain_layer_norm(self.norm):
-            handback("layer_norm_modulate", backend, "diffusers AdaLayerNormZero: class/timestep embedding or affine norm")
+            handback("layer_norm_modulate", backend,
+                     "diffusers AdaLayerNormZero: class/timestep embedding or affine norm")
             return original(self, x, timestep, class_labels, hidden_dtype, emb)
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
@@ -311,7 +319,8 @@ register_patch_set(
             Spec("FluxSingleTransformerBlock.forward", build_block_forward("diffusers FluxSingleTransformerBlock"),
                  "gated residual", ops=("gated_residual",),
                  params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
-            Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs", params=("self", "ids"),
+            Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs",
+                 params=("self", "ids"),
                  ops=("rope_freqs",)),
         ],
     )

@@ -324,7 +324,8 @@ def _when_imported(module, fn) -> bool:
 class PatchHandle:
     """What one `patch()` call did: `report()`, `undo()`, context manager."""
 
-    def __init__(self, backend: Backend, targets: Sequence[str], model=None, enabled: frozenset[str] = frozenset(OP_NAMES)):
+    def __init__(self, backend: Backend, targets: Sequence[str], model=None,
+                 enabled: frozenset[str] = frozenset(OP_NAMES)):
         self.backend = backend
         self.targets = list(targets)
         self.enabled = frozenset(enabled)
@@ -367,7 +368,8 @@ class PatchHandle:
         text = head + "\n" + format_table(("target", "symbol", "status", "reason"), rows)
         if _ROUTES:
             text += "\nrun-time routes (calls so far):\n"
-            text += format_table(("patched call", "served by", "calls"), [(w, r, str(n)) for (w, r), n in sorted(_ROUTES.items())])
+            text += format_table(("patched call", "served by", "calls"),
+                                 [(w, r, str(n)) for (w, r), n in sorted(_ROUTES.items())])
         hb = self.runtime_handbacks()
         if hb:
             text += "\nrun-time hand-backs to stock code / reference (dispatch_stats()['fallback']):\n"
@@ -425,7 +427,8 @@ class PatchHandle:
                 if _current(rec.owner, rec.attr) is not rec.installed:
                     where = getattr(rec.owner, "__name__", type(rec.owner).__name__)
                     msg = (f"flux_npu undo: {where}.{rec.attr} was replaced by someone else after flux_npu patched it; "
-                           "their value is left in place (flux_npu's replacement, if restored later, runs the original)")
+                           "their value is left in place (flux_npu's replacement, if restored later, "
+                           "runs the original)")
                     warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     self.add_row(where, rec.attr, SKIPPED, "left as is on undo: " + msg.split(": ", 1)[1])
                     continue
@@ -464,7 +467,8 @@ class PatchHandle:
             self._deferred.append((ps, module))
             if not _when_imported(module, lambda: self._finish_deferred(ps, module)):
                 pass  # retried by the import hook's next event (_retry_deferred)
-            self.add_row(name, "*", DEFERRED, "module still importing when patch() ran: patched when its import finishes")
+            self.add_row(name, "*", DEFERRED,
+                         "module still importing when patch() ran: patched when its import finishes")
             return
         self._seen_modules.add(key)
         for spec in ps.specs:
@@ -487,7 +491,8 @@ class PatchHandle:
         name = module.__name__
         if not set(spec.ops) & self.enabled:
             if spec.symbol.split(".")[0] in vars(module):
-                self.add_row(name, spec.symbol, SKIPPED, f"excluded by patch(ops=/exclude=) ({', '.join(spec.ops)}): stock code kept")
+                self.add_row(name, spec.symbol, SKIPPED,
+                             f"excluded by patch(ops=/exclude=) ({', '.join(spec.ops)}): stock code kept")
             return
         try:
             owner, attr, original = _resolve(module, spec.symbol)
@@ -725,7 +730,8 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                 owner, attr, original = _resolve(module, spec.symbol)
             except AttributeError:
                 if not spec.optional:
-                    handle.add_row(module.__name__, spec.symbol, NOT_FOUND, "symbol missing in this version (code drifted)")
+                    handle.add_row(module.__name__, spec.symbol, NOT_FOUND,
+                                   "symbol missing in this version (code drifted)")
                 continue
             drift = signature_drift(original, spec.params)
             if drift:
@@ -736,7 +742,8 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                 continue
             if not isinstance(owner, type) or attr.startswith("__"):
                 handle.add_row(module.__name__, spec.symbol, SKIPPED,
-                               "module-level symbol: instance-only patching cannot reach it (call patch() without model=)")
+                               "module-level symbol: instance-only patching cannot reach it "
+                               "(call patch() without model=)")
                 continue
             try:
                 built = _build(spec, original, handle.backend, handle.enabled)

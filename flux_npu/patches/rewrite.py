@@ -168,7 +168,7 @@ def _merge_pairs(body, counts):
         v = _single_target(s)
         if v is not None and nxt is not None and _single_target(nxt) == v:
             call = _self_call(s.value)
-            hit = _modulated(nxt.value, lambda a: isinstance(a, ast.Name) and a.id == v) if call else None
+            hit = _modulated(nxt.value, lambda a, v=v: isinstance(a, ast.Name) and a.id == v) if call else None
             if hit is not None and not _loads([hit[1], hit[2]], v):
                 new = ast.Assign(targets=nxt.targets, value=_call(LN, call[0], call[1], hit[2], hit[1]))
                 out.append(ast.copy_location(new, s))

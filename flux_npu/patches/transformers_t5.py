@@ -27,6 +27,7 @@ register_patch_set(
         target="transformers",
         matches=exact(T5_MODULE),
         import_names=(T5_MODULE,),
-        specs=[Spec("T5LayerNorm.forward", build_t5_forward, "T5 RMSNorm -> ops.rms_norm", params=("self", "hidden_states"))],
+        specs=[Spec("T5LayerNorm.forward", build_t5_forward, "T5 RMSNorm -> ops.rms_norm",
+                    params=("self", "hidden_states"), ops=("rms_norm",))],
     )
 )

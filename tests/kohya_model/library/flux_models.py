@@ -5,7 +5,6 @@ RMSNorm multiplies in float32 and returns x's dtype."""
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ class FluxParams:
 # region math
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     q, k = apply_rope(q, k, pe)
     x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return x.transpose(1, 2).flatten(2)
@@ -79,7 +78,8 @@ def timestep_embedding(t: Tensor, dim, max_period=10000, time_factor: float = 10
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int):
         super().__init__()
-        self.in_layer, self.silu, self.out_layer = nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
+        self.in_layer, self.silu = nn.Linear(in_dim, hidden_dim), nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(self.silu(self.in_layer(x)))
@@ -159,7 +159,7 @@ class DoubleStreamBlock(nn.Module):
                                                        nn.Linear(mlp, hidden_size)))
         self.gradient_checkpointing = False
 
-    def _forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Optional[Tensor] = None):
+    def _forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Tensor | None = None):
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_modulated = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
@@ -180,7 +180,7 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
         return img, txt
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Optional[Tensor] = None):
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Tensor | None = None):
         if self.training and self.gradient_checkpointing:
             return checkpoint(self._forward, img, txt, vec, pe, txt_attention_mask, use_reentrant=False)
         return self._forward(img, txt, vec, pe, txt_attention_mask)
@@ -199,7 +199,7 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
         self.gradient_checkpointing = False
 
-    def _forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Optional[Tensor] = None):
+    def _forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Tensor | None = None):
         mod, _ = self.modulation(vec)
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
@@ -211,7 +211,7 @@ class SingleStreamBlock(nn.Module):
         attn = attention(q, k, v, pe=pe, attn_mask=attn_mask)
         return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Optional[Tensor] = None):
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_attention_mask: Tensor | None = None):
         if self.training and self.gradient_checkpointing:
             return checkpoint(self._forward, x, vec, pe, txt_attention_mask, use_reentrant=False)
         return self._forward(x, vec, pe, txt_attention_mask)

@@ -32,7 +32,8 @@ def timestep_embedding(t, dim, max_period=10000, time_factor=1000.0):
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim, hidden_dim):
         super().__init__()
-        self.in_layer, self.silu, self.out_layer = nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
+        self.in_layer, self.silu = nn.Linear(in_dim, hidden_dim), nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x):
         return self.out_layer(self.silu(self.in_layer(x)))
