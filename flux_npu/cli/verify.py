@@ -102,6 +102,8 @@ def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, iso
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     log_path = os.path.join(out_dir, "verify.log")
+    with open(log_path, "w") as f:
+        f.write(f"flux-npu verify {_now()}: tracebacks of crashed phases follow (none below: none crashed)\n")
     if isolate is None:
         isolate = b.device_type in ("cuda", "npu")
     report: dict = {
