@@ -315,3 +315,22 @@ def test_kohya_emulated_npu_calls_fused_ops_with_the_bool_mask(layout_path, npu_
     fa = record.calls("npu_fusion_attention")
     assert len(fa) >= 4 and all("atten_mask" in c["tensors"] for c in fa[:4]), "the bool mask did not reach the op"
     assert record.calls("npu_rotary_mul") and record.calls("npu_rms_norm")
+
+
+def test_comfy_patched_traces_as_one_graph_like_stock(layout_path):
+    """torch.compile users: the attention replacement with ComfyUI's keyword arguments and the
+    rewritten block forwards (AdaLN, gated residuals) add no graph break."""
+    import torch._dynamo
+
+    model = _comfy(layout_path)
+    inputs = _inputs(model.params)
+    kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
+              for k, v in _comfy_kwargs(model, inputs, "bool").items()}
+    torch._dynamo.reset()
+    stock = torch._dynamo.explain(model.forward_orig)(**kwargs)
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        torch._dynamo.reset()
+        patched = torch._dynamo.explain(model.forward_orig)(**kwargs)
+    torch._dynamo.reset()
+    assert (patched.graph_count, patched.graph_break_count) == (stock.graph_count, stock.graph_break_count) == (1, 0), \
+        [r.reason.split("\n")[0] for r in patched.break_reasons]

@@ -144,6 +144,9 @@ def build_rms_forward(original, backend):
         if not isinstance(scale, torch.Tensor) or scale.dim() != 1 or scale.shape[0] != x.shape[-1]:
             handback("rms_norm", backend, "BFL RMSNorm: no 1-D `scale` of x's last dim")
             return original(self, x)
+        if scale.device != x.device:  # weights streamed in by the original (ComfyUI low-VRAM casting)
+            handback("rms_norm", backend, "BFL RMSNorm: scale on another device than x")
+            return original(self, x)
         out = x.dtype if keeps_x else torch.promote_types(x.dtype, scale.dtype)
         return ops.rms_norm(x, scale, RMS_EPS, out_dtype=out, backend=backend)
 
@@ -156,6 +159,9 @@ def build_qknorm_forward(original, backend):
         ks = getattr(getattr(self, "key_norm", None), "scale", None)
         if not isinstance(qs, torch.Tensor) or not isinstance(ks, torch.Tensor):
             handback("rms_norm", backend, "BFL QKNorm: query_norm/key_norm without a `scale`")
+            return original(self, q, k, v)
+        if qs.device != q.device or ks.device != k.device:
+            handback("rms_norm", backend, "BFL QKNorm: scales on another device than q/k")
             return original(self, q, k, v)
         return (
             ops.rms_norm(q, qs, RMS_EPS, out_dtype=v.dtype, backend=backend),
