@@ -71,6 +71,7 @@ def test_cli_on_bad_files_gives_one_clear_error(tmp_path, capsys):
         "interp.yaml": ("a0: xxxxxxxxxx\n" + "".join(f"a{i}: ${{a{i - 1}}}${{a{i - 1}}}\n" for i in range(1, 31)),
                         "longer than 4096"),
         "cycle.yaml": ("a: ${b}\nb: ${a}\n", "circular"),
+        "duplicate.yaml": ("zero_optimization:\n  stage: 2\n  stage: 3\n", "duplicate key 'stage'"),
     }
     for name, (text, expect) in cases.items():
         path = tmp_path / name

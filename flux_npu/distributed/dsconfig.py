@@ -321,6 +321,19 @@ def _yaml_loader():
                     f"*{event.anchor}) are not accepted in a DeepSpeed config or training YAML: write the values out")
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of two equal keys without a word; the JSON reader refuses them too
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    continue  # check_structure refuses non-string keys with a clear message
+                if key in seen:
+                    raise DeepSpeedConfigError(f"{self.name}, line {key_node.start_mark.line + 1}: duplicate key "
+                                               f"{key!r}; keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     NoAliasLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
     return NoAliasLoader
 
