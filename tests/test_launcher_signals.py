@@ -28,8 +28,6 @@ with open(os.path.join(out, f"rank{rank}.tmp"), "w") as f:
 os.replace(os.path.join(out, f"rank{rank}.tmp"), os.path.join(out, f"rank{rank}.json"))
 if action == "exit7" and rank == 1:
     sys.exit(7)
-if action == "sigkill" and rank == 1:
-    os.kill(os.getpid(), signal.SIGKILL)
 if action == "sigint":
     os.kill(os.getpid(), signal.SIGINT)  # default handler: KeyboardInterrupt, then death by SIGINT
 if action == "term7":
@@ -119,8 +117,9 @@ def test_sigterm_stops_torchrun_and_both_ranks_and_removes_the_temp_config(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("action, code", [("exit7", 7), ("sigkill", 137)])
-def test_failing_rank_exit_code_is_the_launchers(tmp_path, action, code):
+def test_failing_rank_exit_code_is_the_launchers(tmp_path):
+    # (a rank killed by SIGKILL giving 137 is checked by tests/test_checkpoint_resume.py)
+    action, code = "exit7", 7
     with Run(tmp_path, action, "--nproc", "2", "--oversubscribe") as run:
         run.wait_ranks(2)
         rc, out = run.result()
