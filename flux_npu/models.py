@@ -136,3 +136,50 @@ def make_inputs(config: dict, resolution: int = 256, text_len: int = 16, batch: 
         txt_ids=torch.zeros(text_len, 3, device=device),
         guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if config.get("guidance_embeds") else None,
     )
+
+
+# -- the other Flux-family models of diffusers (random init; for tests and benchmarks) -----------
+
+FLUX2_PRESETS: Dict[str, dict] = {
+    # FLUX.2 [dev]: 8 double + 48 single blocks, 48 heads x 128, Mistral-width text input
+    "flux2-dev": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                      num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
+                      mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32)),
+    "tiny": dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=2.0,
+                 axes_dims_rope=(4, 4, 4, 4)),
+}
+
+CHROMA_PRESETS: Dict[str, dict] = {
+    "chroma": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56)),
+    "tiny": dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
+                 approximator_hidden_dim=32, approximator_layers=1),
+}
+
+
+def _build_random(cls_name: str, presets: Dict[str, dict], preset: str, dtype, device, seed: int, overrides):
+    import diffusers
+    from diffusers.utils import logging as dlogging
+
+    if preset not in presets:
+        raise ValueError(f"unknown {cls_name} preset {preset!r}; presets: {', '.join(presets)}")
+    cfg = {**presets[preset], **overrides}
+    torch.manual_seed(seed)
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # random init: the "keep in float32 / from_pretrained" hint does not apply
+    try:
+        return getattr(diffusers, cls_name)(**cfg).to(device=device, dtype=dtype)
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def build_diffusers_flux2(preset: str = "tiny", dtype=torch.float32, device="cpu", seed: int = 0, **overrides):
+    """A random-init diffusers Flux2Transformer2DModel (FLUX.2) of the preset's shape."""
+    return _build_random("Flux2Transformer2DModel", FLUX2_PRESETS, preset, dtype, device, seed, overrides)
+
+
+def build_diffusers_chroma(preset: str = "tiny", dtype=torch.float32, device="cpu", seed: int = 0, **overrides):
+    """A random-init diffusers ChromaTransformer2DModel of the preset's shape."""
+    return _build_random("ChromaTransformer2DModel", CHROMA_PRESETS, preset, dtype, device, seed, overrides)

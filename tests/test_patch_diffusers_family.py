@@ -67,14 +67,9 @@ def _class_attrs(module, names):
 
 
 def _flux2(dtype=torch.float32):
-    from diffusers import Flux2Transformer2DModel
+    from flux_npu.models import build_diffusers_flux2
 
-    torch.manual_seed(0)
-    model = Flux2Transformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), mlp_ratio=2.0,
-    )
-    return model.to(dtype)
+    return build_diffusers_flux2("tiny", dtype=dtype, seed=0)
 
 
 def _flux2_inputs(dtype, batch=2, side=4, text_len=5):
@@ -141,14 +136,9 @@ def test_flux2_bfloat16():
 
 
 def _chroma(dtype=torch.float32):
-    from diffusers import ChromaTransformer2DModel
+    from flux_npu.models import build_diffusers_chroma
 
-    torch.manual_seed(0)
-    return ChromaTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
-        approximator_layers=1,
-    ).to(dtype)
+    return build_diffusers_chroma("tiny", dtype=dtype, seed=0)
 
 
 def _chroma_inputs(dtype, batch=2, side=4, text_len=5):
