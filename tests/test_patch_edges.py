@@ -14,14 +14,12 @@ from unittest import mock
 
 import pytest
 import torch
+from flux_helpers import bfl_inputs, bfl_model, bfl_run, diffusers_model_and_inputs, diffusers_run, errors
 
 import flux_npu
 from flux_npu import ops
 from flux_npu.patches import engine
-from flux_npu.testing import assert_close
-
-from flux_helpers import bfl_inputs, bfl_model, bfl_run, diffusers_model_and_inputs, diffusers_run, errors
-from flux_npu.testing import tolerance
+from flux_npu.testing import assert_close, tolerance
 
 
 def _write_pkg(root, files):
