@@ -261,3 +261,23 @@ def test_chroma_float_mask_on_emulated_npu_is_correct_and_its_fallback_reported(
     assert len(reasons) == 1 and reasons[0][1] == 2 and "mask" in reasons[0][0], stats["fallback"]
     assert not [k for k in stats["fallback"] if k[0] != "attention"], stats["fallback"]
     assert record.calls("npu_rotary_mul") and record.calls("npu_rms_norm")
+
+
+def test_flux2_instance_level_patch_reaches_its_processors_and_nothing_else():
+    from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+
+    model, other = _flux2(), _flux2()
+    kwargs, leaves = _flux2_inputs(torch.float32)
+    stock = _run(model, kwargs, leaves)
+    with flux_npu.patch("cpu", targets=["diffusers"], model=model) as handle:
+        rows = {r.symbol: r for r in handle.report()}
+        assert "on 1 instance(s)" in rows["Flux2AttnProcessor.__call__"].reason
+        assert "on 2 instance(s)" in rows["Flux2ParallelSelfAttnProcessor.__call__"].reason
+        ops.reset_dispatch_stats()
+        _run(other, kwargs, leaves)
+        assert not [k for k in ops.dispatch_stats()["served"] if k[0] in ("attention", "rms_norm")]
+        patched = _run(model, kwargs, leaves)
+        assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 3
+    _check_fp32(patched, stock)
+    procs = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert {type(p) for p in procs} == {Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor}  # classes restored

@@ -389,6 +389,12 @@ class PatchHandle:
     # applying ----------------------------------------------------------------------------
     def _set(self, owner, attr, replacement) -> None:
         key = (id(owner), attr)
+        if attr == "__class__":  # a per-instance class swap (see _apply_instance): restore by setattr
+            original = owner.__class__
+            owner.__class__ = replacement
+            self._records.append(_Record(owner, attr, original, replacement, True, replacement))
+            _LIVE[key] = self
+            return
         had_own = attr in getattr(owner, "__dict__", {}) if not isinstance(owner, types.ModuleType) else True
         if isinstance(owner, type) or isinstance(owner, types.ModuleType):
             original = owner.__dict__[attr] if had_own else getattr(owner, attr)
@@ -740,7 +746,7 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
             if spec.instance is not None:
                 spec.instance(module, model, handle.backend, handle, spec, original)
                 continue
-            if not isinstance(owner, type) or attr.startswith("__"):
+            if not isinstance(owner, type):
                 handle.add_row(module.__name__, spec.symbol, SKIPPED,
                                "module-level symbol: instance-only patching cannot reach it "
                                "(call patch() without model=)")
@@ -753,12 +759,31 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
             what = getattr(built, "__flux_npu_what__", spec.what)
             fn = _guard(built, _callable_of(original), handle._alive)
             count = 0
-            for sub in model.modules():
-                if isinstance(sub, owner):
-                    if handle.set_attr(sub, attr, types.MethodType(fn, sub)) is None:
+            if attr.startswith("__"):
+                # a special method (a processor's __call__) is looked up on the type, not the
+                # instance: give each instance found a subclass of its own that has it
+                sub_cls = type(owner.__name__, (owner,), {attr: fn, "__module__": owner.__module__})
+                for obj in _instances_of(model, owner):
+                    if handle.set_attr(obj, "__class__", sub_cls) is None:
                         count += 1
+            else:
+                for sub in model.modules():
+                    if isinstance(sub, owner):
+                        if handle.set_attr(sub, attr, types.MethodType(fn, sub)) is None:
+                            count += 1
             handle.add_row(module.__name__, spec.symbol, PATCHED if count else SKIPPED,
                            f"{what} on {count} instance(s)" if count else f"no {owner.__name__} in the model")
+
+
+def _instances_of(model, cls) -> List[Any]:
+    """Objects of exactly `cls` in the model: its modules and their attention `processor`s."""
+    found, seen = [], set()
+    for sub in model.modules():
+        for obj in (sub, getattr(sub, "processor", None)):
+            if type(obj) is cls and id(obj) not in seen:
+                seen.add(id(obj))
+                found.append(obj)
+    return found
 
 
 def patch_module(module, backend=None, targets=("bfl",), ops=None, exclude=None) -> PatchHandle:
