@@ -33,7 +33,7 @@ def _lora_params_expected():
 
 def test_tiny_infer_and_lora_train_cli(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    rc = main(["bench", "model", "--preset", "tiny", "--mode", "both", "--train", "lora", "--res", "128",
+    rc = main(["bench", "model", "--preset", "tiny", "--mode", "both", "--train", "lora", "--res", "64",
                "--steps", "2", "--train-steps", "1", "--repeats", "3", "--compare", "--no-progress", "-o", str(out),
                "--plot", str(png)])
     assert rc == 0
@@ -46,7 +46,7 @@ def test_tiny_infer_and_lora_train_cli(tmp_path, capsys):
         ("infer", "stock"), ("infer", "patched"), ("train-lora", "stock"), ("train-lora", "patched")]
     n_params = sum(p.numel() for p in build_transformer("tiny", torch.float32, "cpu").parameters())
     for r in rows:
-        assert r["status"] == "ok" and r["model"] == "tiny" and r["res"] == 128 and r["backend"] == "cpu"
+        assert r["status"] == "ok" and r["model"] == "tiny" and r["res"] == 64 and r["backend"] == "cpu"
         assert math.isfinite(r["s_per_img"]) and r["s_per_img"] > 0
         assert 0.05 < r["peak_mem_gb"] < 64  # process RSS in GB: the runtime alone is ~0.3 GB
         assert r["params"] == n_params
