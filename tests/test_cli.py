@@ -36,7 +36,10 @@ def test_demo_checks_tiny_flux(capsys):
     assert main(["demo", "--no-bench", "--res", "128"]) == 0
     out = capsys.readouterr().out
     assert "patched model matches stock" in out
-    assert "FAIL" not in out
+    # every row of the patched-vs-stock table passed ("FAIL" alone also matches backend notes such as
+    # CUBLAS_STATUS_EXECUTION_FAILED, so look at the table's result column)
+    table = out.split("patched vs stock, forward and backward\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert len(table) >= 4 and all(row.rstrip().endswith(" ok") for row in table), table
     assert "torch.complex_mul" in out  # the kernel table shows what served
 
 
