@@ -129,6 +129,16 @@ def find_latest_checkpoint(output_dir, log=print):
     return None
 
 
+def resolve_checkpoint(arg, output_dir, log=print):
+    """--resume_from_checkpoint: 'latest' -> the newest complete one (or None); a folder must be complete."""
+    if arg == "latest":
+        return find_latest_checkpoint(output_dir, log)
+    if not os.path.isfile(os.path.join(arg, MARKER)):
+        raise SystemExit(f"--resume_from_checkpoint {arg}: not a complete checkpoint (no {MARKER} marker); "
+                         "pass 'latest' to take the newest complete one")
+    return arg
+
+
 def main(argv=None):
     args = parse_args(argv)
     project = ProjectConfiguration(project_dir=args.output_dir)
@@ -161,12 +171,7 @@ def main(argv=None):
                              "distributed_type": str(accelerator.distributed_type)})
     global_step = 0
     if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            path = find_latest_checkpoint(args.output_dir, accelerator.print)
-        elif not os.path.isfile(os.path.join(path, MARKER)):
-            raise SystemExit(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {MARKER} marker); "
-                             "pass 'latest' to take the newest complete one")
+        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
         if path is None:
             accelerator.print("no complete checkpoint found: starting a new run")
         else:
