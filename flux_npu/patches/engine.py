@@ -506,6 +506,11 @@ class PatchHandle:
             if not spec.optional:
                 self.add_row(name, spec.symbol, NOT_FOUND, "symbol missing in this version (code drifted): left as is")
             return
+        other = _LIVE.get((id(owner), attr))
+        if other is not None and other._active:  # say so before reading (our) replacement's source
+            who = "this handle" if other is self else "another live flux_npu handle"
+            self.add_row(name, spec.symbol, SKIPPED, f"already patched by {who}")
+            return
         drift = signature_drift(original, spec.params)
         if drift:
             self.add_row(name, spec.symbol, SKIPPED, drift)
