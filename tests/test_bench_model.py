@@ -5,11 +5,10 @@ becomes a row (traceback in the log), rows stream to the JSON, and too-small lim
 missing matplotlib are refused up front. (No timing is asserted.)"""
 
 import dataclasses
-import os
-import sys
-
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch

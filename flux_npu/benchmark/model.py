@@ -293,7 +293,8 @@ def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res:
     r = BenchResult(
         model=setup.preset, mode=mode if mode == "infer" else f"train-{train_kind}", res=res, backend=backend.name,
         device=utils.device_name(), variant=variant, dtype=str(setup.dtype).replace("torch.", ""), steps=steps,
-        params=sum(p.numel() for n, p in setup.transformer.named_parameters() if "lora_" not in n), text_len=setup.text_len,
+        params=sum(p.numel() for n, p in setup.transformer.named_parameters() if "lora_" not in n),
+        text_len=setup.text_len,
         full_pipeline=setup.parts is not None and mode == "infer",
         memory_kind="process RSS peak (sampled)" if backend.device_type == "cpu" else "allocator peak",
         compiled=setup.compile,

@@ -195,13 +195,16 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
         with torch.no_grad():
             norm.weight.copy_(rnd(D, scale=0.2) + 1)
         w = norm.weight.detach()
-        return Case(op, label, dtype_name, {"stock": lambda: norm(x), "patched": lambda: ops.rms_norm(x, w, 1e-6, backend=backend)},
-                    lambda: reference.rms_norm(x, w, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(w), compile_target=lambda: norm(x))
+        return Case(op, label, dtype_name,
+                    {"stock": lambda: norm(x), "patched": lambda: ops.rms_norm(x, w, 1e-6, backend=backend)},
+                    lambda: reference.rms_norm(x, w, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(w),
+                    compile_target=lambda: norm(x))
     if op == "rms_norm/bfl":
         x = rnd(B, H, S, D)
         scale = rnd(D, dt=dtype, scale=0.2) + 1
         return Case(op, label, dtype_name,
-                    {"stock": lambda: bfl_rms_norm(x, scale), "patched": lambda: ops.rms_norm(x, scale, 1e-6, out_dtype=dtype, backend=backend)},
+                    {"stock": lambda: bfl_rms_norm(x, scale),
+                     "patched": lambda: ops.rms_norm(x, scale, 1e-6, out_dtype=dtype, backend=backend)},
                     lambda: reference.rms_norm(x, scale, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(scale),
                     compile_target=lambda: bfl_rms_norm(x, scale))
     if op == "apply_rope":
@@ -209,7 +212,8 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
         cs = cos_sin()
         stock = diffusers_apply_rotary_emb()
         return Case(op, label, dtype_name,
-                    {"stock": lambda: stock(x, cs, sequence_dim=1), "patched": lambda: ops.apply_rope(x, cs, 1, backend=backend)},
+                    {"stock": lambda: stock(x, cs, sequence_dim=1),
+                     "patched": lambda: ops.apply_rope(x, cs, 1, backend=backend)},
                     lambda: reference.apply_rope(x, cs, 1), dtype, 2 * _nbytes(x) + _nbytes(cs),
                     compile_target=lambda: stock(x, cs, sequence_dim=1), note="diffusers apply_rotary_emb (cos, sin)")
     if op == "apply_rope/bfl":
@@ -232,7 +236,8 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
 
         wq, wk = nq.weight.detach(), nk.weight.detach()
         return Case(op, label, dtype_name,
-                    {"stock": stock_fn, "patched": lambda: ops.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1, backend=backend)},
+                    {"stock": stock_fn,
+                     "patched": lambda: ops.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1, backend=backend)},
                     lambda: reference.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1), dtype, 4 * _nbytes(q) + _nbytes(cs),
                     compile_target=stock_fn, note="RMSNorm q, k + diffusers RoPE")
     if op == "layer_norm_modulate":
@@ -245,7 +250,9 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
             return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
         return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
-                    {"stock": stock_fn, "patched": lambda: ops.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6, backend=backend)},
+                    {"stock": stock_fn,
+                     "patched": lambda: ops.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6,
+                                                                backend=backend)},
                     lambda: reference.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6), dtype,
                     2 * _nbytes(x) + 2 * _nbytes(shift), compile_target=stock_fn, note="AdaLayerNormZero norm+modulate")
     if op == "gated_residual":
@@ -256,7 +263,8 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
             return x + gate.unsqueeze(1) * y
 
         return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
-                    {"stock": stock_fn, "patched": lambda: ops.gated_residual(x, gate.unsqueeze(1), y, backend=backend)},
+                    {"stock": stock_fn,
+                     "patched": lambda: ops.gated_residual(x, gate.unsqueeze(1), y, backend=backend)},
                     lambda: reference.gated_residual(x, gate.unsqueeze(1), y), dtype, 3 * _nbytes(x) + _nbytes(gate),
                     compile_target=stock_fn)
     if op == "attention":
@@ -281,8 +289,10 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
         pos = (torch.arange(S, dtype=torch.float32)[None].expand(B, S)).to(device)
         dim = 56
         return Case(op, f"B{B} S{S} dim{dim}", "fp32",
-                    {"stock": lambda: bfl_rope(pos, dim, 10000.0), "patched": lambda: ops.rope_freqs(pos, dim, 10000.0, form="bfl", backend=backend)},
-                    lambda: reference.rope_freqs(pos, dim, 10000.0, form="bfl"), torch.float32, _nbytes(pos) + B * S * dim * 2 * 4,
+                    {"stock": lambda: bfl_rope(pos, dim, 10000.0),
+                     "patched": lambda: ops.rope_freqs(pos, dim, 10000.0, form="bfl", backend=backend)},
+                    lambda: reference.rope_freqs(pos, dim, 10000.0, form="bfl"), torch.float32,
+                    _nbytes(pos) + B * S * dim * 2 * 4,
                     compile_target=lambda: bfl_rope(pos, dim, 10000.0), note="BFL rope (float64 maths)")
     raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
 
@@ -439,7 +449,8 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
 # -- CLI --------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default=None, help="backend to benchmark (default: FLUX_NPU_BACKEND, then auto-detect)")
+    parser.add_argument("--backend", default=None,
+                        help="backend to benchmark (default: FLUX_NPU_BACKEND, then auto-detect)")
     parser.add_argument("--ops", nargs="+", default=list(OPS), help=f"ops (default: all: {' '.join(OPS)})")
     parser.add_argument("--shapes", nargs="+", default=None,
                         help=f"shape presets {' '.join(SHAPES)} "
@@ -528,12 +539,14 @@ def run(args) -> int:
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be at least 1 and --warmup at least 0")
     use_compile = args.compile if args.compile is not None else not on_cpu
-    compile_note = "" if use_compile else ("CPU: inductor compiles 10+ s per op; pass --compile" if on_cpu else "--no-compile")
+    compile_note = "" if use_compile else (
+        "CPU: inductor compiles 10+ s per op; pass --compile" if on_cpu else "--no-compile")
     out = sys.stderr if args.json else sys.stdout
 
     copy_bw = copy_bandwidth(device, utils, (64 if on_cpu else 1024) * 2**20, warmup, max(repeats, 5))
     env = environment(backend, utils, copy_bw)
-    jobs = [(op, sh, dt) for sh in shapes for op in op_names for dt in dtypes if not (op == "rope_freqs/bfl" and dt != dtypes[0])]
+    jobs = [(op, sh, dt) for sh in shapes for op in op_names for dt in dtypes
+            if not (op == "rope_freqs/bfl" and dt != dtypes[0])]
     rows: List[Row] = []
     progress = None
     if not args.no_progress and sys.stderr.isatty():
@@ -550,7 +563,8 @@ def run(args) -> int:
     if progress is not None:
         progress.close()
     print(f"flux-npu bench ops: backend {env['backend']} on {env['device']}, {env['date_utc']} UTC, "
-          f"torch {env['versions'].get('torch')}, {env['torch_threads']} threads; copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; "
+          f"torch {env['versions'].get('torch')}, {env['torch_threads']} threads; "
+          f"copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; "
           f"median and IQR of {repeats} after {warmup} warm-up", file=out)
     print(f"device time: {env['device_time']} (GB/s, % copy and vs stock come from it); "
           f"latency: {env['latency']}", file=out)

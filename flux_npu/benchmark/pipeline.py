@@ -33,13 +33,17 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
 def encoder_configs(transformer_config: dict) -> dict:
     """T5 / CLIP / VAE configs whose widths feed the given Flux transformer config: Flux's real
     ones for Flux-width presets, shrunken ones otherwise (the tiny preset)."""
-    joint, pooled, c_in = (transformer_config[k] for k in ("joint_attention_dim", "pooled_projection_dim", "in_channels"))
+    joint, pooled, c_in = (transformer_config[k]
+                           for k in ("joint_attention_dim", "pooled_projection_dim", "in_channels"))
     if joint == T5_XXL["d_model"] and pooled == CLIP_L_TEXT["hidden_size"] and c_in == 4 * FLUX_VAE["latent_channels"]:
         return {"t5": dict(T5_XXL), "clip": dict(CLIP_L_TEXT), "vae": dict(FLUX_VAE)}
-    t5 = dict(T5_XXL, d_model=joint, d_kv=max(8, joint // 4), num_heads=4, d_ff=2 * joint, num_layers=2, vocab_size=1024)
-    clip = dict(CLIP_L_TEXT, hidden_size=pooled, intermediate_size=2 * pooled, num_hidden_layers=2, num_attention_heads=2,
+    t5 = dict(T5_XXL, d_model=joint, d_kv=max(8, joint // 4), num_heads=4, d_ff=2 * joint, num_layers=2,
+              vocab_size=1024)
+    clip = dict(CLIP_L_TEXT, hidden_size=pooled, intermediate_size=2 * pooled, num_hidden_layers=2,
+                num_attention_heads=2,
                 projection_dim=pooled, vocab_size=1024)
-    vae = dict(FLUX_VAE, latent_channels=c_in // 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+    vae = dict(FLUX_VAE, latent_channels=c_in // 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+               norm_num_groups=8)
     return {"t5": t5, "clip": clip, "vae": vae}
 
 

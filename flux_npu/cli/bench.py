@@ -47,7 +47,8 @@ def run_ops(args) -> int:
         print(f"flux-npu bench ops: the per-op benchmark ({OPS_MODULE}) is not part of this installation",
               file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="flux-npu bench ops", description=(mod.__doc__ or "").split("\n\n")[0] or None)
+    parser = argparse.ArgumentParser(prog="flux-npu bench ops",
+                                     description=(mod.__doc__ or "").split("\n\n")[0] or None)
     mod.add_arguments(parser)
     ops_args = parser.parse_args(args.ops_args)
     return int(mod.run(ops_args) or 0)

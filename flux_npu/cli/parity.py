@@ -52,7 +52,8 @@ def register(sub):
     c.add_argument("--shapes", nargs="+", help="only these shape sets")
     c.add_argument("--stock", action="store_true", help="check the plain-torch references instead of the backend's ops")
     c.add_argument("--allow-cudnn-sdpa", action="store_true", help="CUDA: let SDPA use cuDNN attention (see record)")
-    c.add_argument("--all-tensors", action="store_true", help="one row per compared tensor instead of the worst per case")
+    c.add_argument("--all-tensors", action="store_true",
+                   help="one row per compared tensor instead of the worst per case")
     c.add_argument("-o", "--output", help="also write the results as JSON to this file")
     c.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     c.set_defaults(func=run_check)

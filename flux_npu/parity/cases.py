@@ -298,7 +298,8 @@ def make_block(s, g, dt):
         "cos": cos,
         "sin": sin,
     }
-    t.update(_cot(g, {"encoder_hidden_states_out": ((s.batch, s.txt, d), dt), "hidden_states_out": ((s.batch, s.img, d), dt)}))
+    t.update(_cot(g, {"encoder_hidden_states_out": ((s.batch, s.txt, d), dt),
+                      "hidden_states_out": ((s.batch, s.img, d), dt)}))
     return t
 
 
@@ -372,7 +373,8 @@ def parse_dtypes(text) -> Tuple[torch.dtype, ...]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     bad = [n for n in names if n not in DTYPES]
     if bad or not names:
-        raise ValueError(f"unknown dtype(s) {bad or names!r}; choose from {', '.join(DTYPES)} (comma separated)")
+        raise ValueError(f"unknown dtype(s) {bad or names!r}; choose from {', '.join(DTYPES)} "
+                         "(space or comma separated)")
     return tuple(DTYPES[n] for n in names)
 
 
@@ -380,7 +382,8 @@ def parse_shape_sets(text) -> Tuple[Shapes, ...]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     bad = [n for n in names if n not in SHAPE_SETS]
     if bad or not names:
-        raise ValueError(f"unknown shape set(s) {bad or names!r}; choose from {', '.join(SHAPE_SETS)} (comma separated)")
+        raise ValueError(f"unknown shape set(s) {bad or names!r}; choose from {', '.join(SHAPE_SETS)} "
+                         "(space or comma separated)")
     return tuple(SHAPE_SETS[n] for n in names)
 
 

@@ -228,8 +228,8 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
         for kind, group in (("out", res.outputs), ("grad", res.grads), ("pgrad", res.param_grads)):
             for n, v in group.items():
                 tensors[f"{spec.id}/{kind}/{n}"] = v
-        entry["outputs"] = {f"{kind}/{n}": list(v.shape) for kind, group in
-                            (("out", res.outputs), ("grad", res.grads), ("pgrad", res.param_grads)) for n, v in group.items()}
+        groups = (("out", res.outputs), ("grad", res.grads), ("pgrad", res.param_grads))
+        entry["outputs"] = {f"{kind}/{n}": list(v.shape) for kind, group in groups for n, v in group.items()}
         entries.append(entry)
     meta = {
         "format": FORMAT,
@@ -274,7 +274,8 @@ class Golden:
         try:
             return self._handle.get_tensor(name)
         except Exception as exc:
-            raise GoldenError(f"{self.path}: cannot read tensor {name!r} ({exc}); the file is corrupted, re-record it") from None
+            raise GoldenError(f"{self.path}: cannot read tensor {name!r} ({exc}); the file is corrupted, "
+                              f"re-record it") from None
 
     def group(self, case_id: str, kind: str) -> Dict[str, torch.Tensor]:
         prefix = f"{case_id}/{kind}/"
@@ -303,10 +304,12 @@ def load_golden(path) -> Golden:
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise GoldenError(f"parity golden {path!r} not found; record one with `flux-npu parity record --backend <name> -o {path}` "
+        raise GoldenError(f"parity golden {path!r} not found; record one with "
+                          f"`flux-npu parity record --backend <name> -o {path}` "
                           f"(the shipped ones: `flux-npu parity list --goldens`)")
     if os.path.getsize(path) < 8:
-        raise GoldenError(f"{path}: file is {os.path.getsize(path)} bytes, too short for safetensors (truncated?); {_rerecord(path)}")
+        raise GoldenError(f"{path}: file is {os.path.getsize(path)} bytes, too short for safetensors (truncated?); "
+                          f"{_rerecord(path)}")
     try:
         handle = safe_open(path, framework="pt")
         keys = set(handle.keys())
@@ -316,8 +319,10 @@ def load_golden(path) -> Golden:
                           f"the file is truncated or corrupted: {_rerecord(path)}") from None
     if meta.get("format") != FORMAT:
         if "format" not in meta:
-            raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); {_rerecord(path)}")
-        raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads {FORMAT!r}; {_rerecord(path)}")
+            raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); "
+                              f"{_rerecord(path)}")
+        raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads {FORMAT!r}; "
+                          f"{_rerecord(path)}")
     entries, recorded_sets, checksums = _parse_meta(path, meta)
     problems = []
     for name, rec in recorded_sets.items():
@@ -328,7 +333,8 @@ def load_golden(path) -> Golden:
         mine = json.loads(json.dumps(dataclasses.asdict(ours)))
         if rec != mine:
             diff = {k: (rec.get(k), mine.get(k)) for k in mine if rec.get(k) != mine.get(k)}
-            problems.append(f"shape set {name!r} was recorded as {', '.join(f'{k}={a} (now {b})' for k, (a, b) in diff.items())}")
+            was = ", ".join(f"{k}={a} (now {b})" for k, (a, b) in diff.items())
+            problems.append(f"shape set {name!r} was recorded as {was}")
     for e in entries:
         if e["shape_set"] not in recorded_sets:
             problems.append(f"case {e['id']!r}: shape set {e['shape_set']!r} is not among the recorded ones")
@@ -468,7 +474,8 @@ class CaseResult:
     def worst(self) -> Optional[TensorResult]:
         if not self.tensors:
             return None
-        return max(self.tensors, key=lambda r: (r.rel / r.tol if r.tol else math.inf) if not math.isnan(r.rel) else math.inf)
+        return max(self.tensors,
+                   key=lambda r: (r.rel / r.tol if r.tol else math.inf) if not math.isnan(r.rel) else math.inf)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -505,7 +512,8 @@ class CheckReport:
             for t in items:
                 rows.append([r.id, r.dtype, t.name, f"{t.max_abs:.3e}", f"{t.rel:.3e}", f"{t.tol:.1e}",
                              ("pass" if t.passed else "FAIL") if all_tensors else r.status])
-        head = ["case", "dtype", "worst tensor" if not all_tensors else "tensor", "max abs err", "rel err", "tolerance", "result"]
+        head = ["case", "dtype", "worst tensor" if not all_tensors else "tensor", "max abs err", "rel err",
+                "tolerance", "result"]
         n_pass = sum(r.status == "pass" for r in self.results)
         summary = (f"{n_pass}/{len(self.results)} cases pass on backend {self.backend} ({self.device})"
                    f"{' [stock references]' if self.stock else ''}; golden from {self.golden_meta.get('backend')} "
