@@ -80,12 +80,13 @@ def fast_build(device, dtype):
 @torch.no_grad()
 def cheap_init(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """One pass of device-side fills, enough for finite, well-scaled activations: matrices and
-    kernels ~ N(0, 1/fan_in), biases 0, other vectors (norm weights) 1. Buffers are left as built
-    (position ids, RoPE tables are computed, not random)."""
+    kernels ~ N(0, 1/(3 fan_in)) (the spread of torch's default Linear/Conv init), biases 0, other
+    vectors (norm weights) 1. Buffers are left as built (position ids, RoPE tables are computed,
+    not random)."""
     torch.manual_seed(seed)
     for name, p in module.named_parameters():
         if p.dim() >= 2:
-            p.normal_(0.0, p[0].numel() ** -0.5)
+            p.normal_(0.0, (3 * p[0].numel()) ** -0.5)
         elif name.endswith("bias"):
             p.zero_()
         else:
