@@ -281,3 +281,36 @@ def test_flux2_instance_level_patch_reaches_its_processors_and_nothing_else():
     _check_fp32(patched, stock)
     procs = [m.processor for m in model.modules() if hasattr(m, "processor")]
     assert {type(p) for p in procs} == {Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor}  # classes restored
+
+
+# -- FLUX.3 -----------------------------------------------------------------------------------
+
+
+def _flux3():
+    from diffusers import Flux3Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux3Transformer2DModel(
+        in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=24, timestep_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+    )
+
+
+def test_flux3_float32_served():
+    model = _flux3()
+    kwargs, leaves = _flux2_inputs(torch.float32)  # same token/id layout: 4 RoPE axes
+    kwargs.pop("guidance")
+    stock = _run(model, kwargs, leaves)
+    with flux_npu.patch("cpu", targets=["diffusers"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, kwargs, leaves)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    served = stats["served"]
+    # image and text mode blocks (1 each), 2 single blocks
+    assert served[("attention", "cpu", "torch.sdpa")] == 1 + 1 + 2
+    assert served[("rms_norm", "cpu", "torch.rms_norm")] == 2 * 4
+    assert served[("apply_rope", "cpu", "torch.complex_mul")] == 2 * 4
+    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 1 + 1 + 2 * 2 + 1  # + output norm
+    assert served[("gated_residual", "cpu", "torch.addcmul")] == 1 + 1 + 2 * 2

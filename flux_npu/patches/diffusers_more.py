@@ -11,6 +11,9 @@ FLUX.2:  Flux2AttnProcessor / Flux2ParallelSelfAttnProcessor `__call__`: QK RMSN
 Chroma:  its attention is FluxAttnProcessor (patched in diffusers_flux; its float mask goes to
          ops.attention as an additive mask, as diffusers' native SDPA treats it); its pruned AdaLN
          norms and its block forwards -> ops.layer_norm_modulate / ops.gated_residual.
+FLUX.3:  Flux3AttnProcessor `__call__` (its float32 QK norms -> ops.rms_norm, attention), the
+         mode / single block forwards and Flux3AdaLayerNorm (per-token modulation) on our ops;
+         RoPE through the patched `apply_rotary_emb`.
 IP-adapter: FluxIPAdapterAttnProcessor `__call__`: QK norms and both attention calls (text/image
          and the IP branch) on our ops.
 All of these rewrite only the named expressions in the installed source (rewrite.py) and are
@@ -26,6 +29,7 @@ from .engine import PatchSet, Spec, exact, handback, register_patch_set
 from .rewrite import build_rewrite
 
 FLUX2_MODULE = "diffusers.models.transformers.transformer_flux2"
+FLUX3_MODULE = "diffusers.models.transformers.transformer_flux3"
 CHROMA_MODULE = "diffusers.models.transformers.transformer_chroma"
 FLUX_MODULE = "diffusers.models.transformers.transformer_flux"
 
@@ -70,6 +74,20 @@ register_patch_set(
             _block("Flux2SingleTransformerBlock.forward", "diffusers FLUX.2 Flux2SingleTransformerBlock"),
             Spec("Flux2PosEmbed.forward", build_flux2_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs",
                  params=("self", "ids"), ops=("rope_freqs",)),
+        ],
+    )
+)
+
+register_patch_set(
+    PatchSet(
+        target="diffusers",
+        matches=exact(FLUX3_MODULE),
+        import_names=(FLUX3_MODULE,),
+        specs=[
+            _processor("Flux3AttnProcessor.__call__", "diffusers FLUX.3 Flux3AttnProcessor"),
+            _block("Flux3ModeTransformerBlock.forward", "diffusers FLUX.3 Flux3ModeTransformerBlock"),
+            _block("Flux3SingleTransformerBlock.forward", "diffusers FLUX.3 Flux3SingleTransformerBlock"),
+            _block("Flux3AdaLayerNorm.forward", "diffusers FLUX.3 Flux3AdaLayerNorm"),
         ],
     )
 )
