@@ -82,7 +82,7 @@ SDPA_FACTS = (
         sources=(
             'PyTorch issue 196678, "NaN grad_q from cuDNN SDPA backward since 2.11"',
             "flux-npu, 2026-11-25: stock diffusers Flux training on an H100 80GB HBM3 with torch 2.11.0+cu130 died "
-            "with an illegal memory access (CUBLAS_STATUS_EXECUTION_FAILED / mha_graph execute failures) and "
+            "with an illegal memory access (cuBLAS 'execution failed' status, mha_graph execute errors) and "
             "trained with cuDNN SDPA disabled",
         ),
     ),

@@ -36,6 +36,7 @@ from .registry import (
     reset_default_backend,
     reset_dispatch_stats,
     resolve_backend,
+    run_plan,
     run_unplanned,
     set_strict,
     traced,
@@ -49,14 +50,6 @@ from .registry import (
 # unhashable scalar) goes the slow way every call, which also raises the clear error.
 
 
-def _run(op, plan, b, ref, args):
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    fn = plan.fn
-    return ref(*args) if fn is None else fn(b, *args)
-
-
 def _miss(op, validate, b, ref, args, key):
     if validate(*args) == "empty":
         # zero-size input: every backend returns the empty result the reference computes
@@ -67,7 +60,7 @@ def _miss(op, validate, b, ref, args, key):
         plan = _plan(op, b, args, key)
     if key is None:
         return run_unplanned(plan, b, ref, args)
-    return _run(op, plan, b, ref, args)
+    return run_plan(plan, b, ref, args)
 
 
 def _tensor(name, t):

@@ -376,8 +376,8 @@ def traced(op: str, b: Backend, reference: Callable, args: tuple):
 
 def dispatch(op: str, reference: Callable, backend, args: tuple, kwargs: Optional[dict] = None):
     """Run `op` on the active (or given) backend's first kernel that accepts the input, else the
-    reference. Not cached: the public ops cache through `_PLANS`; this is the general entry for
-    callers that hold unvalidated or unusual arguments (kwargs)."""
+    reference, walking the checks on every call (the public ops plan through `_PLANS` instead).
+    Arguments go by position, in the public op's order; they are not validated here."""
     if kwargs:
         raise TypeError(f"dispatch({op!r}): pass the arguments by position, in the public op's order")
     b = resolve_backend(backend)

@@ -35,7 +35,7 @@ def _reset_flux_npu_state():
     from flux_npu.ops import registry
 
     npu_backend.reset_runtime_cache()
-    registry._DEFAULT.clear()  # the op table's cached auto-detected backend
+    registry.reset_default_backend()  # the op table's cached default backend
     return npu_backend, registry
 
 

@@ -33,8 +33,10 @@ def _check(backend, x, weight, eps, out_dtype):
 
 def _rms_norm_autograd(x, weight, eps, out):
     if weight is not None and weight.dtype != x.dtype:
-        # Mixed dtypes defeat the fused path: normalise in float32 and round once, as the reference.
-        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(out)
+        # Mixed dtypes defeat the fused path: normalise in float32 (float64 if either is) and round
+        # once, as the reference.
+        cd = compute_dtype(torch.promote_types(x.dtype, weight.dtype))
+        return F.rms_norm(x.to(cd), (x.shape[-1],), weight.to(cd), eps).to(out)
     y = F.rms_norm(x, (x.shape[-1],), weight, eps)
     return y if y.dtype == out else y.to(out)
 
