@@ -8,6 +8,7 @@ the active backend's first kernel that accepts the input, else the plain-torch r
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -121,7 +122,7 @@ def _validate_attention(q, k, v, mask, scale, layout):
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or sequence ({layout})")
     if q.shape[h] % k.shape[h]:
         raise ValueError(f"attention: q has {q.shape[h]} heads, not a multiple of k/v's {k.shape[h]} ({layout})")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     if mask is not None:
         _tensor("mask", mask)
@@ -170,9 +171,9 @@ def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "
 
 def _validate_rope_freqs(pos, dim, theta, form):
     _tensor("pos", pos)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0 or dim % 2:
         raise ValueError(f"rope_freqs: dim must be a positive even number, got {dim}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta <= 0:
         raise ValueError(f"rope_freqs: theta must be a finite number > 0 (Flux uses 10000), got {theta!r}")
     if form not in ("bfl", "cos_sin"):
         raise ValueError(f"rope_freqs: form must be 'bfl' or 'cos_sin', got {form!r}")
@@ -279,7 +280,7 @@ def _validate_rms_norm(x, weight, eps, out_dtype, op="rms_norm", name="weight"):
         if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
             raise ValueError(f"{op}: {name} must be ({x.shape[-1]},) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
         _same_device(op, x=x, weight=weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be None or a float dtype (float32, bfloat16, float16, float64), "
@@ -319,7 +320,7 @@ def _validate_layer_norm_modulate(x, shift, scale, eps):
                 f"layer_norm_modulate: {n} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)} "
                 f"(pass (B, 1, D) for a (B, S, D) x)"
             )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"layer_norm_modulate: eps must be a number >= 0, got {eps!r}")
     _same_device("layer_norm_modulate", x=x, shift=shift, scale=scale)
 

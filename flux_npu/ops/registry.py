@@ -63,7 +63,8 @@ class Kernel:
     fn(backend, *args, **kwargs) computes the op with the same arguments as the public entry point.
     check(backend, *args, **kwargs) returns None when the kernel takes the input, else the reason.
     A check may read the arguments' dtypes, shapes, devices and the non-tensor arguments, never
-    tensor values or strides: its answer is cached per input signature.
+    tensor values or strides: its answer is cached per input signature. (The one exception, an
+    attention float mask, is not cached: `ops.attention` decides such calls one by one.)
     """
 
     op: str
