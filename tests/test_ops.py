@@ -460,3 +460,19 @@ def test_bad_input_is_rejected_on_every_call_not_only_the_first():
             ops.rms_norm(x, torch.ones(7))
         with pytest.raises(TypeError, match="must be a torch.Tensor"):
             ops.rms_norm([1.0, 2.0], None)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "cuda"])
+def test_bool_mask_reaches_the_fused_kernel(backend_name, seed):
+    """A boolean mask is served by the backend's SDPA kernel, not handed to the reference (cuda's
+    code path runs on CPU tensors here through `with_device_type`)."""
+    b = flux_npu.backends.get_backend("cpu") if backend_name == "cpu" else \
+        flux_npu.backends.cuda.BACKEND.with_device_type("cpu")
+    q, k, v = (torch.randn(2, 5, 2, 8) for _ in range(3))
+    keep = torch.rand(2, 1, 5, 5) > 0.3
+    keep[..., 0] = True
+    out = ops.attention(q, k, v, mask=keep, layout="BSHD", backend=b)
+    ref = reference.attention(q.double(), k.double(), v.double(), mask=keep, layout="BSHD")
+    assert_close(out, ref, torch.float32)
+    assert ops.dispatch_stats()["served"][("attention", backend_name, "torch.sdpa")] == 1
+    assert not ops.dispatch_stats()["fallback"]
