@@ -21,7 +21,10 @@ HERE = os.path.dirname(__file__)
 
 def _diffusers_symbols():
     from diffusers.models import embeddings, normalization
+    from diffusers.models.transformers import transformer_chroma as chroma
     from diffusers.models.transformers import transformer_flux as tf
+    from diffusers.models.transformers import transformer_flux2 as tf2
+    from diffusers.models.transformers import transformer_flux3 as tf3
     from transformers.models.t5 import modeling_t5
 
     return {
@@ -33,6 +36,13 @@ def _diffusers_symbols():
         "rotary": (embeddings, "apply_rotary_emb"),
         "rotary_in_flux": (tf, "apply_rotary_emb"),  # imported by name
         "t5": (modeling_t5.T5LayerNorm, "forward"),
+        "block": (tf.FluxTransformerBlock, "forward"),  # AdaLN / gated residuals rewritten in source
+        "single_block": (tf.FluxSingleTransformerBlock, "forward"),
+        "ip": (tf.FluxIPAdapterAttnProcessor, "__call__"),
+        "flux2_proc": (tf2.Flux2AttnProcessor, "__call__"),
+        "flux2_block": (tf2.Flux2TransformerBlock, "forward"),
+        "flux3_proc": (tf3.Flux3AttnProcessor, "__call__"),
+        "chroma_norm": (chroma.ChromaAdaLayerNormZeroPruned, "forward"),
     }
 
 
@@ -49,6 +59,9 @@ def _bfl_symbols():
         "rms": (layers.RMSNorm, "forward"),
         "qk": (layers.QKNorm, "forward"),
         "embed": (layers.EmbedND, "forward"),
+        "double": (layers.DoubleStreamBlock, "forward"),
+        "single": (layers.SingleStreamBlock, "forward"),
+        "last": (layers.LastLayer, "forward"),
     }
 
 
