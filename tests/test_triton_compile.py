@@ -99,6 +99,7 @@ TRACE_SCRIPT = textwrap.dedent(
 
 
     triton.runtime.driver.set_active(TargetOnly())
+    torch.compiler.is_compiling = lambda: True  # as under dynamo: the wrappers call the custom ops
     from flux_npu.kernels.cuda import _triton, adaln_residual as AR, layer_norm_modulate as LN, qk_norm_rope as QK
     from flux_npu.kernels.cuda import rms_norm as RMS, rope as R
 

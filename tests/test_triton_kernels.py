@@ -460,6 +460,23 @@ def test_compiled_ops_no_graph_break(device):
         assert_close(a, b.double(), torch.float32, what=f"compiled grad {name}")
 
 
+def test_eager_calls_take_the_autograd_function_and_compiled_calls_the_custom_op(device):
+    """Eager: the autograd.Function over the launchers (cheaper on the host than a custom-op call);
+    under torch.compile: the custom op (checked in test_compiled_ops_no_graph_break's graph)."""
+    x = torch.randn(2, 3, 16).to(device).requires_grad_()
+    y = RMS.rms_norm(x, None, 1e-6)
+    node = y.grad_fn.next_functions[0][0]  # under the output's view
+    assert type(node).__name__.startswith("Triton_rms_norm"), type(node).__name__
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch.compile(lambda t: RMS.rms_norm(t, None, 1e-6), backend=backend, fullgraph=True)(x)
+    assert "flux_npu.triton_rms_norm.default" in seen, seen
+
+
 # -- harness -----------------------------------------------------------------------------------
 
 def test_poisoned_buffers_are_nan_and_caught():

@@ -143,10 +143,6 @@ def _bwd_fake(h, y, gate, shift, scale, dh, dn, eps):
     )
 
 
-adaln_residual_op = T.define_op("adaln_residual", _fwd, _adaln_res_fwd, _fwd_fake)
-adaln_residual_bwd_op = T.define_op("adaln_residual_bwd", _bwd, _adaln_res_bwd, _bwd_fake)
-
-
 def _setup(ctx, inputs, output):
     x, gate, y, shift, scale, eps = inputs
     ctx.save_for_backward(output[0], y, gate, shift, scale)
@@ -155,12 +151,14 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dh, dn):
     h, y, gate, shift, scale = ctx.saved_tensors
-    dx, dg, dy, dsh, dsc = adaln_residual_bwd_op(h, y, gate, shift, scale, dh, dn, ctx.eps)
+    dx, dg, dy, dsh, dsc = ctx.bwd(h, y, gate, shift, scale, dh, dn, ctx.eps)
     return dx, dg, dy, dsh, dsc, None
 
 
-if adaln_residual_op is not None:
-    adaln_residual_op.register_autograd(_backward, setup_context=_setup)
+_ADALN_RES = T.TritonOp(
+    "adaln_residual", _fwd, _adaln_res_fwd, _fwd_fake, _bwd, _adaln_res_bwd, _bwd_fake, _setup, _backward,
+)
+adaln_residual_op, adaln_residual_bwd_op = _ADALN_RES.op, _ADALN_RES.bwd_op
 
 
 def _groups(x, gate, shift, scale):
@@ -179,7 +177,7 @@ def adaln_residual(x, gate, y, shift, scale, eps: float = 1e-6):
     Gn, L = math.prod(x.shape[:k]), math.prod(x.shape[k:-1])
     x3, y3 = (T.last_dim_unit(t.reshape(Gn, L, N)) for t in (x, y))
     g2, sh2, sc2 = (T.last_dim_unit(t.reshape(Gn, N)) for t in (gate, shift, scale))
-    h, n = adaln_residual_op(x3, g2, y3, sh2, sc2, float(eps))
+    h, n = _ADALN_RES(x3, g2, y3, sh2, sc2, float(eps))
     return h.view(x.shape), n.view(x.shape)
 
 

@@ -139,10 +139,6 @@ def _bwd_fake(x, shift, scale, dy, eps):
     return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
 
 
-layer_norm_modulate_op = T.define_op("layer_norm_modulate", _fwd, _ln_mod_fwd, _fwd_fake)
-layer_norm_modulate_bwd_op = T.define_op("layer_norm_modulate_bwd", _bwd, _ln_mod_bwd, _bwd_fake)
-
-
 def _setup(ctx, inputs, output):
     x, shift, scale, eps = inputs
     ctx.save_for_backward(x, shift, scale)
@@ -151,12 +147,14 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, shift, scale = ctx.saved_tensors
-    dx, dsh, dsc = layer_norm_modulate_bwd_op(x, shift, scale, dy, ctx.eps)
+    dx, dsh, dsc = ctx.bwd(x, shift, scale, dy, ctx.eps)
     return dx, dsh, dsc, None
 
 
-if layer_norm_modulate_op is not None:
-    layer_norm_modulate_op.register_autograd(_backward, setup_context=_setup)
+_LN_MOD = T.TritonOp(
+    "layer_norm_modulate", _fwd, _ln_mod_fwd, _fwd_fake, _bwd, _ln_mod_bwd, _bwd_fake, _setup, _backward,
+)
+layer_norm_modulate_op, layer_norm_modulate_bwd_op = _LN_MOD.op, _LN_MOD.bwd_op
 
 
 def group_view(x, shift, scale):
@@ -182,7 +180,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     shift/scale: (G..., 1..., D) against x (G..., L..., D), e.g. (B, 1, D) for (B, S, D).
     Differentiable in x, shift and scale."""
     x3, sh2, sc2 = group_view(x, shift, scale)
-    return layer_norm_modulate_op(x3, sh2, sc2, float(eps)).view(x.shape)
+    return _LN_MOD(x3, sh2, sc2, float(eps)).view(x.shape)
 
 
 def _check(backend, x, shift, scale, eps):

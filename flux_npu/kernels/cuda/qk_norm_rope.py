@@ -67,10 +67,6 @@ def _bwd_fake(q, k, q_weight, k_weight, f0, f1, dyq, dyk, eps, sequence_dim):
     return q.new_empty(q.shape), k.new_empty(k.shape), dws[0], dws[1]
 
 
-qk_norm_rope_op = T.define_op("qk_norm_rope", _fwd, _rope_fwd, _fwd_fake)
-qk_norm_rope_bwd_op = T.define_op("qk_norm_rope_bwd", _bwd, _rope_bwd, _bwd_fake)
-
-
 def _setup(ctx, inputs, output):
     q, k, q_weight, k_weight, f0, f1, eps, sequence_dim = inputs
     ctx.save_for_backward(q, k, q_weight, k_weight, f0, f1)
@@ -79,7 +75,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dyq, dyk):
     q, k, q_weight, k_weight, f0, f1 = ctx.saved_tensors
-    dq, dk, dqw, dkw = qk_norm_rope_bwd_op(q, k, q_weight, k_weight, f0, f1, dyq, dyk, ctx.eps, ctx.sequence_dim)
+    dq, dk, dqw, dkw = ctx.bwd(q, k, q_weight, k_weight, f0, f1, dyq, dyk, ctx.eps, ctx.sequence_dim)
     need = ctx.needs_input_grad
     return (
         dq, dk, dqw if q_weight is not None and need[2] else None, dkw if k_weight is not None and need[3] else None,
@@ -87,8 +83,8 @@ def _backward(ctx, dyq, dyk):
     )
 
 
-if qk_norm_rope_op is not None:
-    qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
+_QK_NORM_ROPE = T.TritonOp("qk_norm_rope", _fwd, _rope_fwd, _fwd_fake, _bwd, _rope_bwd, _bwd_fake, _setup, _backward)
+qk_norm_rope_op, qk_norm_rope_bwd_op = _QK_NORM_ROPE.op, _QK_NORM_ROPE.bwd_op
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_dim: int = 2):
@@ -99,7 +95,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_di
             raise ValueError(f"triton qk_norm_rope takes at most 4-D {name}, got {t.dim()}-D")
     q4, k4 = (T.last_dim_unit(T.as_4d(t)) for t in (q, k))
     f0, f1 = split_freqs(freqs)
-    yq, yk = qk_norm_rope_op(q4, k4, q_weight, k_weight, f0, f1, float(eps), sequence_dim + 4 - q.dim())
+    yq, yk = _QK_NORM_ROPE(q4, k4, q_weight, k_weight, f0, f1, float(eps), sequence_dim + 4 - q.dim())
     return yq.view(q.shape), yk.view(k.shape)
 
 

@@ -116,10 +116,6 @@ def _bwd_fake(x, weight, dy, eps):
     return x.new_empty(x.shape), dw
 
 
-rms_norm_op = T.define_op("rms_norm", _fwd, _rms_norm_fwd, _fwd_fake)
-rms_norm_bwd_op = T.define_op("rms_norm_bwd", _bwd, _rms_norm_bwd, _bwd_fake)
-
-
 def _setup(ctx, inputs, output):
     x, weight, eps, _ = inputs
     ctx.save_for_backward(x, weight)
@@ -128,19 +124,19 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dw = rms_norm_bwd_op(x, weight, dy, ctx.eps)
+    dx, dw = ctx.bwd(x, weight, dy, ctx.eps)
     return dx, (dw if weight is not None and ctx.needs_input_grad[1] else None), None, None
 
 
-if rms_norm_op is not None:
-    rms_norm_op.register_autograd(_backward, setup_context=_setup)
+_RMS_NORM = T.TritonOp("rms_norm", _fwd, _rms_norm_fwd, _fwd_fake, _bwd, _rms_norm_bwd, _bwd_fake, _setup, _backward)
+rms_norm_op, rms_norm_bwd_op = _RMS_NORM.op, _RMS_NORM.bwd_op
 
 
 def rms_norm(x: torch.Tensor, weight=None, eps: float = 1e-6, out_dtype=None) -> torch.Tensor:
     """RMSNorm over the last dim (float32 maths, one rounding to `out_dtype` or x.dtype).
     weight: (N,) or None. Differentiable in x and weight."""
     x4 = T.last_dim_unit(T.as_4d(x))
-    return rms_norm_op(x4, weight, float(eps), out_dtype or x.dtype).view(x.shape)
+    return _RMS_NORM(x4, weight, float(eps), out_dtype or x.dtype).view(x.shape)
 
 
 def _check(backend, x, weight, eps, out_dtype):

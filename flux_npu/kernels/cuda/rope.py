@@ -250,10 +250,6 @@ def _bwd_fake(dy, f0, f1, sequence_dim):
     return dy.new_empty(dy.shape)
 
 
-apply_rope_op = T.define_op("apply_rope", _fwd, _rope_fwd, _fwd_fake)
-apply_rope_bwd_op = T.define_op("apply_rope_bwd", _bwd, _rope_bwd, _bwd_fake)
-
-
 def _setup(ctx, inputs, output):
     _, f0, f1, sequence_dim = inputs
     ctx.save_for_backward(f0, f1)
@@ -262,11 +258,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     f0, f1 = ctx.saved_tensors
-    return apply_rope_bwd_op(dy, f0, f1, ctx.sequence_dim), None, None, None
+    return ctx.bwd(dy, f0, f1, ctx.sequence_dim), None, None, None
 
 
-if apply_rope_op is not None:
-    apply_rope_op.register_autograd(_backward, setup_context=_setup)
+_APPLY_ROPE = T.TritonOp("apply_rope", _fwd, _rope_fwd, _fwd_fake, _bwd, _rope_bwd, _bwd_fake, _setup, _backward)
+apply_rope_op, apply_rope_bwd_op = _APPLY_ROPE.op, _APPLY_ROPE.bwd_op
 
 
 def split_freqs(freqs):
@@ -283,7 +279,7 @@ def apply_rope(x: torch.Tensor, freqs, sequence_dim: int = 2) -> torch.Tensor:
         raise ValueError(f"triton apply_rope takes at most 4-D x, got {x.dim()}-D")
     x4 = T.last_dim_unit(T.as_4d(x))
     f0, f1 = split_freqs(freqs)
-    return apply_rope_op(x4, f0, f1, sequence_dim + 4 - x.dim()).view(x.shape)
+    return _APPLY_ROPE(x4, f0, f1, sequence_dim + 4 - x.dim()).view(x.shape)
 
 
 def freq_tensors(freqs):
