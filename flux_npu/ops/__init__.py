@@ -7,6 +7,7 @@ the active backend's first kernel that accepts the input, else the plain-torch r
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -44,21 +45,60 @@ from .registry import (
     use_backend,
 )
 
-# Every public op has the same shape: resolve the backend; while torch.compile traces, validate
-# and walk the checks in the trace; otherwise build the input signature (what validation and the
-# kernels' checks read), look its plan up, and only on a miss validate and walk the checks
-# (`_miss`). A signature that cannot be built or hashed (a non-tensor where a tensor belongs, an
-# unhashable scalar) goes the slow way every call, which also raises the clear error.
+# Every public op states only what is its own (its validation, the input signature its kernels'
+# checks read, its reference) in an `_Op`, and hands its arguments to `_call`, which does what all
+# share: resolve the backend; while torch.compile traces, validate and walk the checks in the
+# trace; otherwise build the signature, look its plan up, and only on a miss validate and walk the
+# checks (`_miss`). A signature that cannot be built or hashed (a non-tensor where a tensor
+# belongs, an unhashable scalar, an attention float mask) goes the slow way every call, which also
+# raises the clear error.
 
 
-def _miss(op, validate, b, ref, args, key):
-    if validate(*args) == "empty":
+class _Op:
+    """One public op's own parts. key(plan_key, *args) -> hashable signature (raises
+    AttributeError/TypeError/ValueError when there is none); ref(*args) the reference, or, with
+    bound=True, ref(backend, *args) (a reference that depends on the backend)."""
+
+    __slots__ = ("name", "validate", "key", "ref", "bound")
+
+    def __init__(self, name, validate, key, ref, bound=False):
+        self.name, self.validate, self.key, self.ref, self.bound = name, validate, key, ref, bound
+
+    def reference(self, b):
+        return functools.partial(self.ref, b) if self.bound else self.ref
+
+
+def _call(op, backend, args):
+    b = backend if backend.__class__ is Backend else resolve_backend(backend)
+    if _is_compiling():
+        op.validate(*args)
+        return traced(op.name, b, op.reference(b), args)
+    try:
+        key = op.key(b.plan_key, *args)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError, ValueError):  # not a signature: validation will say why
+        key = plan = None
+    if plan is None:  # first call with this signature, or none could be made
+        return _miss(op, b, args, key)
+    # the planned call: one dict lookup, one increment
+    if plan.reason is not None and _STRICT[0]:
+        raise _strict_error(plan)
+    plan.n += 1
+    fn = plan.fn
+    if fn is not None:
+        return fn(b, *args)
+    return op.ref(b, *args) if op.bound else op.ref(*args)
+
+
+def _miss(op, b, args, key):
+    ref = op.reference(b)
+    if op.validate(*args) == "empty":
         # zero-size input: every backend returns the empty result the reference computes
-        plan = registry.Plan(op, b.name, None, "reference", None)
+        plan = registry.Plan(op.name, b.name, None, "reference", None)
         if key is not None:
             _PLANS[key] = plan
     else:
-        plan = _plan(op, b, args, key)
+        plan = _plan(op.name, b, args, key)
     if key is None:
         return run_unplanned(plan, b, ref, args)
     return run_plan(plan, b, ref, args)
@@ -136,34 +176,25 @@ def _validate_attention(q, k, v, mask, scale, layout):
     _same_device("attention", q=q, k=k, v=v, mask=mask)
 
 
+def _key_attention(pk, q, k, v, mask, scale, layout):
+    if mask is not None and mask.dtype is not torch.bool:
+        # an additive mask's kernel choice may depend on its values (npu: only 0 / -inf maps
+        # exactly onto the fused op's boolean mask), so it is decided per call
+        raise TypeError
+    return ("attention", pk, q.dtype, q.shape, q.device, k.dtype, k.shape, k.device, v.dtype, v.shape, v.device,
+            None if mask is None else (mask.shape, mask.device), scale, layout)
+
+
+_ATTENTION = _Op("attention", _validate_attention, _key_attention, reference.attention)
+
+
 def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "BHSD", *, backend=None):
     """Scaled dot-product attention. q, k, v: (B, H, S, D) (`layout="BSHD"`: (B, S, H, D)).
 
     mask: None, bool (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
     scale: defaults to 1/sqrt(D). Output: q's layout and dtype. A query row whose keys are all
     masked out gives zeros (and zero gradients) on every backend."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
-    args = (q, k, v, mask, scale, layout)
-    if _is_compiling():
-        _validate_attention(*args)
-        return traced("attention", b, reference.attention, args)
-    try:
-        if mask is not None and mask.dtype is not torch.bool:
-            # an additive mask's kernel choice may depend on its values (npu: only 0 / -inf maps
-            # exactly onto the fused op's boolean mask), so it is decided per call
-            raise TypeError
-        key = ("attention", b.plan_key, q.dtype, q.shape, q.device, k.dtype, k.shape, k.device,
-               v.dtype, v.shape, v.device, None if mask is None else (mask.shape, mask.device), scale, layout)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("attention", _validate_attention, b, reference.attention, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return reference.attention(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_ATTENTION, backend, (q, k, v, mask, scale, layout))
 
 
 # -- RoPE --------------------------------------------------------------------------------------
@@ -181,30 +212,21 @@ def _validate_rope_freqs(pos, dim, theta, form):
         raise ValueError(f"rope_freqs: form='cos_sin' takes 1-D positions (S,), got shape {tuple(pos.shape)}")
 
 
+def _ref_rope_freqs(b, pos, dim, theta, form):
+    return reference.rope_freqs(pos, dim, theta, form, compute_dtype=rope_compute_dtype(b, pos.device))
+
+
+_ROPE_FREQS = _Op(
+    "rope_freqs", _validate_rope_freqs,
+    lambda pk, pos, dim, theta, form: ("rope_freqs", pk, pos.dtype, pos.shape, pos.device, dim, theta, form),
+    _ref_rope_freqs, bound=True,
+)
+
+
 def rope_freqs(pos, dim: int, theta: float = 10000.0, form: str = "bfl", *, backend=None):
     """RoPE frequencies (see `reference.rope_freqs`), computed in float64 where the backend has
     it and in float32 where it does not (NPU); always returned as float32."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
-    args = (pos, dim, theta, form)
-
-    def ref(pos, dim, theta, form):
-        return reference.rope_freqs(pos, dim, theta, form, compute_dtype=rope_compute_dtype(b, pos.device))
-
-    if _is_compiling():
-        _validate_rope_freqs(*args)
-        return traced("rope_freqs", b, ref, args)
-    try:
-        key = ("rope_freqs", b.plan_key, pos.dtype, pos.shape, pos.device, dim, theta, form)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("rope_freqs", _validate_rope_freqs, b, ref, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return ref(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_ROPE_FREQS, backend, (pos, dim, theta, form))
 
 
 def _validate_apply_rope(x, freqs, sequence_dim, op="apply_rope"):
@@ -240,32 +262,25 @@ def _validate_apply_rope(x, freqs, sequence_dim, op="apply_rope"):
         return "empty"
 
 
+def _freqs_key(freqs):
+    if freqs.__class__ is tuple:
+        c, s = freqs  # ValueError when it is not a pair
+        return (c.dtype, c.shape, c.device, s.dtype, s.shape, s.device)
+    return (freqs.dtype, freqs.shape, freqs.device)
+
+
+_APPLY_ROPE = _Op(
+    "apply_rope", _validate_apply_rope,
+    lambda pk, x, freqs, sd: ("apply_rope", pk, x.dtype, x.shape, x.device, _freqs_key(freqs), sd),
+    reference.apply_rope,
+)
+
+
 def apply_rope(x, freqs, sequence_dim: int = 2, *, backend=None):
     """Rotate adjacent pairs of x's last dim (see `reference.apply_rope` for both freqs forms)."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
     if freqs.__class__ is list:
         freqs = tuple(freqs)
-    args = (x, freqs, sequence_dim)
-    if _is_compiling():
-        _validate_apply_rope(*args)
-        return traced("apply_rope", b, reference.apply_rope, args)
-    try:
-        if freqs.__class__ is tuple:
-            c, s = freqs
-            fk = (c.dtype, c.shape, c.device, s.dtype, s.shape, s.device)
-        else:
-            fk = (freqs.dtype, freqs.shape, freqs.device)
-        key = ("apply_rope", b.plan_key, x.dtype, x.shape, x.device, fk, sequence_dim)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError, ValueError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("apply_rope", _validate_apply_rope, b, reference.apply_rope, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return reference.apply_rope(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_APPLY_ROPE, backend, (x, freqs, sequence_dim))
 
 
 # -- norms -------------------------------------------------------------------------------------
@@ -287,26 +302,16 @@ def _validate_rms_norm(x, weight, eps, out_dtype, op="rms_norm", name="weight"):
                         f"got {out_dtype!r}")
 
 
+_RMS_NORM = _Op(
+    "rms_norm", _validate_rms_norm,
+    lambda pk, x, w, eps, od: ("rms_norm", pk, x.dtype, x.shape, x.device, _t(w), eps, od),
+    reference.rms_norm,
+)
+
+
 def rms_norm(x, weight=None, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None, *, backend=None):
     """RMSNorm over the last dim, float32 accumulation, output dtype `out_dtype` or x.dtype."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
-    args = (x, weight, eps, out_dtype)
-    if _is_compiling():
-        _validate_rms_norm(*args)
-        return traced("rms_norm", b, reference.rms_norm, args)
-    try:
-        key = ("rms_norm", b.plan_key, x.dtype, x.shape, x.device,
-               None if weight is None else (weight.dtype, weight.shape, weight.device), eps, out_dtype)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("rms_norm", _validate_rms_norm, b, reference.rms_norm, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return reference.rms_norm(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_RMS_NORM, backend, (x, weight, eps, out_dtype))
 
 
 def _validate_layer_norm_modulate(x, shift, scale, eps):
@@ -325,26 +330,17 @@ def _validate_layer_norm_modulate(x, shift, scale, eps):
     _same_device("layer_norm_modulate", x=x, shift=shift, scale=scale)
 
 
+_LAYER_NORM_MODULATE = _Op(
+    "layer_norm_modulate", _validate_layer_norm_modulate,
+    lambda pk, x, sh, sc, eps: ("layer_norm_modulate", pk, x.dtype, x.shape, x.device, sh.dtype, sh.shape,
+                                sh.device, sc.dtype, sc.shape, sc.device, eps),
+    reference.layer_norm_modulate,
+)
+
+
 def layer_norm_modulate(x, shift, scale, eps: float = 1e-6, *, backend=None):
     """AdaLN modulation: (1 + scale) * LayerNorm(x) + shift; shift/scale broadcast against x."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
-    args = (x, shift, scale, eps)
-    if _is_compiling():
-        _validate_layer_norm_modulate(*args)
-        return traced("layer_norm_modulate", b, reference.layer_norm_modulate, args)
-    try:
-        key = ("layer_norm_modulate", b.plan_key, x.dtype, x.shape, x.device, shift.dtype, shift.shape,
-               shift.device, scale.dtype, scale.shape, scale.device, eps)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("layer_norm_modulate", _validate_layer_norm_modulate, b, reference.layer_norm_modulate, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return reference.layer_norm_modulate(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_LAYER_NORM_MODULATE, backend, (x, shift, scale, eps))
 
 
 def _validate_gated_residual(x, gate, y):
@@ -360,26 +356,17 @@ def _validate_gated_residual(x, gate, y):
     _same_device("gated_residual", x=x, gate=gate, y=y)
 
 
+_GATED_RESIDUAL = _Op(
+    "gated_residual", _validate_gated_residual,
+    lambda pk, x, g, y: ("gated_residual", pk, x.dtype, x.shape, x.device, g.dtype, g.shape, g.device,
+                         y.dtype, y.shape, y.device),
+    reference.gated_residual,
+)
+
+
 def gated_residual(x, gate, y, *, backend=None):
     """x + gate * y (Flux's gated residual), output dtype = x.dtype."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
-    args = (x, gate, y)
-    if _is_compiling():
-        _validate_gated_residual(*args)
-        return traced("gated_residual", b, reference.gated_residual, args)
-    try:
-        key = ("gated_residual", b.plan_key, x.dtype, x.shape, x.device, gate.dtype, gate.shape, gate.device,
-               y.dtype, y.shape, y.device)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("gated_residual", _validate_gated_residual, b, reference.gated_residual, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return reference.gated_residual(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_GATED_RESIDUAL, backend, (x, gate, y))
 
 
 def _validate_qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
@@ -395,40 +382,26 @@ def _validate_qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
     return _validate_apply_rope(q, freqs, sequence_dim, "qk_norm_rope")
 
 
+def _composed_qk_norm_rope(b, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
+    qn = rms_norm(q, q_weight, eps, backend=b)
+    kn = rms_norm(k, k_weight, eps, backend=b)
+    return apply_rope(qn, freqs, sequence_dim, backend=b), apply_rope(kn, freqs, sequence_dim, backend=b)
+
+
+_QK_NORM_ROPE = _Op(
+    "qk_norm_rope", _validate_qk_norm_rope,
+    lambda pk, q, k, qw, kw, freqs, eps, sd: ("qk_norm_rope", pk, q.dtype, q.shape, q.device, k.dtype, k.shape,
+                                              k.device, _t(qw), _t(kw), _freqs_key(freqs), eps, sd),
+    _composed_qk_norm_rope, bound=True,
+)
+
+
 def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_dim: int = 2, *, backend=None):
     """RMSNorm(q), RMSNorm(k) (own weights) then RoPE on both: one fused pass where the backend
     has a kernel; elsewhere the backend's own rms_norm and apply_rope kernels, composed."""
-    b = backend if backend.__class__ is Backend else resolve_backend(backend)
     if freqs.__class__ is list:
         freqs = tuple(freqs)
-
-    def composed(q, k, q_weight, k_weight, freqs, eps, sequence_dim):
-        qn = rms_norm(q, q_weight, eps, backend=b)
-        kn = rms_norm(k, k_weight, eps, backend=b)
-        return apply_rope(qn, freqs, sequence_dim, backend=b), apply_rope(kn, freqs, sequence_dim, backend=b)
-
-    args = (q, k, q_weight, k_weight, freqs, eps, sequence_dim)
-    if _is_compiling():
-        _validate_qk_norm_rope(*args)
-        return traced("qk_norm_rope", b, composed, args)
-    try:
-        if freqs.__class__ is tuple:
-            c, s = freqs
-            fk = (c.dtype, c.shape, c.device, s.dtype, s.shape, s.device)
-        else:
-            fk = (freqs.dtype, freqs.shape, freqs.device)
-        key = ("qk_norm_rope", b.plan_key, q.dtype, q.shape, q.device, k.dtype, k.shape, k.device,
-               _t(q_weight), _t(k_weight), fk, eps, sequence_dim)
-        plan = _PLANS.get(key)
-    except (AttributeError, TypeError, ValueError):  # not a signature: validation will say why
-        key = plan = None
-    if plan is None:  # first call with this signature, or none could be made
-        return _miss("qk_norm_rope", _validate_qk_norm_rope, b, composed, args, key)
-    # the planned call, inline (one Python frame less on every op call)
-    if plan.reason is not None and _STRICT[0]:
-        raise _strict_error(plan)
-    plan.n += 1
-    return composed(*args) if plan.fn is None else plan.fn(b, *args)
+    return _call(_QK_NORM_ROPE, backend, (q, k, q_weight, k_weight, freqs, eps, sequence_dim))
 
 
 def _resolve_backend(backend):
