@@ -13,7 +13,8 @@
   LayerNorm + (1 + scale_mlp) + shift_mlp (norm2, norm2_context) -> ops.layer_norm_modulate and
   the gated residuals (attention, feed-forward, single-block output) -> ops.gated_residual, by
   rewriting only those expressions in the installed forward's source (rewrite.py).
-- `FluxPosEmbed.forward`: RoPE frequencies -> ops.rope_freqs (float32 on devices without float64).
+- `FluxPosEmbed.forward`: RoPE frequencies -> ops.rope_freqs (float32 on devices without float64;
+  batched 3-D ids go to the original). The same builder serves FLUX.2's Flux2PosEmbed.
 - `AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous.forward`: the AdaLN
   LayerNorm + modulation -> ops.layer_norm_modulate (only the no-affine LayerNorm form Flux uses;
   other configurations keep the stock forward).
@@ -178,18 +179,43 @@ def _processor_instances(module, model, backend, handle, spec, original):
     handle.add_row(module.__name__, spec.symbol, status, note if count else none)
 
 
-def build_pos_embed_forward(original, backend):
-    def forward(self, ids):
-        n_axes = ids.shape[-1]
-        pos = ids.float()
-        cos_out, sin_out = [], []
-        for i in range(n_axes):
-            cos, sin = ops.rope_freqs(pos[:, i], self.axes_dim[i], self.theta, form="cos_sin", backend=backend)
-            cos_out.append(cos)
-            sin_out.append(sin)
-        return torch.cat(cos_out, dim=-1).to(ids.device), torch.cat(sin_out, dim=-1).to(ids.device)
+def rope_cos_sin_forward(where: str, axes_from_ids: bool):
+    """A builder for a diffusers RoPE position embedding forward (FluxPosEmbed, Flux2PosEmbed):
+    per-axis ops.rope_freqs in the (cos, sin) form, concatenated over the head dim. FLUX.1 loops over
+    `ids.shape[-1]` axes, FLUX.2 over `len(self.axes_dim)` (`axes_from_ids` picks which, as the
+    stock forwards do). Batched (3-D) ids go back to the original: ops.rope_freqs takes 1-D positions."""
 
-    return forward
+    def build(original, backend):
+        def forward(self, ids):
+            if ids.dim() != 2:
+                handback("rope_freqs", backend, f"{where}: batched (3-D) position ids")
+                return original(self, ids)
+            pos = ids.float()
+            n_axes = ids.shape[-1] if axes_from_ids else len(self.axes_dim)
+            cos_out, sin_out = [], []
+            for i in range(n_axes):
+                cos, sin = ops.rope_freqs(pos[:, i], self.axes_dim[i], self.theta, form="cos_sin", backend=backend)
+                cos_out.append(cos)
+                sin_out.append(sin)
+            return torch.cat(cos_out, dim=-1).to(ids.device), torch.cat(sin_out, dim=-1).to(ids.device)
+
+        return forward
+
+    return build
+
+
+def pos_embed_spec(symbol: str, where: str, axes_from_ids: bool) -> Spec:
+    return Spec(symbol, rope_cos_sin_forward(where, axes_from_ids), "RoPE frequencies -> ops.rope_freqs",
+                params=("self", "ids"), ops=("rope_freqs",))
+
+
+def register_diffusers_set(module: str, specs, *, import_module: bool = True) -> None:
+    """Register the specs for one diffusers module (imported by patch() unless `import_module` is
+    False, for a second set on a module another set already imports)."""
+    register_patch_set(
+        PatchSet(target="diffusers", matches=exact(module), import_names=(module,) if import_module else (),
+                 specs=list(specs))
+    )
 
 
 def _plain_layer_norm(norm) -> bool:
@@ -296,81 +322,41 @@ def build_apply_rotary_emb(original, backend):
 
 PROCESSOR_PARAMS = ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
 
-register_patch_set(
-    PatchSet(
-        target="diffusers",
-        matches=exact(FLUX_MODULE),
-        import_names=(FLUX_MODULE,),
-        specs=[
-            Spec(
-                "FluxAttnProcessor.__call__",
-                build_processor_call,
-                "attention -> ops.attention (BSHD), QK RMSNorms -> ops.rms_norm, RoPE -> ops.apply_rope; with a "
-                "diffusers attention backend chosen (set_attention_backend, attention_backend(), "
-                "DIFFUSERS_ATTN_BACKEND) or context parallelism: that backend's attention via "
-                "dispatch_attention_fn, QK norms and RoPE still on our ops",
-                params=PROCESSOR_PARAMS,
-                instance=_processor_instances,
-                ops=("attention", "rms_norm", "apply_rope"),
-            ),
-            Spec("FluxTransformerBlock.forward", build_block_forward("diffusers FluxTransformerBlock"),
-                 "AdaLN (feed-forward side) + gated residuals", ops=("layer_norm_modulate", "gated_residual"),
-                 params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
-            Spec("FluxSingleTransformerBlock.forward", build_block_forward("diffusers FluxSingleTransformerBlock"),
-                 "gated residual", ops=("gated_residual",),
-                 params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
-            Spec("FluxPosEmbed.forward", build_pos_embed_forward, "RoPE frequencies -> ops.rope_freqs",
-                 params=("self", "ids"),
-                 ops=("rope_freqs",)),
-        ],
-    )
-)
+register_diffusers_set(FLUX_MODULE, [
+    Spec(
+        "FluxAttnProcessor.__call__",
+        build_processor_call,
+        "attention -> ops.attention (BSHD), QK RMSNorms -> ops.rms_norm, RoPE -> ops.apply_rope; with a "
+        "diffusers attention backend chosen (set_attention_backend, attention_backend(), "
+        "DIFFUSERS_ATTN_BACKEND) or context parallelism: that backend's attention via "
+        "dispatch_attention_fn, QK norms and RoPE still on our ops",
+        params=PROCESSOR_PARAMS,
+        instance=_processor_instances,
+        ops=("attention", "rms_norm", "apply_rope"),
+    ),
+    Spec("FluxTransformerBlock.forward", build_block_forward("diffusers FluxTransformerBlock"),
+         "AdaLN (feed-forward side) + gated residuals", ops=("layer_norm_modulate", "gated_residual"),
+         params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
+    Spec("FluxSingleTransformerBlock.forward", build_block_forward("diffusers FluxSingleTransformerBlock"),
+         "gated residual", ops=("gated_residual",),
+         params=("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")),
+    pos_embed_spec("FluxPosEmbed.forward", "diffusers FluxPosEmbed", axes_from_ids=True),
+])
 
-register_patch_set(
-    PatchSet(
-        target="diffusers",
-        matches=exact(NORM_MODULE),
-        import_names=(NORM_MODULE,),
-        specs=[
-            Spec(
-                "AdaLayerNormZero.forward",
-                build_ada_zero_forward,
-                "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
-                params=("self", "x", "timestep", "class_labels", "hidden_dtype", "emb"),
-                ops=("layer_norm_modulate",),
-            ),
-            Spec(
-                "AdaLayerNormZeroSingle.forward",
-                build_ada_single_forward,
-                "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
-                params=("self", "x", "emb"),
-                ops=("layer_norm_modulate",),
-            ),
-            Spec(
-                "AdaLayerNormContinuous.forward",
-                build_ada_continuous_forward,
-                "AdaLN (norm_out) LayerNorm+modulate -> ops.layer_norm_modulate",
-                params=("self", "x", "conditioning_embedding"),
-                ops=("layer_norm_modulate",),
-            ),
-        ],
-    )
-)
+register_diffusers_set(NORM_MODULE, [
+    Spec("AdaLayerNormZero.forward", build_ada_zero_forward, "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate",
+         params=("self", "x", "timestep", "class_labels", "hidden_dtype", "emb"), ops=("layer_norm_modulate",)),
+    Spec("AdaLayerNormZeroSingle.forward", build_ada_single_forward,
+         "AdaLN LayerNorm+modulate -> ops.layer_norm_modulate", params=("self", "x", "emb"),
+         ops=("layer_norm_modulate",)),
+    Spec("AdaLayerNormContinuous.forward", build_ada_continuous_forward,
+         "AdaLN (norm_out) LayerNorm+modulate -> ops.layer_norm_modulate",
+         params=("self", "x", "conditioning_embedding"), ops=("layer_norm_modulate",)),
+])
 
-register_patch_set(
-    PatchSet(
-        target="diffusers",
-        matches=exact(EMB_MODULE),
-        import_names=(EMB_MODULE,),
-        specs=[
-            Spec(
-                "apply_rotary_emb",
-                build_apply_rotary_emb,
-                "RoPE (Flux cos/sin form) -> ops.apply_rope; other forms keep the original",
-                params=("x", "freqs_cis", "use_real", "use_real_unbind_dim", "sequence_dim"),
-                rebind=True,
-                ops=("apply_rope",),
-            ),
-        ],
-    )
-)
+register_diffusers_set(EMB_MODULE, [
+    Spec("apply_rotary_emb", build_apply_rotary_emb,
+         "RoPE (Flux cos/sin form) -> ops.apply_rope; other forms keep the original",
+         params=("x", "freqs_cis", "use_real", "use_real_unbind_dim", "sequence_dim"), rebind=True,
+         ops=("apply_rope",)),
+])
