@@ -1,0 +1,212 @@
+"""Patches for x-flux's IP-adapter processors (`flux.modules.layers` of XLabs-AI/x-flux and forks).
+
+x-flux's DoubleStreamBlock hands its body to a processor; `IPDoubleStreamBlockProcessor.__call__
+(self, attn, img, txt, vec, pe, image_proj, ip_scale=1.0, ...)` runs the block as written (its
+`attention(...)` and `attn.img_attn.norm(...)` are the BFL ones, patched by bfl.py) and then an
+image-prompt attention of the block's normalised image queries over projected image-prompt
+tokens, written inline as `F.scaled_dot_product_attention(...)`. That inline call (and, in forks
+that normalise the IP queries/keys with their own RMSNorms, those norm calls) has no symbol we
+could swap, so the processor's `__call__` is rewritten in its own source, only at these calls:
+
+- `<anything>.scaled_dot_product_attention(q, k, v, ...)` (and a bare `scaled_dot_product_attention`)
+  -> `_sdpa(<that function>, q, k, v, ...)`: ops.attention when the function is torch's own SDPA
+  and the call is plain attention over (B, H, L, D) tensors (no dropout, not causal, no GQA flag,
+  mask None / bool / additive), else the function itself with a counted hand-back.
+- `<obj>.<qk norm>(x)` with a QK-norm name (`q_norm`, `ip_key_norm`, `norm_q`, `query_norm`, ...)
+  -> `_rms(<obj>.<qk norm>, x)`: ops.rms_norm for the BFL RMSNorm form (a 1-D `scale`, eps 1e-6,
+  output promoted with the scale's dtype, as BFL's RMSNorm returns) and for torch.nn.RMSNorm,
+  else the norm itself with a counted hand-back.
+
+The layout is recognised by name (`*flux.modules.layers`) or by structure: a module that defines
+`IPDoubleStreamBlockProcessor` with `__call__(self, attn, img, txt, vec, pe, ...)`. The rewritten
+function is compiled against the module's live globals, with its file and line numbers.
+`IPSingleStreamBlockProcessor` (defined by some forks, same idea) is served when present.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import textwrap
+
+import torch
+
+from .. import ops
+from .engine import PatchSet, Spec, handback, note_route, register_patch_set, signature_drift, suffix_pattern
+
+RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
+SDPA = "__flux_npu_ip_sdpa"
+RMS = "__flux_npu_ip_rms"
+# attribute names of a query/key norm (x-flux forks, diffusers-style and BFL QKNorm member names)
+QK_NORM_NAME = re.compile(r"^(.*_)?(q|k|query|key)_norm$|^norm_(added_)?(q|k)$")
+PROCESSORS = ("IPDoubleStreamBlockProcessor", "IPSingleStreamBlockProcessor")
+CALL_PARAMS = {"IPDoubleStreamBlockProcessor": ("self", "attn", "img", "txt", "vec", "pe"),
+               "IPSingleStreamBlockProcessor": ("self", "attn", "x", "vec", "pe")}
+
+
+class NothingToFuse(Exception):
+    """No call we route in the processor's source. The engine reports an exception of this name as
+    a skipped row ("nothing to fuse"), as for rewrite.py's block forwards; defined here so this
+    module does not depend on rewrite.py."""
+
+
+class _IPCalls(ast.NodeTransformer):
+    def __init__(self, attention: bool, norms: bool):
+        self.attention, self.norms = attention, norms
+        self.sdpa = self.rms = 0
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        is_sdpa = (isinstance(f, ast.Attribute) and f.attr == "scaled_dot_product_attention") or (
+            isinstance(f, ast.Name) and f.id == "scaled_dot_product_attention")
+        if self.attention and is_sdpa:
+            self.sdpa += 1
+            # the function expression itself is passed on: the helper checks at run time that it
+            # is torch's SDPA (a user may have rebound F or the name) and calls it otherwise
+            return ast.copy_location(ast.Call(func=ast.Name(id=SDPA, ctx=ast.Load()), args=[f, *node.args],
+                                              keywords=node.keywords), node)
+        if (
+            self.norms and isinstance(f, ast.Attribute) and QK_NORM_NAME.match(f.attr)
+            and len(node.args) == 1 and not node.keywords
+        ):
+            self.rms += 1
+            return ast.copy_location(ast.Call(func=ast.Name(id=RMS, ctx=ast.Load()), args=[f, node.args[0]],
+                                              keywords=[]), node)
+        return node
+
+
+def _bfl_rms_scale(norm, x):
+    """The BFL RMSNorm form: an nn.Module with a 1-D `scale` over x's last dim and no `weight`."""
+    scale = getattr(norm, "scale", None)
+    return (
+        isinstance(norm, torch.nn.Module) and type(norm).__name__.endswith("RMSNorm")
+        and isinstance(scale, torch.Tensor) and scale.dim() == 1 and scale.shape[0] == x.shape[-1]
+        and getattr(norm, "weight", None) is None and scale.device == x.device
+    )
+
+
+def _sdpa_fits(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str | None:
+    """None when ops.attention computes exactly what this SDPA call asks for, else why not."""
+    if extra:
+        return f"unknown keyword argument(s) {sorted(extra)}"
+    if dropout_p or is_causal or enable_gqa:
+        return "dropout, is_causal or enable_gqa requested"
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "q, k, v are not all 4-D (B, H, L, D) tensors"
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        return "q, k, v shapes are not (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, Dv)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v dtypes differ"
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        return "attn_mask is not a tensor"
+    return None
+
+
+def make_helpers(backend, where: str):
+    def sdpa(fn, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+             **extra):
+        why = None
+        if fn is not torch.nn.functional.scaled_dot_product_attention:
+            why = "the called function is not torch's scaled_dot_product_attention"
+        else:
+            why = _sdpa_fits(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
+        if why is not None:
+            handback("attention", backend, f"{where} IP attention: {why}")
+            return fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                      enable_gqa=enable_gqa, **extra)
+        note_route(f"{where} IP attention", "ops.attention")
+        return ops.attention(query, key, value, mask=attn_mask, scale=scale, backend=backend)
+
+    def rms(norm, x):
+        if isinstance(x, torch.Tensor):
+            if _bfl_rms_scale(norm, x):
+                out = torch.promote_types(x.dtype, norm.scale.dtype)
+                return ops.rms_norm(x, norm.scale, RMS_EPS, out_dtype=out, backend=backend)
+            if type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
+                eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+                return ops.rms_norm(x, norm.weight, eps, backend=backend)
+        handback("rms_norm", backend, f"{where} IP QK norm: neither a BFL RMSNorm (1-D scale) nor a "
+                                      "torch.nn.RMSNorm over the head dim")
+        return norm(x)
+
+    return sdpa, rms
+
+
+def rewrite_processor_call(original, backend, enabled, where: str):
+    """`original` (a processor's __call__) with its SDPA and QK-norm calls routed to our ops."""
+    fn = original
+    if fn.__code__.co_freevars:
+        raise NothingToFuse(f"uses a closure ({', '.join(fn.__code__.co_freevars)}): not rewritten")
+    try:
+        lines, first = inspect.getsourcelines(fn)
+    except (OSError, TypeError) as exc:
+        raise NothingToFuse(f"source not readable ({exc})") from exc
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
+        raise NothingToFuse("decorated or not a plain function: not rewritten")
+    tx = _IPCalls(attention="attention" in enabled, norms="rms_norm" in enabled)
+    fdef = tx.visit(fdef)
+    if not (tx.sdpa or tx.rms):
+        raise NothingToFuse("no scaled_dot_product_attention or QK-norm call in its source")
+    maker = ast.FunctionDef(
+        name="__flux_npu_make",
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(SDPA), ast.arg(RMS)], kwonlyargs=[], kw_defaults=[],
+                           defaults=[]),
+        body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
+    )
+    if "type_params" in ast.FunctionDef._fields:  # Python 3.12+
+        maker.type_params = []
+    module = ast.Module(body=[maker], type_ignores=[])
+    ast.fix_missing_locations(module)
+    ast.increment_lineno(module, first - 1)
+    code = compile(module, inspect.getsourcefile(fn) or "<flux_npu rewrite>", "exec")
+    scope: dict = {}
+    exec(code, fn.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
+    new = scope["__flux_npu_make"](*make_helpers(backend, where))
+    new.__defaults__ = fn.__defaults__
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    new.__wrapped_original__ = original
+    parts = []
+    if tx.sdpa:
+        parts.append(f"{tx.sdpa} IP attention call(s) (scaled_dot_product_attention) -> ops.attention")
+    if tx.rms:
+        parts.append(f"{tx.rms} IP QK norm(s) -> ops.rms_norm")
+    new.__flux_npu_what__ = ", ".join(parts) + " (rewritten in its own source; the rest as written)"
+    return new
+
+
+def _build(where):
+    def build(original, backend, enabled):
+        return rewrite_processor_call(original, backend, enabled, where)
+
+    return build
+
+
+def looks_like_xflux_ip(module) -> bool:
+    """Defines (not imports) IPDoubleStreamBlockProcessor with __call__(self, attn, img, txt, vec, pe, ...)."""
+    cls = vars(module).get("IPDoubleStreamBlockProcessor")
+    return (
+        isinstance(cls, type)
+        and cls.__module__ == module.__name__
+        and "__call__" in cls.__dict__
+        and signature_drift(cls.__dict__["__call__"], CALL_PARAMS["IPDoubleStreamBlockProcessor"]) is None
+    )
+
+
+register_patch_set(
+    PatchSet(
+        target="bfl",
+        matches=suffix_pattern("flux.modules.layers"),
+        recognise=looks_like_xflux_ip,
+        describe="x-flux IP-adapter processors",
+        specs=[
+            Spec(f"{name}.__call__", _build(f"x-flux {name}"), "IP attention -> ops.attention",
+                 params=CALL_PARAMS[name], ops=("attention", "rms_norm"), optional=True)
+            for name in PROCESSORS
+        ],
+    )
+)

@@ -1,0 +1,263 @@
+"""x-flux's IP-adapter branch, patched vs stock, forward and backward: the image-prompt attention
+that x-flux's IPDoubleStreamBlockProcessor writes inline as `F.scaled_dot_product_attention`
+(and, in a fork, its own QK RMSNorms) is routed to ops.attention / ops.rms_norm by rewriting the
+processor's __call__. The layout in tests/xflux_model is our own code in x-flux's module layout
+(under the name `xflux_layout`, found by its structure). Counts prove which kernels served;
+hand-backs are counted with their reason; the emulated npu path calls the fused torch_npu ops."""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import flux_npu
+from flux_npu import ops
+from flux_npu.patches import engine
+from flux_npu.testing import rel_err, tolerance
+
+HERE = os.path.dirname(__file__)
+TOP = "xflux_layout"
+DEPTH, N_TXT, N_IMG, N_IP, BATCH = 2, 4, 9, 3, 2
+IP_ROUTE = ("x-flux IPDoubleStreamBlockProcessor IP attention", "ops.attention")
+BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3  # as in test_patch_codebases: patched bf16 vs stock bf16 error
+
+
+def _forget():
+    for name in [n for n in sys.modules if n == TOP or n.startswith(TOP + ".")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def layout():
+    """The x-flux layout on sys.path for one test; every handle undone and its modules forgotten after."""
+    path = os.path.join(HERE, "xflux_model")
+    sys.path.insert(0, path)
+    import xflux_layout.model
+    import xflux_layout.modules.layers
+
+    yield xflux_layout
+    for h in engine.live_handles():
+        h.undo()
+    sys.path.remove(path)
+    _forget()
+
+
+def _model(layout, dtype=torch.float32, normed_ip=False):
+    torch.manual_seed(0)
+    return layout.model.TinyIPFlux(normed_ip=normed_ip).to(dtype)
+
+
+def _inputs(dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    side = int(N_IMG ** 0.5)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    ids = torch.cat((torch.zeros(N_TXT, 3), img_ids.reshape(N_IMG, 3)))[None].repeat(BATCH, 1, 1)
+    return {
+        "img": torch.randn(BATCH, N_IMG, 32, generator=g).to(dtype).requires_grad_(True),
+        "txt": torch.randn(BATCH, N_TXT, 32, generator=g).to(dtype).requires_grad_(True),
+        "vec": torch.randn(BATCH, 32, generator=g).to(dtype),
+        "ids": ids,
+        "image_proj": torch.randn(BATCH, N_IP, 24, generator=g).to(dtype).requires_grad_(True),
+        "ip_scale": 0.7,
+    }
+
+
+def _cast(inputs, dtype):
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "ids":
+            nv = v.detach().to(dtype)
+            out[k] = nv.requires_grad_(True) if v.requires_grad else nv
+        else:
+            out[k] = v
+    return out
+
+
+def _run(model, inputs):
+    """Forward, then backward of a fixed random cotangent: output, input grads and parameter grads (float32)."""
+    model.zero_grad(set_to_none=True)
+    leaves = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    for t in leaves.values():
+        t.grad = None
+    out = model(**inputs)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(11)).to(out.dtype)
+    out.backward(cot)
+    res = {"out": out.detach().float()}
+    res.update({"d_" + k: t.grad.float() for k, t in leaves.items()})
+    res.update({"d_" + n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    return res
+
+
+# The gradient of a bias added to un-normalised keys is zero in exact arithmetic (softmax does not
+# change when one score is added to all keys of a query): both sides hold rounding noise only, so
+# relative error means nothing there; it is checked to be noise-sized instead.
+ZERO_GRADS = ("ip_adapter_double_stream_k_proj.bias",)
+
+
+def _check_fp32(patched, stock):
+    assert set(patched) == set(stock)
+    zero = [k for k in stock if k.endswith(ZERO_GRADS)]
+    noise = {k: (patched[k].abs().max().item(), stock[k].abs().max().item()) for k in zero}
+    assert all(max(v) < 1e-5 for v in noise.values()), noise
+    errs = {k: rel_err(patched[k], stock[k]) for k in stock if k not in zero}
+    bad = {k: e for k, e in errs.items() if not e <= tolerance(torch.float32)}
+    assert not bad, f"float32 patched vs stock beyond {tolerance(torch.float32)}: {bad}"
+
+
+def _served(stats, op, backend="cpu"):
+    return sum(n for (o, b, _), n in stats["served"].items() if o == op and b == backend)
+
+
+def _ip_grads_matter(res):
+    """The IP projections got non-zero gradients: the IP branch is part of what was compared."""
+    grads = [v for k, v in res.items() if "ip_" in k and k.endswith("weight")]
+    assert grads and all(g.abs().sum() > 0 for g in grads)
+
+
+def test_ip_attention_served_float32_and_reported(layout):
+    model = _model(layout)
+    inputs = _inputs()
+    stock = _run(model, inputs)
+    _ip_grads_matter(stock)
+    layers = layout.modules.layers
+    original = layers.IPDoubleStreamBlockProcessor.__dict__["__call__"]
+    engine.reset_routes()
+    with flux_npu.patch(backend="cpu", targets=["bfl"]) as handle:
+        rows = [r for r in handle.report() if r.symbol == "IPDoubleStreamBlockProcessor.__call__"]
+        assert sorted((r.target, r.status) for r in rows) == [
+            ("xflux_layout.modules.ip_normed", "patched"), ("xflux_layout.modules.layers", "patched")
+        ], rows
+        assert all("1 IP attention call(s)" in r.reason and "ops.attention" in r.reason for r in rows), rows
+        assert layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is not original
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+        routes = engine.routes()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    assert routes.get(IP_ROUTE) == DEPTH, routes  # one IP attention per block went to ops.attention
+    # every attention of the forward is ours: the joint one (BFL attention patch) and the IP one
+    assert _served(stats, "attention") == 2 * DEPTH, stats["served"]
+    assert _served(stats, "rms_norm") == 4 * DEPTH, stats["served"]  # the blocks' QKNorms (bfl.py)
+    # undo puts the very same function back
+    assert layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is original
+    assert _run(model, inputs)["out"].equal(stock["out"])
+
+
+def test_ip_branch_bfloat16(layout):
+    ref32 = _run(_model(layout), _inputs())
+    model = _model(layout, torch.bfloat16)
+    inputs = _cast(_inputs(), torch.bfloat16)
+    stock = _run(model, inputs)
+    engine.reset_routes()
+    with flux_npu.patch(backend="cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+        assert engine.routes().get(IP_ROUTE) == DEPTH
+    assert not stats["fallback"], stats["fallback"]
+    assert _served(stats, "attention") == 2 * DEPTH
+    bad = {}
+    for k in [k for k in ref32 if not k.endswith(ZERO_GRADS)]:
+        e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
+        if not e_p <= BF16_FACTOR * e_s + BF16_FLOOR:
+            bad[k] = (e_p, e_s)
+    assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
+    assert rel_err(patched["out"], ref32["out"]) <= tolerance(torch.bfloat16, 2.0)
+
+
+def test_fork_with_ip_qk_rmsnorms_served(layout):
+    """A fork normalising the IP keys with a BFL RMSNorm and the queries with torch.nn.RMSNorm."""
+    model = _model(layout, normed_ip=True)
+    inputs = _inputs(seed=3)
+    stock = _run(model, inputs)
+    _ip_grads_matter(stock)
+    with flux_npu.patch(backend="cpu", targets=["bfl"]) as handle:
+        row = next(r for r in handle.report()
+                   if r.target == "xflux_layout.modules.ip_normed" and r.symbol == "IPDoubleStreamBlockProcessor.__call__")
+        assert row.status == "patched" and "2 IP QK norm(s) -> ops.rms_norm" in row.reason, row
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    assert _served(stats, "attention") == 2 * DEPTH
+    assert _served(stats, "rms_norm") == 6 * DEPTH  # 4 block QK norms + the IP key and query norms
+
+
+def test_rebound_sdpa_is_handed_back_and_counted(layout, monkeypatch):
+    """A processor module whose `F` is not torch's functional (a user's own SDPA) keeps its call."""
+    model = _model(layout)
+    inputs = _inputs(seed=5)
+    stock = _run(model, inputs)
+    seen = []
+
+    def own_sdpa(*args, **kwargs):
+        seen.append(1)
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(layout.modules.layers, "F", types.SimpleNamespace(scaled_dot_product_attention=own_sdpa,
+                                                                           silu=torch.nn.functional.silu))
+    with flux_npu.patch(backend="cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert len(seen) == DEPTH  # the user's function ran, once per block
+    why = [(op, reason, n) for (op, b, reason), n in stats["fallback"].items()]
+    assert why == [("attention", ("x-flux IPDoubleStreamBlockProcessor IP attention: the called function is not "
+                                 "torch's scaled_dot_product_attention"), DEPTH)], why
+    assert _served(stats, "attention") == DEPTH  # only the joint attention
+
+
+def test_excluding_attention_keeps_the_ip_call_stock(layout):
+    model = _model(layout)
+    inputs = _inputs()
+    original = layout.modules.layers.IPDoubleStreamBlockProcessor.__dict__["__call__"]
+    with flux_npu.patch(backend="cpu", targets=["bfl"], exclude=["attention"]) as handle:
+        row = next(r for r in handle.report()
+                   if r.target == "xflux_layout.modules.layers" and r.symbol == "IPDoubleStreamBlockProcessor.__call__")
+        assert row.status == "skipped" and "nothing to fuse" in row.reason, row
+        assert layout.modules.layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is original
+        ops.reset_dispatch_stats()
+        _run(model, inputs)
+        assert _served(ops.dispatch_stats(), "attention") == 0
+
+
+def test_instance_level_patch_serves_and_restores_the_processors(layout):
+    model = _model(layout)
+    inputs = _inputs(seed=7)
+    stock = _run(model, inputs)
+    classes = [type(b.processor) for b in model.double_blocks]
+    engine.reset_routes()
+    with flux_npu.patch(backend="cpu", targets=["bfl"], model=model) as handle:
+        row = next(r for r in handle.report() if r.symbol == "IPDoubleStreamBlockProcessor.__call__"
+                   and r.target == "xflux_layout.modules.layers")
+        assert row.status == "patched" and f"on {DEPTH} instance(s)" in row.reason, row
+        patched = _run(model, inputs)
+        assert engine.routes().get(IP_ROUTE) == DEPTH
+    _check_fp32(patched, stock)
+    assert [type(b.processor) for b in model.double_blocks] == classes
+
+
+def test_emulated_npu_calls_fused_attention_for_the_ip_branch(layout, npu_emulated):
+    from npu_emulator import record
+
+    model = _model(layout)
+    inputs = _inputs()
+    stock = _run(model, inputs)
+    record.clear()
+    with flux_npu.patch(backend=npu_emulated, targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    fa = record.calls("npu_fusion_attention")
+    ip_calls = [c for c in fa if c["tensors"]["query"]["shape"][2] == N_IMG and c["tensors"]["key"]["shape"][2] == N_IP]
+    assert len(ip_calls) == DEPTH and all(c["args"]["input_layout"] == "BNSD" for c in ip_calls), fa
+    assert record.calls("npu_rms_norm")

@@ -1,0 +1,141 @@
+"""x-flux's layers in miniature: the double block delegates its body to a processor, and the
+IP-adapter processor adds an image-prompt attention (inline scaled_dot_product_attention) of the
+block's normalised image queries over projected image-prompt tokens."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..math import attention, rope
+
+
+def heads(t, n_heads, parts):
+    """(B, L, parts*H*D) -> parts x (B, H, L, D) (a tuple when parts > 1)."""
+    b, n, _ = t.shape
+    out = t.reshape(b, n, parts, n_heads, -1).permute(2, 0, 3, 1, 4)
+    return tuple(out) if parts > 1 else out[0]
+
+
+class EmbedND(nn.Module):
+    def __init__(self, dim, theta, axes_dim):
+        super().__init__()
+        self.dim, self.theta, self.axes_dim = dim, theta, axes_dim
+
+    def forward(self, ids):
+        parts = [rope(ids[..., i], self.axes_dim[i], self.theta) for i in range(ids.shape[-1])]
+        return torch.cat(parts, dim=-3).unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return normed.to(x.dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q, k, v):
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+
+@dataclass
+class ModulationOut:
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, 6 * dim)
+
+    def forward(self, vec):
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(6, dim=-1)
+        return ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:])
+
+
+def _block_body(attn, img, txt, vec, pe):
+    """The double block as x-flux's processors write it; returns (img, txt, normalised img_q)."""
+    img_mod1, img_mod2 = attn.img_mod(vec)
+    txt_mod1, txt_mod2 = attn.txt_mod(vec)
+    img_q, img_k, img_v = heads(attn.img_attn.qkv((1 + img_mod1.scale) * attn.img_norm1(img) + img_mod1.shift),
+                                attn.num_heads, 3)
+    img_q, img_k = attn.img_attn.norm(img_q, img_k, img_v)
+    txt_q, txt_k, txt_v = heads(attn.txt_attn.qkv((1 + txt_mod1.scale) * attn.txt_norm1(txt) + txt_mod1.shift),
+                                attn.num_heads, 3)
+    txt_q, txt_k = attn.txt_attn.norm(txt_q, txt_k, txt_v)
+    joint = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe=pe)
+    txt_out, img_out = joint[:, : txt.shape[1]], joint[:, txt.shape[1]:]
+    img = img + img_mod1.gate * attn.img_attn.proj(img_out)
+    img = img + img_mod2.gate * attn.img_mlp((1 + img_mod2.scale) * attn.img_norm2(img) + img_mod2.shift)
+    txt = txt + txt_mod1.gate * attn.txt_attn.proj(txt_out)
+    txt = txt + txt_mod2.gate * attn.txt_mlp((1 + txt_mod2.scale) * attn.txt_norm2(txt) + txt_mod2.shift)
+    return img, txt, img_q
+
+
+class DoubleStreamBlockProcessor:
+    def __call__(self, attn, img, txt, vec, pe, **attention_kwargs):
+        img, txt, _ = _block_body(attn, img, txt, vec, pe)
+        return img, txt
+
+
+class IPDoubleStreamBlockProcessor(nn.Module):
+    """The block, then `ip_scale` times the attention of its image queries over image-prompt tokens."""
+
+    def __init__(self, context_dim, hidden_dim):
+        super().__init__()
+        self.context_dim, self.hidden_dim = context_dim, hidden_dim
+        self.ip_adapter_double_stream_k_proj = nn.Linear(context_dim, hidden_dim, bias=True)
+        self.ip_adapter_double_stream_v_proj = nn.Linear(context_dim, hidden_dim, bias=True)
+
+    def __call__(self, attn, img, txt, vec, pe, image_proj, ip_scale=1.0, **attention_kwargs):
+        img, txt, img_q = _block_body(attn, img, txt, vec, pe)
+        ip_key = heads(self.ip_adapter_double_stream_k_proj(image_proj), attn.num_heads, 1)
+        ip_value = heads(self.ip_adapter_double_stream_v_proj(image_proj), attn.num_heads, 1)
+        ip_out = F.scaled_dot_product_attention(img_q, ip_key, ip_value, dropout_p=0.0, is_causal=False)
+        img = img + ip_scale * ip_out.transpose(1, 2).flatten(2)
+        return img, txt
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=2.0):
+        super().__init__()
+        mlp = int(hidden_size * mlp_ratio)
+        self.num_heads, self.hidden_size = num_heads, hidden_size
+        for side in ("img", "txt"):
+            setattr(self, f"{side}_mod", Modulation(hidden_size))
+            setattr(self, f"{side}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
+            setattr(self, f"{side}_attn", SelfAttention(hidden_size, num_heads))
+            setattr(self, f"{side}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
+            setattr(self, f"{side}_mlp", nn.Sequential(nn.Linear(hidden_size, mlp), nn.GELU(approximate="tanh"),
+                                                        nn.Linear(mlp, hidden_size)))
+        self.set_processor(DoubleStreamBlockProcessor())
+
+    def set_processor(self, processor):
+        self.processor = processor
+
+    def forward(self, img, txt, vec, pe, image_proj=None, ip_scale=1.0):
+        if image_proj is None:
+            return self.processor(self, img, txt, vec, pe)
+        return self.processor(self, img, txt, vec, pe, image_proj, ip_scale)
