@@ -19,8 +19,10 @@ from flux_npu.testing import rel_err, tolerance
 
 HERE = os.path.dirname(__file__)
 TOP = "xflux_layout"
-DEPTH, N_TXT, N_IMG, N_IP, BATCH = 2, 4, 9, 3, 2
+DEPTH, SINGLE, N_TXT, N_IMG, N_IP, BATCH = 2, 1, 4, 9, 3, 2  # double and single blocks, all with IP processors
 IP_ROUTE = ("x-flux IPDoubleStreamBlockProcessor IP attention", "ops.attention")
+IP_SINGLE_ROUTE = ("x-flux IPSingleStreamBlockProcessor IP attention", "ops.attention")
+BLOCKS = DEPTH + SINGLE
 BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3  # as in test_patch_codebases: patched bf16 vs stock bf16 error
 
 
@@ -125,6 +127,7 @@ def test_ip_attention_served_float32_and_reported(layout):
     _ip_grads_matter(stock)
     layers = layout.modules.layers
     original = layers.IPDoubleStreamBlockProcessor.__dict__["__call__"]
+    original_single = layers.IPSingleStreamBlockProcessor.__dict__["__call__"]
     engine.reset_routes()
     with flux_npu.patch(backend="cpu", targets=["bfl"]) as handle:
         rows = [r for r in handle.report() if r.symbol == "IPDoubleStreamBlockProcessor.__call__"]
@@ -132,6 +135,8 @@ def test_ip_attention_served_float32_and_reported(layout):
             ("xflux_layout.modules.ip_normed", "patched"), ("xflux_layout.modules.layers", "patched")
         ], rows
         assert all("1 IP attention call(s)" in r.reason and "ops.attention" in r.reason for r in rows), rows
+        single = [(r.target, r.status) for r in handle.report() if r.symbol == "IPSingleStreamBlockProcessor.__call__"]
+        assert single == [("xflux_layout.modules.layers", "patched")], single
         assert layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is not original
         ops.reset_dispatch_stats()
         patched = _run(model, inputs)
@@ -139,12 +144,14 @@ def test_ip_attention_served_float32_and_reported(layout):
         routes = engine.routes()
     _check_fp32(patched, stock)
     assert not stats["fallback"], stats["fallback"]
-    assert routes.get(IP_ROUTE) == DEPTH, routes  # one IP attention per block went to ops.attention
-    # every attention of the forward is ours: the joint one (BFL attention patch) and the IP one
-    assert _served(stats, "attention") == 2 * DEPTH, stats["served"]
-    assert _served(stats, "rms_norm") == 4 * DEPTH, stats["served"]  # the blocks' QKNorms (bfl.py)
-    # undo puts the very same function back
+    # one IP attention per block went to ops.attention
+    assert (routes.get(IP_ROUTE), routes.get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE), routes
+    # every attention of the forward is ours: the block's own one (BFL attention patch) and the IP one
+    assert _served(stats, "attention") == 2 * BLOCKS, stats["served"]
+    assert _served(stats, "rms_norm") == 4 * DEPTH + 2 * SINGLE, stats["served"]  # the blocks' QKNorms (bfl.py)
+    # undo puts the very same functions back
     assert layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is original
+    assert layers.IPSingleStreamBlockProcessor.__dict__["__call__"] is original_single
     assert _run(model, inputs)["out"].equal(stock["out"])
 
 
@@ -158,9 +165,9 @@ def test_ip_branch_bfloat16(layout):
         ops.reset_dispatch_stats()
         patched = _run(model, inputs)
         stats = ops.dispatch_stats()
-        assert engine.routes().get(IP_ROUTE) == DEPTH
+        assert (engine.routes().get(IP_ROUTE), engine.routes().get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE)
     assert not stats["fallback"], stats["fallback"]
-    assert _served(stats, "attention") == 2 * DEPTH
+    assert _served(stats, "attention") == 2 * BLOCKS
     bad = {}
     for k in [k for k in ref32 if not k.endswith(ZERO_GRADS)]:
         e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
@@ -185,8 +192,8 @@ def test_fork_with_ip_qk_rmsnorms_served(layout):
         stats = ops.dispatch_stats()
     _check_fp32(patched, stock)
     assert not stats["fallback"], stats["fallback"]
-    assert _served(stats, "attention") == 2 * DEPTH
-    assert _served(stats, "rms_norm") == 6 * DEPTH  # 4 block QK norms + the IP key and query norms
+    assert _served(stats, "attention") == 2 * BLOCKS
+    assert _served(stats, "rms_norm") == 6 * DEPTH + 2 * SINGLE  # block QK norms + the fork's IP key and query norms
 
 
 def test_rebound_sdpa_is_handed_back_and_counted(layout, monkeypatch):
@@ -207,11 +214,12 @@ def test_rebound_sdpa_is_handed_back_and_counted(layout, monkeypatch):
         patched = _run(model, inputs)
         stats = ops.dispatch_stats()
     _check_fp32(patched, stock)
-    assert len(seen) == DEPTH  # the user's function ran, once per block
-    why = [(op, reason, n) for (op, b, reason), n in stats["fallback"].items()]
-    assert why == [("attention", ("x-flux IPDoubleStreamBlockProcessor IP attention: the called function is not "
-                                 "torch's scaled_dot_product_attention"), DEPTH)], why
-    assert _served(stats, "attention") == DEPTH  # only the joint attention
+    assert len(seen) == BLOCKS  # the user's function ran, once per block
+    why = sorted((op, reason, n) for (op, b, reason), n in stats["fallback"].items())
+    tail = " IP attention: the called function is not torch's scaled_dot_product_attention"
+    assert why == [("attention", "x-flux IPDoubleStreamBlockProcessor" + tail, DEPTH),
+                   ("attention", "x-flux IPSingleStreamBlockProcessor" + tail, SINGLE)], why
+    assert _served(stats, "attention") == BLOCKS  # only the blocks' own attention
 
 
 def test_excluding_attention_keeps_the_ip_call_stock(layout):
@@ -239,7 +247,7 @@ def test_instance_level_patch_serves_and_restores_the_processors(layout):
                    and r.target == "xflux_layout.modules.layers")
         assert row.status == "patched" and f"on {DEPTH} instance(s)" in row.reason, row
         patched = _run(model, inputs)
-        assert engine.routes().get(IP_ROUTE) == DEPTH
+        assert (engine.routes().get(IP_ROUTE), engine.routes().get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE)
     _check_fp32(patched, stock)
     assert [type(b.processor) for b in model.double_blocks] == classes
 
@@ -258,6 +266,8 @@ def test_emulated_npu_calls_fused_attention_for_the_ip_branch(layout, npu_emulat
     _check_fp32(patched, stock)
     assert not stats["fallback"], stats["fallback"]
     fa = record.calls("npu_fusion_attention")
-    ip_calls = [c for c in fa if c["tensors"]["query"]["shape"][2] == N_IMG and c["tensors"]["key"]["shape"][2] == N_IP]
-    assert len(ip_calls) == DEPTH and all(c["args"]["input_layout"] == "BNSD" for c in ip_calls), fa
+    lengths = [(c["tensors"]["query"]["shape"][2], c["tensors"]["key"]["shape"][2]) for c in fa]
+    assert lengths.count((N_IMG, N_IP)) == DEPTH, lengths  # the double blocks' IP attention
+    assert lengths.count((N_TXT + N_IMG, N_IP)) == SINGLE, lengths  # the single blocks' IP attention
+    assert all(c["args"]["input_layout"] == "BNSD" for c in fa), fa
     assert record.calls("npu_rms_norm")

@@ -66,13 +66,14 @@ class ModulationOut:
 
 
 class Modulation(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, double=True):
         super().__init__()
-        self.lin = nn.Linear(dim, 6 * dim)
+        self.n = 6 if double else 3
+        self.lin = nn.Linear(dim, self.n * dim)
 
     def forward(self, vec):
-        chunks = self.lin(F.silu(vec))[:, None, :].chunk(6, dim=-1)
-        return ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:])
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
+        return ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:]) if self.n == 6 else None
 
 
 def _block_body(attn, img, txt, vec, pe):
@@ -139,3 +140,59 @@ class DoubleStreamBlock(nn.Module):
         if image_proj is None:
             return self.processor(self, img, txt, vec, pe)
         return self.processor(self, img, txt, vec, pe, image_proj, ip_scale)
+
+
+def _single_body(attn, x, vec, pe):
+    """The single block up to its attention: (modulation, normalised q, attention output, mlp input)."""
+    mod, _ = attn.modulation(vec)
+    qkv, mlp = torch.split(attn.linear1((1 + mod.scale) * attn.pre_norm(x) + mod.shift),
+                           [3 * attn.hidden_size, attn.mlp_hidden_dim], dim=-1)
+    q, k, v = heads(qkv, attn.num_heads, 3)
+    q, k = attn.norm(q, k, v)
+    return mod, q, attention(q, k, v, pe=pe), mlp
+
+
+class SingleStreamBlockProcessor:
+    def __call__(self, attn, x, vec, pe):
+        mod, _, out, mlp = _single_body(attn, x, vec, pe)
+        return x + mod.gate * attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2))
+
+
+class IPSingleStreamBlockProcessor(nn.Module):
+    """The single block with `ip_scale` times the attention of its queries over image-prompt tokens
+    added to its attention output."""
+
+    def __init__(self, context_dim, hidden_dim):
+        super().__init__()
+        self.ip_adapter_single_stream_k_proj = nn.Linear(context_dim, hidden_dim, bias=False)
+        self.ip_adapter_single_stream_v_proj = nn.Linear(context_dim, hidden_dim, bias=False)
+
+    def __call__(self, attn, x, vec, pe, image_proj=None, ip_scale=1.0):
+        mod, q, out, mlp = _single_body(attn, x, vec, pe)
+        ip_key = heads(self.ip_adapter_single_stream_k_proj(image_proj), attn.num_heads, 1)
+        ip_value = heads(self.ip_adapter_single_stream_v_proj(image_proj), attn.num_heads, 1)
+        ip_out = F.scaled_dot_product_attention(q, ip_key, ip_value)
+        out = out + ip_scale * ip_out.transpose(1, 2).flatten(2)
+        return x + mod.gate * attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2))
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=2.0):
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_hidden_dim)
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)
+        self.norm = QKNorm(hidden_size // num_heads)
+        self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden_size, double=False)
+        self.set_processor(SingleStreamBlockProcessor())
+
+    def set_processor(self, processor):
+        self.processor = processor
+
+    def forward(self, x, vec, pe, image_proj=None, ip_scale=1.0):
+        if image_proj is None:
+            return self.processor(self, x, vec, pe)
+        return self.processor(self, x, vec, pe, image_proj, ip_scale)
