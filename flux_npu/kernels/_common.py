@@ -66,3 +66,17 @@ def addcmul_gated_residual(backend, x, gate, y):
 
 def check_gated_residual(backend, x, gate, y):
     return foreign_device(backend, x, gate, y)
+
+
+def composed_adaln_residual(backend, x, gate, y, shift, scale, eps):
+    """adaln_residual on a backend without a fused kernel: its own gated_residual and
+    layer_norm_modulate kernels, one after the other (each dispatched, so each is counted, and
+    declines or strict mode apply to each as when Flux code calls them separately)."""
+    from .. import ops
+
+    h = ops.gated_residual(x, gate, y, backend=backend)
+    return h, ops.layer_norm_modulate(h, shift, scale, eps, backend=backend)
+
+
+def check_adaln_residual(backend, x, gate, y, shift, scale, eps):
+    return foreign_device(backend, x, gate, y, shift, scale)

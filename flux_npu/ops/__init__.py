@@ -314,20 +314,20 @@ def rms_norm(x, weight=None, eps: float = 1e-6, out_dtype: Optional[torch.dtype]
     return _call(_RMS_NORM, backend, (x, weight, eps, out_dtype))
 
 
-def _validate_layer_norm_modulate(x, shift, scale, eps):
-    _float("layer_norm_modulate", "x", x)
+def _validate_layer_norm_modulate(x, shift, scale, eps, op="layer_norm_modulate"):
+    _float(op, "x", x)
     for n, t in (("shift", shift), ("scale", scale)):
-        _float("layer_norm_modulate", n, t)
+        _float(op, n, t)
         if t.dim() < 1 or t.shape[-1] != x.shape[-1]:
-            raise ValueError(f"layer_norm_modulate: {n} last dim {tuple(t.shape)[-1:]} != x's {x.shape[-1]}")
+            raise ValueError(f"{op}: {n} last dim {tuple(t.shape)[-1:]} != x's {x.shape[-1]}")
         if _broadcast(t.shape, x.shape) != tuple(x.shape):
             raise ValueError(
-                f"layer_norm_modulate: {n} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)} "
+                f"{op}: {n} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)} "
                 f"(pass (B, 1, D) for a (B, S, D) x)"
             )
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"layer_norm_modulate: eps must be a number >= 0, got {eps!r}")
-    _same_device("layer_norm_modulate", x=x, shift=shift, scale=scale)
+        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    _same_device(op, x=x, shift=shift, scale=scale)
 
 
 _LAYER_NORM_MODULATE = _Op(
@@ -343,17 +343,17 @@ def layer_norm_modulate(x, shift, scale, eps: float = 1e-6, *, backend=None):
     return _call(_LAYER_NORM_MODULATE, backend, (x, shift, scale, eps))
 
 
-def _validate_gated_residual(x, gate, y):
+def _validate_gated_residual(x, gate, y, op="gated_residual"):
     for n, t in (("x", x), ("gate", gate), ("y", y)):
-        _float("gated_residual", n, t)
+        _float(op, n, t)
     if y.shape != x.shape:
-        raise ValueError(f"gated_residual: y {tuple(y.shape)} must have x's shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: y {tuple(y.shape)} must have x's shape {tuple(x.shape)}")
     if _broadcast(gate.shape, x.shape) != tuple(x.shape):
         raise ValueError(
-            f"gated_residual: gate {tuple(gate.shape)} must broadcast to x {tuple(x.shape)} without enlarging it "
+            f"{op}: gate {tuple(gate.shape)} must broadcast to x {tuple(x.shape)} without enlarging it "
             f"(e.g. (B, 1, D) for a (B, S, D) x)"
         )
-    _same_device("gated_residual", x=x, gate=gate, y=y)
+    _same_device(op, x=x, gate=gate, y=y)
 
 
 _GATED_RESIDUAL = _Op(
@@ -404,6 +404,28 @@ def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_di
     return _call(_QK_NORM_ROPE, backend, (q, k, q_weight, k_weight, freqs, eps, sequence_dim))
 
 
+def _validate_adaln_residual(x, gate, y, shift, scale, eps):
+    _validate_gated_residual(x, gate, y, "adaln_residual")
+    _validate_layer_norm_modulate(x, shift, scale, eps, "adaln_residual")
+
+
+_ADALN_RESIDUAL = _Op(
+    "adaln_residual", _validate_adaln_residual,
+    lambda pk, x, g, y, sh, sc, eps: ("adaln_residual", pk, x.dtype, x.shape, x.device, g.dtype, g.shape, g.device,
+                                      y.dtype, y.shape, y.device, sh.dtype, sh.shape, sh.device, sc.dtype,
+                                      sc.shape, sc.device, eps),
+    reference.adaln_residual,
+)
+
+
+def adaln_residual(x, gate, y, shift, scale, eps: float = 1e-6, *, backend=None):
+    """Gated residual then AdaLN of its result, as Flux's double blocks do between attention and
+    the feed-forward: returns (h, n) with h = x + gate * y (x's dtype) and
+    n = (1 + scale) * LayerNorm(h) + shift. One pass where the backend has a fused kernel (cuda);
+    elsewhere its gated_residual and layer_norm_modulate kernels, composed."""
+    return _call(_ADALN_RESIDUAL, backend, (x, gate, y, shift, scale, eps))
+
+
 def _resolve_backend(backend):
     return resolve_backend(backend)
 
@@ -411,6 +433,7 @@ def _resolve_backend(backend):
 __all__ = [
     "OPS",
     "Kernel",
+    "adaln_residual",
     "KernelDeclined",
     "active_backend",
     "apply_rope",

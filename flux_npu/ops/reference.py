@@ -143,6 +143,14 @@ def qk_norm_rope(q, k, q_weight, k_weight, freqs: Freqs, eps=1e-6, sequence_dim:
     return apply_rope(qn, freqs, sequence_dim), apply_rope(kn, freqs, sequence_dim)
 
 
+def adaln_residual(x, gate, y, shift, scale, eps=1e-6):
+    """(h, n): h = x + gate * y rounded to x's dtype, n = layer_norm_modulate(h, shift, scale, eps);
+    the composition of the two references, as the unfused Flux code computes it (the norm reads the
+    stored h)."""
+    h = gated_residual(x, gate, y)
+    return h, layer_norm_modulate(h, shift, scale, eps)
+
+
 REFERENCES = {
     "attention": attention,
     "rope_freqs": rope_freqs,
@@ -151,4 +159,5 @@ REFERENCES = {
     "layer_norm_modulate": layer_norm_modulate,
     "gated_residual": gated_residual,
     "qk_norm_rope": qk_norm_rope,
+    "adaln_residual": adaln_residual,
 }

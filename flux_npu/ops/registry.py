@@ -47,6 +47,7 @@ OPS = (
     "layer_norm_modulate",
     "gated_residual",
     "qk_norm_rope",
+    "adaln_residual",
 )
 
 _is_compiling = torch.compiler.is_compiling

@@ -109,6 +109,12 @@ def block_sizes(n_cols: int, n_rows: int, tile: int = TILE):
     return block_m, block_n
 
 
+def row_blocks(n_cols: int, n_rows: int):
+    """(BLOCK_M, BLOCK_N, number of row blocks) of the row kernels."""
+    bm, bn = block_sizes(n_cols, n_rows)
+    return bm, bn, cdiv(n_rows, bm)
+
+
 def num_warps_for(block_elems: int) -> int:
     if block_elems >= 4096:
         return 8

@@ -3,13 +3,14 @@
 Flux's double-stream blocks do exactly this between attention and the feed-forward:
 `hidden_states = hidden_states + gate_msa * attn_output`, then `norm2` and the `(1 + scale_mlp)`,
 `+ shift_mlp` modulation. Unfused that is an addcmul (read x, y; write h) and an AdaLN (read h;
-write n); here one kernel reads x and y once and writes h and n. It is not in the op table yet
-(the op and the patch that would route Flux's blocks to it belong to the op catalogue and the
-patches); the proposed op is `adaln_residual(x, gate, y, shift, scale, eps) -> (h, n)`.
+write n); here one kernel reads x and y once and writes h and n. It serves the op
+`adaln_residual(x, gate, y, shift, scale, eps) -> (h, n)`, which the source rewrite routes Flux's
+double-stream blocks to (`flux_npu/patches/rewrite.py`).
 
 Numerics as the unfused code: h is computed in float32 and rounded to x's dtype, and the
 LayerNorm reads the rounded h (what the next op of unfused code sees); corrected-mean centring as
-`layer_norm_modulate.py`. gate, shift and scale vary along the same leading dims of x and are
+`layer_norm_modulate.py`, whose row helpers (`ln_rows`, `ln_mod_rows_bwd`, `group_view`) both
+kernels share. gate, shift and scale vary along the same leading dims of x and are
 constant after them ((B, 1, D) against (B, S, D)); y has x's shape (any strides).
 
 Backward, with dn the gradient of n and dh that of h: the LayerNorm backward gives dh_ln (as in
@@ -21,14 +22,13 @@ not recomputed.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ...ops.registry import register_kernel
 from . import _triton as T
-from ._checks import group_split, row_reason, triton_reason
+from ._checks import row_reason, triton_reason
 from ._triton import jit, row_tile, tl
-from .layer_norm_modulate import _centred
+from .layer_norm_modulate import group_reason, group_view, ln_mod_rows_bwd, ln_rows
 
 
 @jit
@@ -45,8 +45,7 @@ def _adaln_res_fwd(
     h = (x + gate[None, :] * y).to(H.dtype.element_ty)
     dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
     tl.store(H + dense, h, mask=mask)
-    xc, var = _centred(h.to(tl.float32), mask, n_cols)
-    hhat = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    hhat, _ = ln_rows(h.to(tl.float32), mask, n_cols, eps)
     sh = tl.load(SH + g * shg + cols, mask=cmask, other=0.0).to(tl.float32)
     sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
     tl.store(N + dense, (hhat * (1.0 + sc[None, :]) + sh[None, :]).to(N.dtype.element_ty), mask=mask)
@@ -72,15 +71,10 @@ def _adaln_res_bwd(
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
         h = tl.load(H + dense, mask=mask, other=0.0).to(tl.float32)
         dn = tl.load(DN + dense, mask=mask, other=0.0).to(tl.float32)
-        xc, var = _centred(h, mask, n_cols)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        hhat = xc * rstd[:, None]
+        hhat, rstd = ln_rows(h, mask, n_cols, eps)
         dsh += tl.sum(dn, axis=0)
         dsc += tl.sum(dn * hhat, axis=0)
-        dxh = dn * (1.0 + sc[None, :])
-        c1 = tl.sum(dxh, axis=1) / n_cols
-        c2 = tl.sum(dxh * hhat, axis=1) / n_cols
-        dht = rstd[:, None] * (dxh - c1[:, None] - hhat * c2[:, None])
+        dht = ln_mod_rows_bwd(dn, hhat, rstd, sc, n_cols)
         dht += tl.load(DH + dense, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + dense, dht.to(DX.dtype.element_ty), mask=mask)
         tl.store(DY + dense, (dht * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
@@ -92,17 +86,12 @@ def _adaln_res_bwd(
     tl.store(DSC + part, dsc, mask=cmask)
 
 
-def _blocks(n_cols, n_rows):
-    bm, bn = T.block_sizes(n_cols, n_rows)
-    return bm, bn, T.cdiv(n_rows, bm)
-
-
 def _fwd(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y (G, L, N) with unit last-dim stride; gate, shift, scale (G, N). Dense (h, n) in x's dtype."""
     Gn, L, N = x.shape
-    bm, bn, nb = _blocks(N, L)
+    bm, bn, nb = T.row_blocks(N, L)
     h = T.empty((Gn, L, N), x.dtype, x.device)
     n = T.empty((Gn, L, N), x.dtype, x.device)
     T.launch(_adaln_res_fwd)[(Gn, nb)](
@@ -123,7 +112,7 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dgate, dy, dshift, dscale) in the dtypes of x (= h), gate, y, shift, scale."""
     Gn, L, N = h.shape
-    bm, bn, nb = _blocks(N, L)
+    bm, bn, nb = T.row_blocks(N, L)
     programs = T.persistent_programs(h.device, nb)
     dx = T.empty((Gn, L, N), h.dtype, h.device)
     dy = T.empty((Gn, L, N), y.dtype, h.device)
@@ -161,22 +150,13 @@ _ADALN_RES = T.TritonOp(
 adaln_residual_op, adaln_residual_bwd_op = _ADALN_RES.op, _ADALN_RES.bwd_op
 
 
-def _groups(x, gate, shift, scale):
-    ks = {group_split(x.shape, t.shape) for t in (gate, shift, scale)}
-    return ks.pop() if len(ks) == 1 else None
-
-
 def adaln_residual(x, gate, y, shift, scale, eps: float = 1e-6):
     """(x + gate * y, (1 + scale) * LayerNorm(x + gate * y) + shift), both in x's dtype, in one
     pass; differentiable in all five tensors."""
     why = reason(x, gate, y, shift, scale)
     if why:
         raise ValueError(f"triton adaln_residual: {why}")
-    k = _groups(x, gate, shift, scale)
-    N = x.shape[-1]
-    Gn, L = math.prod(x.shape[:k]), math.prod(x.shape[k:-1])
-    x3, y3 = (T.last_dim_unit(t.reshape(Gn, L, N)) for t in (x, y))
-    g2, sh2, sc2 = (T.last_dim_unit(t.reshape(Gn, N)) for t in (gate, shift, scale))
+    (x3, y3), (g2, sh2, sc2) = group_view(x, rows=(y,), mods=(gate, shift, scale), op="adaln_residual")
     h, n = _ADALN_RES(x3, g2, y3, sh2, sc2, float(eps))
     return h.view(x.shape), n.view(x.shape)
 
@@ -185,17 +165,17 @@ def reason(x, gate, y, shift, scale) -> str | None:
     """Shape rules of the kernel (None when it takes the input)."""
     if tuple(y.shape) != tuple(x.shape):
         return f"y {tuple(y.shape)} must have x's shape {tuple(x.shape)}"
-    if _groups(x, gate, shift, scale) is None:
-        return (
-            f"gate {tuple(gate.shape)}, shift {tuple(shift.shape)}, scale {tuple(scale.shape)} against x "
-            f"{tuple(x.shape)}: they must vary along the same leading dims and be constant after them (e.g. (B, 1, D))"
-        )
-    return None
+    return group_reason(x, gate=gate, shift=shift, scale=scale)
 
 
 def check(backend, x, gate, y, shift, scale, eps):
-    """The check a registration of the proposed op would use (same convention as the others)."""
     return (
         triton_reason(backend, x, gate, y, shift, scale) or row_reason(x.shape[-1])
         or reason(x, gate, y, shift, scale)
     )
+
+
+@register_kernel("adaln_residual", "cuda", "triton.adaln_residual", check=check)
+def _kernel(backend, x, gate, y, shift, scale, eps):
+    """Triton gated residual + AdaLN: h = x + gate * y and (1 + scale) * LayerNorm(h) + shift in one pass."""
+    return adaln_residual(x, gate, y, shift, scale, eps)

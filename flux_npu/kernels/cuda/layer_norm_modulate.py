@@ -49,6 +49,23 @@ def _centred(x, mask, n_cols):
 
 
 @jit
+def ln_rows(x, mask, n_cols, eps):
+    """(xhat, rstd) of a tile's rows: the LayerNorm (no affine) in float32."""
+    xc, var = _centred(x, mask, n_cols)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd[:, None], rstd
+
+
+@jit
+def ln_mod_rows_bwd(dy, xhat, rstd, sc, n_cols):
+    """Gradient reaching x of y = xhat * (1 + sc) + shift, for a tile's rows (see the module doc)."""
+    dxh = dy * (1.0 + sc[None, :])
+    c1 = tl.sum(dxh, axis=1) / n_cols
+    c2 = tl.sum(dxh * xhat, axis=1) / n_cols
+    return rstd[:, None] * (dxh - c1[:, None] - xhat * c2[:, None])
+
+
+@jit
 def _ln_mod_fwd(
     X, SH, SC, Y, n_rows, n_cols, xsg, xsl, shg, scg, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -56,8 +73,7 @@ def _ln_mod_fwd(
     g = tl.program_id(0).to(tl.int64)
     rows, cols, cmask, mask = row_tile(tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    xc, var = _centred(x, mask, n_cols)
-    xhat = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    xhat, _ = ln_rows(x, mask, n_cols, eps)
     sh = tl.load(SH + g * shg + cols, mask=cmask, other=0.0).to(tl.float32)
     sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
     y = xhat * (1.0 + sc[None, :]) + sh[None, :]
@@ -82,30 +98,20 @@ def _ln_mod_bwd(
         x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
         dy = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
-        xc, var = _centred(x, mask, n_cols)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        xhat = xc * rstd[:, None]
+        xhat, rstd = ln_rows(x, mask, n_cols, eps)
         dsh += tl.sum(dy, axis=0)
         dsc += tl.sum(dy * xhat, axis=0)
-        dxh = dy * (1.0 + sc[None, :])
-        c1 = tl.sum(dxh, axis=1) / n_cols
-        c2 = tl.sum(dxh * xhat, axis=1) / n_cols
-        dx = rstd[:, None] * (dxh - c1[:, None] - xhat * c2[:, None])
+        dx = ln_mod_rows_bwd(dy, xhat, rstd, sc, n_cols)
         tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
     part = (g * programs + pid) * n_cols + cols
     tl.store(DSH + part, dsh, mask=cmask)
     tl.store(DSC + part, dsc, mask=cmask)
 
 
-def _blocks(n_cols, L):
-    bm, bn = T.block_sizes(n_cols, L)
-    return bm, bn, T.cdiv(L, bm)
-
-
 def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """x (G, L, N) with unit last-dim stride; shift, scale (G, N). Dense y of x's shape and dtype."""
     G, L, N = x.shape
-    bm, bn, nb = _blocks(N, L)
+    bm, bn, nb = T.row_blocks(N, L)
     y = T.empty((G, L, N), x.dtype, x.device)
     T.launch(_ln_mod_fwd)[(G, nb)](
         x, shift, scale, y, L, N, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
@@ -123,7 +129,7 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dshift, dscale), the latter two (G, N) in shift's / scale's dtypes."""
     G, L, N = x.shape
-    bm, bn, nb = _blocks(N, L)
+    bm, bn, nb = T.row_blocks(N, L)
     programs = T.persistent_programs(x.device, nb)
     dx = T.empty((G, L, N), x.dtype, x.device)
     dsh = T.empty((G, programs, N), torch.float32, x.device)
@@ -157,21 +163,35 @@ _LN_MOD = T.TritonOp(
 layer_norm_modulate_op, layer_norm_modulate_bwd_op = _LN_MOD.op, _LN_MOD.bwd_op
 
 
-def group_view(x, shift, scale):
-    """(x as (G, L, N), shift and scale as (G, N)), all with unit last-dim stride, or ValueError."""
-    k_sh, k_sc = group_split(x.shape, shift.shape), group_split(x.shape, scale.shape)
-    if k_sh is None or k_sh != k_sc:
-        raise ValueError(
-            f"triton layer_norm_modulate: shift {tuple(shift.shape)} / scale {tuple(scale.shape)} must vary "
-            f"along the same leading dims of x {tuple(x.shape)} and be constant after them"
-        )
-    N = x.shape[-1]
-    G = math.prod(x.shape[:k_sh])
-    L = math.prod(x.shape[k_sh:-1])
+def groups(x, *mods) -> int | None:
+    """k such that every modulation tensor in `mods` varies along x's first k dims and is constant
+    after them (the (G, L, N) view below), or None when they do not share such a k."""
+    ks = {group_split(x.shape, t.shape) for t in mods}
+    k = ks.pop() if len(ks) == 1 else None
+    return k
+
+
+def group_reason(x, **mods) -> str | None:
+    if groups(x, *mods.values()) is not None:
+        return None
+    names = ", ".join(f"{n} {tuple(t.shape)}" for n, t in mods.items())
     return (
-        T.last_dim_unit(x.reshape(G, L, N)),
-        T.last_dim_unit(shift.reshape(G, N)),
-        T.last_dim_unit(scale.reshape(G, N)),
+        f"{names} against x {tuple(x.shape)}: the kernel takes them varying along the same leading dims "
+        f"and constant after them (e.g. (B, 1, D))"
+    )
+
+
+def group_view(x, rows=(), mods=(), op="layer_norm_modulate"):
+    """x and `rows` (x-shaped) as (G, L, N), `mods` as (G, N), all with unit last-dim stride, or
+    ValueError naming the shapes."""
+    k = groups(x, *mods)
+    if k is None:
+        raise ValueError(f"triton {op}: " + group_reason(x, **{f"modulation {i}": t for i, t in enumerate(mods)}))
+    N = x.shape[-1]
+    G, L = math.prod(x.shape[:k]), math.prod(x.shape[k:-1])
+    return (
+        tuple(T.last_dim_unit(t.reshape(G, L, N)) for t in (x, *rows)),
+        tuple(T.last_dim_unit(t.reshape(G, N)) for t in mods),
     )
 
 
@@ -179,21 +199,15 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     """(1 + scale) * LayerNorm(x) + shift over the last dim (float32 maths, output x.dtype).
     shift/scale: (G..., 1..., D) against x (G..., L..., D), e.g. (B, 1, D) for (B, S, D).
     Differentiable in x, shift and scale."""
-    x3, sh2, sc2 = group_view(x, shift, scale)
+    (x3,), (sh2, sc2) = group_view(x, mods=(shift, scale))
     return _LN_MOD(x3, sh2, sc2, float(eps)).view(x.shape)
 
 
 def _check(backend, x, shift, scale, eps):
-    why = triton_reason(backend, x, shift, scale) or row_reason(x.shape[-1])
-    if why:
-        return why
-    k_sh, k_sc = group_split(x.shape, shift.shape), group_split(x.shape, scale.shape)
-    if k_sh is None or k_sh != k_sc:
-        return (
-            f"shift {tuple(shift.shape)} / scale {tuple(scale.shape)} against x {tuple(x.shape)}: the kernel takes "
-            f"shift/scale varying along the same leading dims and constant after them (e.g. (B, 1, D))"
-        )
-    return None
+    return (
+        triton_reason(backend, x, shift, scale) or row_reason(x.shape[-1])
+        or group_reason(x, shift=shift, scale=scale)
+    )
 
 
 @register_kernel("layer_norm_modulate", "cuda", "triton.layer_norm_modulate", check=_check)

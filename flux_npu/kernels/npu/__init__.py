@@ -4,7 +4,7 @@ torch_npu itself is imported only inside the kernels and their checks (through
 `flux_npu.backends.npu.torch_npu_or_reason`), so this package imports on any machine and its
 checks answer "torch_npu not importable: ..." where it is absent."""
 
-from . import attention, gated_residual, layer_norm, rms_norm, rope  # noqa: F401  (registration side effects)
+from . import adaln_residual, attention, gated_residual, layer_norm, rms_norm, rope  # noqa: F401  (registration side effects)
 
 
 def prepare() -> None:
