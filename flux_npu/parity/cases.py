@@ -257,6 +257,25 @@ def run_gated_residual(t, b, m, stock):
     return {"out": fn(t["x"], t["gate"], t["y"])}
 
 
+def make_adaln_residual(s, g, dt):
+    shp, mod = (s.batch, s.hidden_seq, s.hidden), (s.batch, 1, s.hidden)
+    t = {
+        "x": _randn(g, shp, dt, 2.0),
+        "gate": _randn(g, mod, dt),
+        "y": _randn(g, shp, dt),
+        "shift": _randn(g, mod, dt, 0.5),
+        "scale": _randn(g, mod, dt, 0.5),
+    }
+    t.update(_cot(g, {"h": (shp, dt), "out": (shp, dt)}))
+    return t
+
+
+def run_adaln_residual(t, b, m, stock):
+    args = (t["x"], t["gate"], t["y"], t["shift"], t["scale"], 1e-6)
+    h, n = reference.adaln_residual(*args) if stock else ops.adaln_residual(*args, backend=b)
+    return {"h": h, "out": n}
+
+
 def make_qk_norm_rope(s, g, dt):
     shp = _head_shape(s, "BSHD")
     cos, sin = _rope_cos_sin(s)
@@ -342,6 +361,8 @@ CASES: Dict[str, Case] = {
              ("x", "shift", "scale"), doc="AdaLN LayerNorm + modulation at hidden width"),
         Case("gated_residual", "gated_residual", make_gated_residual, run_gated_residual, ("x", "gate", "y"),
              doc="x + gate * y at hidden width"),
+        Case("adaln_residual", "adaln_residual", make_adaln_residual, run_adaln_residual,
+             ("x", "gate", "y", "shift", "scale"), doc="x + gate * y, then AdaLN of it, at hidden width"),
         Case("qk_norm_rope", "qk_norm_rope", make_qk_norm_rope, run_qk_norm_rope, ("q", "k", "q_weight", "k_weight"),
              doc="QK RMSNorm then RoPE"),
         Case("double_block", "block", make_block, run_block, _BLOCK_GRADS, build=build_double_block,

@@ -13,6 +13,12 @@ parsed and only these expressions are replaced, everything else is kept as writt
 - `X + G * Y` with G a gate (its text names a gate), and `V = G * Y` followed by `X = X + V`
   (V not read afterwards) -> `_gated(X, G, Y)`: ops.gated_residual when the shapes and dtypes
   allow (y has x's shape, one dtype), else the original expression.
+- A gated residual `H = _gated(X, G, Y)` whose very next statement normalises H
+  (`_lnmod(self.N, H, T, S)` anywhere in it: `V = ...` as diffusers' FluxTransformerBlock writes
+  it, or inside the feed-forward call as BFL's DoubleStreamBlock does) -> `H, V = _adares(self.N,
+  X, G, Y, T, S)` with the norm's call replaced by V (a fresh name when it was nested):
+  ops.adaln_residual (one pass on cuda) when both parts would take their op, else the two
+  helpers above, one after the other. T and S must not read H (they are evaluated before it).
 
 The same machinery serves diffusers attention processors we have no hand-written replacement for
 (FLUX.2, IP-adapter): `attn.norm_q(X)` and its siblings -> `_rms(attn.norm_q, X)` (ops.rms_norm
@@ -42,6 +48,8 @@ LN = "__flux_npu_lnmod"
 GATED = "__flux_npu_gated"
 RMS = "__flux_npu_rms"
 ATTN = "__flux_npu_attention"
+ADARES = "__flux_npu_adares"
+ADARES_OUT = "__flux_npu_normed"
 QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
@@ -197,6 +205,56 @@ def _merge_pairs(body, counts):
     return out
 
 
+def _helper_call(node, name):
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+
+
+def _fuse_adaln_residual(body, counts):
+    """`H = _gated(X, G, Y)` then a statement holding `_lnmod(N, H, T, S)` -> `H, V = _adares(N, X,
+    G, Y, T, S)` and that statement with the _lnmod call replaced by V (recursing into blocks)."""
+    out, i = [], 0
+    while i < len(body):
+        s = body[i]
+        for field in ("body", "orelse", "finalbody"):
+            if isinstance(getattr(s, field, None), list) and not isinstance(s, ast.FunctionDef):
+                setattr(s, field, _fuse_adaln_residual(getattr(s, field), counts))
+        h = _single_target(s)
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        if h is not None and nxt is not None and _helper_call(s.value, GATED):
+            ln = next((n for n in ast.walk(nxt) if _helper_call(n, LN) and isinstance(n.args[1], ast.Name)
+                       and n.args[1].id == h), None)
+            if ln is not None and not _loads([ln.args[0], ln.args[2], ln.args[3]], h):
+                v = _single_target(nxt) if nxt.value is ln else None
+                if v is None or v == h:
+                    v = f"{ADARES_OUT}{counts['adares']}"
+                fused = ast.Assign(
+                    targets=[ast.Tuple(elts=[ast.Name(id=h, ctx=ast.Store()), ast.Name(id=v, ctx=ast.Store())],
+                                       ctx=ast.Store())],
+                    value=_call(ADARES, ln.args[0], *s.value.args, ln.args[2], ln.args[3]),
+                )
+                out.append(ast.copy_location(fused, s))
+                if nxt.value is not ln or _single_target(nxt) != v:
+                    out.append(_Replace(ln, ast.Name(id=v, ctx=ast.Load())).visit(nxt))
+                counts["adares"] += 1
+                counts["ln"] -= 1
+                counts["gated"] -= 1
+                i += 2
+                continue
+        out.append(s)
+        i += 1
+    return out
+
+
+class _Replace(ast.NodeTransformer):
+    def __init__(self, old, new):
+        self.old, self.new = old, new
+
+    def visit(self, node):
+        if node is self.old:
+            return ast.copy_location(self.new, node)
+        return super().visit(node)
+
+
 def _plain_ln(norm, x) -> bool:
     return (
         type(norm) is torch.nn.LayerNorm
@@ -222,25 +280,39 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
     use_ln, use_gated = "layer_norm_modulate" in enabled, "gated_residual" in enabled
     use_rms, use_attn = "rms_norm" in enabled, "attention" in enabled
 
-    def lnmod(norm, x, shift, scale):
-        if (
-            use_ln and isinstance(x, torch.Tensor) and _plain_ln(norm, x) and _broadcasts_to(shift, x)
+    def ln_ok(norm, x, shift, scale):
+        return (
+            isinstance(x, torch.Tensor) and _plain_ln(norm, x) and _broadcasts_to(shift, x)
             and _broadcasts_to(scale, x) and shift.dtype == scale.dtype == x.dtype
-        ):
+        )
+
+    def gated_ok(x, gate, y):
+        return (
+            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(gate, torch.Tensor)
+            and y.shape == x.shape and x.dtype == y.dtype == gate.dtype and _broadcasts_to(gate, x)
+        )
+
+    def lnmod(norm, x, shift, scale):
+        if use_ln and ln_ok(norm, x, shift, scale):
             return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
         if use_ln:
             handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm + same-dtype modulation")
         return (1 + scale) * norm(x) + shift
 
     def gated(x, gate, y):
-        if (
-            use_gated and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(gate, torch.Tensor)
-            and y.shape == x.shape and x.dtype == y.dtype == gate.dtype and _broadcasts_to(gate, x)
-        ):
+        if use_gated and gated_ok(x, gate, y):
             return ops.gated_residual(x, gate, y, backend=backend)
         if use_gated:
             handback("gated_residual", backend, f"{where}: shapes or dtypes of x + gate * y differ")
         return x + gate * y
+
+    def adares(norm, x, gate, y, shift, scale):
+        # the fused op where both halves would take theirs (h has x's shape and dtype, so the
+        # norm's conditions read on x hold for h); else each half decides on its own
+        if use_ln and use_gated and gated_ok(x, gate, y) and ln_ok(norm, x, shift, scale):
+            return ops.adaln_residual(x, gate, y, shift, scale, norm.eps, backend=backend)
+        h = gated(x, gate, y)
+        return h, lnmod(norm, h, shift, scale)
 
     def rms(norm, x):
         if use_rms and type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
@@ -269,7 +341,7 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
                         parallel_config=parallel_config)
 
     ops_backend = backend
-    return lnmod, gated, rms, attention
+    return lnmod, gated, rms, attention, adares
 
 
 def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
@@ -287,19 +359,21 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
     fdef = tree.body[0]
     if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
         raise NothingToFuse("decorated or not a plain function: not rewritten")
-    counts = {"ln": 0, "gated": 0, "rms": 0, "attn": 0}
+    counts = {"ln": 0, "gated": 0, "rms": 0, "attn": 0, "adares": 0}
     if "adaln" in kinds:
         fdef.body = _merge_pairs(fdef.body, counts)
         tx = _Expressions()
         fdef = tx.visit(fdef)
         counts["ln"] += tx.ln
         counts["gated"] += tx.gated
+        if "layer_norm_modulate" in enabled and "gated_residual" in enabled:
+            fdef.body = _fuse_adaln_residual(fdef.body, counts)
     if "processor" in kinds:
         px = _ProcessorCalls(norms=True, attention="dispatch_attention_fn" in fn.__globals__)
         fdef = px.visit(fdef)
         counts["rms"], counts["attn"] = px.rms, px.attn
     for key, op in (("ln", "layer_norm_modulate"), ("gated", "gated_residual"), ("rms", "rms_norm"),
-                    ("attn", "attention")):
+                    ("attn", "attention"), ("adares", "layer_norm_modulate")):
         if op not in enabled:
             counts[key] = 0
     if not any(counts.values()):
@@ -308,7 +382,7 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
     helpers = make_helpers(backend, where, enabled, fn.__globals__.get("dispatch_attention_fn"))
     maker = ast.FunctionDef(
         name="__flux_npu_make",
-        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in (LN, GATED, RMS, ATTN)], kwonlyargs=[],
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in (LN, GATED, RMS, ATTN, ADARES)], kwonlyargs=[],
                            kw_defaults=[], defaults=[]),
         body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
     )
@@ -326,7 +400,8 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
     new.__qualname__ = fn.__qualname__
     new.__wrapped_original__ = original
     parts = []
-    for key, text in (("ln", "LayerNorm+modulate -> ops.layer_norm_modulate"),
+    for key, text in (("adares", "gated residual + LayerNorm+modulate -> ops.adaln_residual"),
+                      ("ln", "LayerNorm+modulate -> ops.layer_norm_modulate"),
                       ("gated", "gated residual(s) -> ops.gated_residual"),
                       ("rms", "QK norm(s) -> ops.rms_norm"),
                       ("attn", "attention call(s) -> ops.attention (a diffusers backend the user chose: "
