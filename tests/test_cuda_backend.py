@@ -200,5 +200,7 @@ def test_patched_tiny_flux_matches_stock(device, kernels):
     assert served[("rms_norm", "cuda", "triton.rms_norm")] > 0
     assert served[("apply_rope", "cuda", "triton.rope")] > 0
     assert served[("layer_norm_modulate", "cuda", "triton.layer_norm_modulate")] > 0
+    # both streams of every double block: the fused gated residual + AdaLN kernel
+    assert served[("adaln_residual", "cuda", "triton.adaln_residual")] == 2 * len(model.transformer_blocks)
     assert_close(out, ref, torch.float32, scale=10, what="patched model output")
     assert_close(grad, ref_grad, torch.float32, scale=10, what="patched model input grad")

@@ -153,10 +153,13 @@ def _override(backend: Optional[Backend] = None):
     opt = backend.option("sdpa_backends") if backend is not None else None
     if opt:
         return (",".join(opt) if not isinstance(opt, str) else opt), "backend option sdpa_backends"
-    if SDPA_ENV not in _ROUTES:  # read once; reset_sdpa_routes() re-reads
-        _ROUTES[SDPA_ENV] = (os.environ.get(SDPA_ENV, "").strip() or os.environ.get(SDPA_ENV_OLD, "").strip(),
-                             SDPA_ENV if os.environ.get(SDPA_ENV, "").strip() else SDPA_ENV_OLD)
-    return _ROUTES[SDPA_ENV]
+    found = _ROUTES.get(SDPA_ENV)
+    if found is None:  # read once; reset_sdpa_routes() re-reads
+        found = (os.environ.get(SDPA_ENV, "").strip() or os.environ.get(SDPA_ENV_OLD, "").strip(),
+                 SDPA_ENV if os.environ.get(SDPA_ENV, "").strip() else SDPA_ENV_OLD)
+        if not torch.compiler.is_compiling():
+            _ROUTES[SDPA_ENV] = found
+    return found
 
 
 def reset_sdpa_routes() -> None:
@@ -165,21 +168,29 @@ def reset_sdpa_routes() -> None:
 
 
 def route_for(backend: Optional[Backend], device_index, training: bool) -> SdpaRoute:
-    """The route for attention on this CUDA device in this mode, decided once and cached."""
+    """The route for attention on this CUDA device in this mode, decided once and cached.
+
+    A torch.compile trace only reads the cache (`warm_routes` filled it when the backend was
+    loaded or bound by `patch()`): a write inside the trace would make dynamo guard on the cache's
+    new contents and recompile on the next call. A route missing from the cache while tracing is
+    decided in the trace and not stored."""
     key = (None if backend is None else backend.plan_key, device_index, training)
     route = _ROUTES.get(key)
     if route is None:
         override, source = _override(backend)
         cap = compute_capability(device_index) if not override else None
-        route = _ROUTES[key] = sdpa_route(torch.__version__, cap, training, override, source)
+        route = sdpa_route(torch.__version__, cap, training, override, source)
+        if not torch.compiler.is_compiling():
+            _ROUTES[key] = route
     return route
 
 
 def warm_routes(backend: Optional[Backend] = None) -> None:
-    """Decide the routes of the current CUDA device for both modes now (the op table calls this
-    when the backend is loaded or bound by `patch()`), so a torch.compile trace only reads them."""
-    if _probe() is None:
-        index = torch.cuda.current_device()
+    """Decide the routes for both modes now (the op table calls this when the backend is loaded
+    or bound by `patch()`), so that a torch.compile trace only reads them: for the current CUDA
+    device, and for tensors without a device index (CPU tensors under the Triton interpreter)."""
+    indices = [None] + ([torch.cuda.current_device()] if _probe() is None else [])
+    for index in indices:
         for training in (True, False):
             route_for(backend, index, training)
 
