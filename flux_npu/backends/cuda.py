@@ -241,7 +241,8 @@ BACKEND = Backend(
     priority=20,
     utils_factory=CUDADeviceUtils,
     kernel_modules=("flux_npu.kernels.cuda",),
-    description="NVIDIA GPUs: Triton fused kernels (RMSNorm, RoPE, QK-norm+RoPE, AdaLN), PyTorch SDPA (flash / cuDNN / efficient)",
+    description="NVIDIA GPUs: Triton fused kernels (RMSNorm, RoPE, QK-norm+RoPE, AdaLN, gated residual+AdaLN), "
+                "PyTorch SDPA (flash / cuDNN / efficient)",
     options=(
         ("min_compute_capability", MIN_COMPUTE_CAPABILITY),
         ("bf16_compute_capability", BF16_COMPUTE_CAPABILITY),
