@@ -1,7 +1,7 @@
-"""x-flux's IP-adapter branch, patched vs stock, forward and backward: the image-prompt attention
-that x-flux's IPDoubleStreamBlockProcessor writes inline as `F.scaled_dot_product_attention`
-(and, in a fork, its own QK RMSNorms) is routed to ops.attention / ops.rms_norm by rewriting the
-processor's __call__. The layout in tests/xflux_model is our own code in x-flux's module layout
+"""x-flux's block processors, patched vs stock, forward and backward: the image-prompt attention
+that x-flux's IP processors write inline as `F.scaled_dot_product_attention` (and, in a fork, its
+own QK RMSNorms) is routed to ops.attention / ops.rms_norm, and every processor's AdaLN and gated
+residuals to ops.layer_norm_modulate / ops.gated_residual, by rewriting the processor's __call__. The layout in tests/xflux_model is our own code in x-flux's module layout
 (under the name `xflux_layout`, found by its structure). Counts prove which kernels served;
 hand-backs are counted with their reason; the emulated npu path calls the fused torch_npu ops."""
 
@@ -23,6 +23,8 @@ DEPTH, SINGLE, N_TXT, N_IMG, N_IP, BATCH = 2, 1, 4, 9, 3, 2  # double and single
 IP_ROUTE = ("x-flux IPDoubleStreamBlockProcessor IP attention", "ops.attention")
 IP_SINGLE_ROUTE = ("x-flux IPSingleStreamBlockProcessor IP attention", "ops.attention")
 BLOCKS = DEPTH + SINGLE
+ADALN = 4 * DEPTH + SINGLE  # LayerNorm+modulate calls per forward: 4 per double block, 1 per single block
+GATED = 4 * DEPTH + SINGLE  # gated residuals per forward, likewise
 BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3  # as in test_patch_codebases: patched bf16 vs stock bf16 error
 
 
@@ -46,9 +48,9 @@ def layout():
     _forget()
 
 
-def _model(layout, dtype=torch.float32, normed_ip=False):
+def _model(layout, dtype=torch.float32, normed_ip=False, ip=True):
     torch.manual_seed(0)
-    return layout.model.TinyIPFlux(normed_ip=normed_ip).to(dtype)
+    return layout.model.TinyIPFlux(normed_ip=normed_ip, ip=ip).to(dtype)
 
 
 def _inputs(dtype=torch.float32, seed=1):
@@ -149,6 +151,9 @@ def test_ip_attention_served_float32_and_reported(layout):
     # every attention of the forward is ours: the block's own one (BFL attention patch) and the IP one
     assert _served(stats, "attention") == 2 * BLOCKS, stats["served"]
     assert _served(stats, "rms_norm") == 4 * DEPTH + 2 * SINGLE, stats["served"]  # the blocks' QKNorms (bfl.py)
+    # the processors' AdaLN (both x-flux spellings) and gated residuals
+    assert _served(stats, "layer_norm_modulate") == ADALN, stats["served"]
+    assert _served(stats, "gated_residual") == GATED, stats["served"]
     # undo puts the very same functions back
     assert layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is original
     assert layers.IPSingleStreamBlockProcessor.__dict__["__call__"] is original_single
@@ -168,6 +173,7 @@ def test_ip_branch_bfloat16(layout):
         assert (engine.routes().get(IP_ROUTE), engine.routes().get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE)
     assert not stats["fallback"], stats["fallback"]
     assert _served(stats, "attention") == 2 * BLOCKS
+    assert (_served(stats, "layer_norm_modulate"), _served(stats, "gated_residual")) == (ADALN, GATED)
     bad = {}
     for k in [k for k in ref32 if not k.endswith(ZERO_GRADS)]:
         e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
@@ -225,15 +231,45 @@ def test_rebound_sdpa_is_handed_back_and_counted(layout, monkeypatch):
 def test_excluding_attention_keeps_the_ip_call_stock(layout):
     model = _model(layout)
     inputs = _inputs()
-    original = layout.modules.layers.IPDoubleStreamBlockProcessor.__dict__["__call__"]
+    stock = _run(model, inputs)
     with flux_npu.patch(backend="cpu", targets=["bfl"], exclude=["attention"]) as handle:
         row = next(r for r in handle.report()
                    if r.target == "xflux_layout.modules.layers" and r.symbol == "IPDoubleStreamBlockProcessor.__call__")
-        assert row.status == "skipped" and "nothing to fuse" in row.reason, row
-        assert layout.modules.layers.IPDoubleStreamBlockProcessor.__dict__["__call__"] is original
+        assert row.status == "patched" and "IP attention" not in row.reason, row
         ops.reset_dispatch_stats()
-        _run(model, inputs)
-        assert _served(ops.dispatch_stats(), "attention") == 0
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert _served(stats, "attention") == 0 and not stats["fallback"], stats
+    assert _served(stats, "layer_norm_modulate") == ADALN
+
+
+def test_plain_processors_adaln_served_and_excluded_op_kept(layout):
+    """x-flux without an IP adapter: the blocks' own processors; gated_residual excluded stays plain."""
+    model = _model(layout, ip=False)
+    inputs = _inputs(seed=9)
+    del inputs["image_proj"]
+    stock = _run(model, inputs)
+    layers = layout.modules.layers
+    originals = [layers.DoubleStreamBlockProcessor.__dict__["__call__"],
+                 layers.SingleStreamBlockProcessor.__dict__["__call__"]]
+    with flux_npu.patch(backend="cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    assert (_served(stats, "layer_norm_modulate"), _served(stats, "gated_residual")) == (ADALN, GATED)
+    assert _served(stats, "attention") == BLOCKS
+    assert [layers.DoubleStreamBlockProcessor.__dict__["__call__"],
+            layers.SingleStreamBlockProcessor.__dict__["__call__"]] == originals
+    with flux_npu.patch(backend="cpu", targets=["bfl"], exclude=["gated_residual"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert (_served(stats, "layer_norm_modulate"), _served(stats, "gated_residual")) == (ADALN, 0)
+    assert not stats["fallback"], stats["fallback"]
 
 
 def test_instance_level_patch_serves_and_restores_the_processors(layout):
@@ -271,3 +307,6 @@ def test_emulated_npu_calls_fused_attention_for_the_ip_branch(layout, npu_emulat
     assert lengths.count((N_TXT + N_IMG, N_IP)) == SINGLE, lengths  # the single blocks' IP attention
     assert all(c["args"]["input_layout"] == "BNSD" for c in fa), fa
     assert record.calls("npu_rms_norm")
+    name = npu_emulated.name
+    assert _served(stats, "attention", name) == 2 * BLOCKS, stats["served"]
+    assert (_served(stats, "layer_norm_modulate", name), _served(stats, "gated_residual", name)) == (ADALN, GATED)

@@ -1,4 +1,5 @@
-"""Patches for x-flux's IP-adapter processors (`flux.modules.layers` of XLabs-AI/x-flux and forks).
+"""Patches for x-flux's block processors, IP-adapter ones and plain (`flux.modules.layers` of
+XLabs-AI/x-flux and forks).
 
 x-flux's DoubleStreamBlock hands its body to a processor; `IPDoubleStreamBlockProcessor.__call__
 (self, attn, img, txt, vec, pe, image_proj, ip_scale=1.0, ...)` runs the block as written (its
@@ -6,19 +7,28 @@ x-flux's DoubleStreamBlock hands its body to a processor; `IPDoubleStreamBlockPr
 image-prompt attention of the block's normalised image queries over projected image-prompt
 tokens, written inline as `F.scaled_dot_product_attention(...)`. That inline call (and, in forks
 that normalise the IP queries/keys with their own RMSNorms, those norm calls) has no symbol we
-could swap, so the processor's `__call__` is rewritten in its own source, only at these calls:
+could swap, so the processor's `__call__` is rewritten in its own source, only at these expressions:
 
 - `<anything>.scaled_dot_product_attention(q, k, v, ...)` (and a bare `scaled_dot_product_attention`)
   -> `_sdpa(<that function>, q, k, v, ...)`: ops.attention when the function is torch's own SDPA
   and the call is plain attention over (B, H, L, D) tensors (no dropout, not causal, no GQA flag,
   mask None / bool / additive), else the function itself with a counted hand-back.
+- the AdaLN and gated residuals the processors write on the block they are handed (`attn`):
+  `V = attn.N(X)` then `V = (1 + S) * V + T`, and `(1 + S) * attn.N(X) + T`
+  -> ops.layer_norm_modulate when `attn.N` is a LayerNorm without affine parameters over the
+  last dim and shift/scale share x's dtype; `X + G * Y` with a gate G -> ops.gated_residual when
+  the shapes and dtypes allow; else the expression as written, with a counted hand-back. This is
+  what fuses x-flux's AdaLN at all: its DoubleStreamBlock.forward only calls the processor, so
+  the BFL block rewrite (bfl.py) finds nothing there. The plain `DoubleStreamBlockProcessor` /
+  `SingleStreamBlockProcessor` get this part too.
 - `<obj>.<qk norm>(x)` with a QK-norm name (`q_norm`, `ip_key_norm`, `norm_q`, `query_norm`, ...)
   -> `_rms(<obj>.<qk norm>, x)`: ops.rms_norm for the BFL RMSNorm form (a 1-D `scale`, eps 1e-6,
   output promoted with the scale's dtype, as BFL's RMSNorm returns) and for torch.nn.RMSNorm,
   else the norm itself with a counted hand-back.
 
 The layout is recognised by name (`*flux.modules.layers`) or by structure: a module that defines
-`IPDoubleStreamBlockProcessor` with `__call__(self, attn, img, txt, vec, pe, ...)`. The rewritten
+`IPDoubleStreamBlockProcessor` or `DoubleStreamBlockProcessor` with
+`__call__(self, attn, img, txt, vec, pe, ...)`. The rewritten
 function is compiled against the module's live globals, with its file and line numbers.
 `IPSingleStreamBlockProcessor` (defined by some forks, same idea) is served when present.
 """
@@ -38,11 +48,14 @@ from .engine import PatchSet, Spec, handback, note_route, register_patch_set, si
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 SDPA = "__flux_npu_ip_sdpa"
 RMS = "__flux_npu_ip_rms"
+LNMOD = "__flux_npu_xflux_lnmod"
+GATED = "__flux_npu_xflux_gated"
 # attribute names of a query/key norm (x-flux forks, diffusers-style and BFL QKNorm member names)
 QK_NORM_NAME = re.compile(r"^(.*_)?(q|k|query|key)_norm$|^norm_(added_)?(q|k)$")
-PROCESSORS = ("IPDoubleStreamBlockProcessor", "IPSingleStreamBlockProcessor")
-CALL_PARAMS = {"IPDoubleStreamBlockProcessor": ("self", "attn", "img", "txt", "vec", "pe"),
-               "IPSingleStreamBlockProcessor": ("self", "attn", "x", "vec", "pe")}
+PROCESSORS = ("IPDoubleStreamBlockProcessor", "IPSingleStreamBlockProcessor", "DoubleStreamBlockProcessor",
+              "SingleStreamBlockProcessor")
+DOUBLE_PARAMS, SINGLE_PARAMS = ("self", "attn", "img", "txt", "vec", "pe"), ("self", "attn", "x", "vec", "pe")
+CALL_PARAMS = {name: DOUBLE_PARAMS if "Double" in name else SINGLE_PARAMS for name in PROCESSORS}
 
 
 class NothingToFuse(Exception):
@@ -77,6 +90,111 @@ class _IPCalls(ast.NodeTransformer):
         return node
 
 
+def _one_plus(node):
+    """`1 + S` (or `S + 1`) -> S, else None."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        for a, b in ((node.left, node.right), (node.right, node.left)):
+            if isinstance(a, ast.Constant) and a.value == 1:
+                return b
+    return None
+
+
+def _norm_call(node):
+    """`attn.N(X)` (any plain name before the dot: x-flux processors call the block `attn`) ->
+    (the `attn.N` node, X), else None."""
+    if (
+        isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords
+        and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+    ):
+        return node.func, node.args[0]
+    return None
+
+
+def _modulated(node, inner):
+    """`(1 + S) * A + T` or `A * (1 + S) + T` with inner(A) -> (A, S, T), else None."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)):
+        return None
+    mul, shift = node.left, node.right
+    if not (isinstance(mul, ast.BinOp) and isinstance(mul.op, ast.Mult)):
+        return None
+    for a, b in ((mul.left, mul.right), (mul.right, mul.left)):
+        scale = _one_plus(a)
+        if scale is not None and inner(b):
+            return b, scale, shift
+    return None
+
+
+def _call(name, *args):
+    return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=list(args), keywords=[])
+
+
+class _AdaLN(ast.NodeTransformer):
+    """`(1 + S) * attn.N(X) + T` -> `_lnmod(attn.N, X, T, S)`; `X + G * Y` with a gate G (its text
+    names a gate; x-flux's `ip_scale * ...` is not one) -> `_gated(X, G, Y)`."""
+
+    def __init__(self):
+        self.ln = self.gated = 0
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        hit = _modulated(node, lambda a: _norm_call(a) is not None)
+        if hit is not None:
+            norm, x = _norm_call(hit[0])
+            self.ln += 1
+            return ast.copy_location(_call(LNMOD, norm, x, hit[2], hit[1]), node)
+        if isinstance(node.op, ast.Add) and isinstance(node.right, ast.BinOp) and isinstance(node.right.op, ast.Mult):
+            gate = node.right.left
+            if "gate" in ast.unparse(gate).lower():
+                self.gated += 1
+                return ast.copy_location(_call(GATED, node.left, gate, node.right.right), node)
+        return node
+
+
+def _single_target(stmt):
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+        return stmt.targets[0].id
+    return None
+
+
+def _merge_two_statement_adaln(body):
+    """x-flux's `V = attn.N(X)` then `V = (1 + S) * V + T` (S and T not reading V) -> one
+    `V = _lnmod(attn.N, X, T, S)`, within one statement list; returns (new body, count)."""
+    out, n, i = [], 0, 0
+    while i < len(body):
+        s, nxt = body[i], body[i + 1] if i + 1 < len(body) else None
+        v = _single_target(s)
+        call = _norm_call(s.value) if v is not None else None
+        if call is not None and nxt is not None and _single_target(nxt) == v:
+            hit = _modulated(nxt.value, lambda a, v=v: isinstance(a, ast.Name) and a.id == v)
+            reads_v = hit is not None and any(isinstance(t, ast.Name) and t.id == v
+                                              for e in hit[1:] for t in ast.walk(e))
+            if hit is not None and not reads_v:
+                out.append(ast.copy_location(ast.Assign(targets=nxt.targets, value=_call(LNMOD, *call, hit[2], hit[1])),
+                                             s))
+                n += 1
+                i += 2
+                continue
+        out.append(s)
+        i += 1
+    return out, n
+
+
+def _plain_ln(norm, x) -> bool:
+    return (
+        type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None
+        and tuple(norm.normalized_shape) == (x.shape[-1],)
+    )
+
+
+def _broadcasts_to(t, x) -> bool:
+    if not isinstance(t, torch.Tensor) or t.dim() > x.dim() or t.shape[-1] != x.shape[-1]:
+        return False
+    try:
+        return torch.broadcast_shapes(t.shape, x.shape) == x.shape
+    except RuntimeError:
+        return False
+
+
 def _bfl_rms_scale(norm, x):
     """The BFL RMSNorm form: an nn.Module with a 1-D `scale` over x's last dim and no `weight`."""
     scale = getattr(norm, "scale", None)
@@ -104,7 +222,11 @@ def _sdpa_fits(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> s
     return None
 
 
-def make_helpers(backend, where: str):
+def make_helpers(backend, where: str, enabled):
+    """The run-time helpers of a rewritten processor; an AdaLN op the user excluded keeps the plain
+    expression (the rewrite touches both AdaLN kinds when either is on)."""
+    use_ln, use_gated = "layer_norm_modulate" in enabled, "gated_residual" in enabled
+
     def sdpa(fn, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **extra):
         why = None
@@ -131,7 +253,29 @@ def make_helpers(backend, where: str):
                                       "torch.nn.RMSNorm over the head dim")
         return norm(x)
 
-    return sdpa, rms
+    def lnmod(norm, x, shift, scale):
+        if not use_ln:
+            return (1 + scale) * norm(x) + shift
+        if (
+            isinstance(x, torch.Tensor) and _plain_ln(norm, x) and _broadcasts_to(shift, x) and _broadcasts_to(scale, x)
+            and shift.dtype == scale.dtype == x.dtype
+        ):
+            return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
+        handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm + same-dtype modulation")
+        return (1 + scale) * norm(x) + shift
+
+    def gated(x, gate, y):
+        if not use_gated:
+            return x + gate * y
+        if (
+            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(gate, torch.Tensor)
+            and y.shape == x.shape and x.dtype == y.dtype == gate.dtype and _broadcasts_to(gate, x)
+        ):
+            return ops.gated_residual(x, gate, y, backend=backend)
+        handback("gated_residual", backend, f"{where}: shapes or dtypes of x + gate * y differ")
+        return x + gate * y
+
+    return sdpa, rms, lnmod, gated
 
 
 def rewrite_processor_call(original, backend, enabled, where: str):
@@ -149,12 +293,22 @@ def rewrite_processor_call(original, backend, enabled, where: str):
         raise NothingToFuse("decorated or not a plain function: not rewritten")
     tx = _IPCalls(attention="attention" in enabled, norms="rms_norm" in enabled)
     fdef = tx.visit(fdef)
-    if not (tx.sdpa or tx.rms):
-        raise NothingToFuse("no scaled_dot_product_attention or QK-norm call in its source")
+    n_ln = n_gated = 0
+    if "layer_norm_modulate" in enabled:  # the two-statement form first: its second line is an inline form too
+        fdef.body, n_ln = _merge_two_statement_adaln(fdef.body)
+    if {"layer_norm_modulate", "gated_residual"} & enabled:
+        ada = _AdaLN()
+        fdef = ada.visit(fdef)
+        # an excluded op keeps its expression: the helper then computes it as written, counted nowhere
+        n_ln += ada.ln if "layer_norm_modulate" in enabled else 0
+        n_gated = ada.gated if "gated_residual" in enabled else 0
+    if not (tx.sdpa or tx.rms or n_ln or n_gated):
+        raise NothingToFuse("no scaled_dot_product_attention, QK-norm, LayerNorm+modulate or gated-residual "
+                            "expression in its source")
     maker = ast.FunctionDef(
         name="__flux_npu_make",
-        args=ast.arguments(posonlyargs=[], args=[ast.arg(SDPA), ast.arg(RMS)], kwonlyargs=[], kw_defaults=[],
-                           defaults=[]),
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in (SDPA, RMS, LNMOD, GATED)], kwonlyargs=[],
+                           kw_defaults=[], defaults=[]),
         body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
     )
     if "type_params" in ast.FunctionDef._fields:  # Python 3.12+
@@ -165,7 +319,7 @@ def rewrite_processor_call(original, backend, enabled, where: str):
     code = compile(module, inspect.getsourcefile(fn) or "<flux_npu rewrite>", "exec")
     scope: dict = {}
     exec(code, fn.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
-    new = scope["__flux_npu_make"](*make_helpers(backend, where))
+    new = scope["__flux_npu_make"](*make_helpers(backend, where, enabled))
     new.__defaults__ = fn.__defaults__
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
@@ -175,6 +329,10 @@ def rewrite_processor_call(original, backend, enabled, where: str):
         parts.append(f"{tx.sdpa} IP attention call(s) (scaled_dot_product_attention) -> ops.attention")
     if tx.rms:
         parts.append(f"{tx.rms} IP QK norm(s) -> ops.rms_norm")
+    if n_ln:
+        parts.append(f"{n_ln} LayerNorm+modulate -> ops.layer_norm_modulate")
+    if n_gated:
+        parts.append(f"{n_gated} gated residual(s) -> ops.gated_residual")
     new.__flux_npu_what__ = ", ".join(parts) + " (rewritten in its own source; the rest as written)"
     return new
 
@@ -187,14 +345,16 @@ def _build(where):
 
 
 def looks_like_xflux_ip(module) -> bool:
-    """Defines (not imports) IPDoubleStreamBlockProcessor with __call__(self, attn, img, txt, vec, pe, ...)."""
-    cls = vars(module).get("IPDoubleStreamBlockProcessor")
-    return (
-        isinstance(cls, type)
-        and cls.__module__ == module.__name__
-        and "__call__" in cls.__dict__
-        and signature_drift(cls.__dict__["__call__"], CALL_PARAMS["IPDoubleStreamBlockProcessor"]) is None
-    )
+    """Defines (not imports) IPDoubleStreamBlockProcessor or DoubleStreamBlockProcessor with
+    __call__(self, attn, img, txt, vec, pe, ...)."""
+    for name in ("IPDoubleStreamBlockProcessor", "DoubleStreamBlockProcessor"):
+        cls = vars(module).get(name)
+        if (
+            isinstance(cls, type) and cls.__module__ == module.__name__ and "__call__" in cls.__dict__
+            and signature_drift(cls.__dict__["__call__"], DOUBLE_PARAMS) is None
+        ):
+            return True
+    return False
 
 
 register_patch_set(
@@ -204,8 +364,9 @@ register_patch_set(
         recognise=looks_like_xflux_ip,
         describe="x-flux IP-adapter processors",
         specs=[
-            Spec(f"{name}.__call__", _build(f"x-flux {name}"), "IP attention -> ops.attention",
-                 params=CALL_PARAMS[name], ops=("attention", "rms_norm"), optional=True)
+            Spec(f"{name}.__call__", _build(f"x-flux {name}"), "IP attention, IP QK norms, AdaLN -> our ops",
+                 params=CALL_PARAMS[name], ops=("attention", "rms_norm", "layer_norm_modulate", "gated_residual"),
+                 optional=True)
             for name in PROCESSORS
         ],
     )

@@ -14,21 +14,22 @@ from .modules.layers import (
 
 
 class TinyIPFlux(nn.Module):
-    def __init__(self, hidden=32, num_heads=2, context_dim=24, depth=2, single_depth=1, normed_ip=False):
+    def __init__(self, hidden=32, num_heads=2, context_dim=24, depth=2, single_depth=1, normed_ip=False, ip=True):
+        """ip=False keeps the blocks' plain processors (x-flux without an IP adapter)."""
         super().__init__()
         head_dim = hidden // num_heads
         self.pe_embedder = EmbedND(head_dim, 10000, [4, 6, 6])
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, num_heads) for _ in range(depth))
-        for block in self.double_blocks:
+        for block in self.double_blocks if ip else ():
             if normed_ip:
                 block.set_processor(ip_normed.IPDoubleStreamBlockProcessor(context_dim, hidden, head_dim))
             else:
                 block.set_processor(IPDoubleStreamBlockProcessor(context_dim, hidden))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, num_heads) for _ in range(single_depth))
-        for block in self.single_blocks:
+        for block in self.single_blocks if ip else ():
             block.set_processor(IPSingleStreamBlockProcessor(context_dim, hidden))
 
-    def forward(self, img, txt, vec, ids, image_proj, ip_scale=1.0):
+    def forward(self, img, txt, vec, ids, image_proj=None, ip_scale=1.0):
         pe = self.pe_embedder(ids)
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe, image_proj=image_proj, ip_scale=ip_scale)

@@ -77,7 +77,8 @@ class Modulation(nn.Module):
 
 
 def _block_body(attn, img, txt, vec, pe):
-    """The double block as x-flux's processors write it; returns (img, txt, normalised img_q)."""
+    """The double block written once, for the fork in ip_normed.py (whose AdaLN thus stays in a helper
+    function no processor rewrite reaches); returns (img, txt, normalised img_q)."""
     img_mod1, img_mod2 = attn.img_mod(vec)
     txt_mod1, txt_mod2 = attn.txt_mod(vec)
     img_q, img_k, img_v = heads(attn.img_attn.qkv((1 + img_mod1.scale) * attn.img_norm1(img) + img_mod1.shift),
@@ -97,7 +98,23 @@ def _block_body(attn, img, txt, vec, pe):
 
 class DoubleStreamBlockProcessor:
     def __call__(self, attn, img, txt, vec, pe, **attention_kwargs):
-        img, txt, _ = _block_body(attn, img, txt, vec, pe)
+        img_mod1, img_mod2 = attn.img_mod(vec)
+        txt_mod1, txt_mod2 = attn.txt_mod(vec)
+        img_modulated = attn.img_norm1(img)
+        img_modulated = (1 + img_mod1.scale) * img_modulated + img_mod1.shift
+        img_q, img_k, img_v = heads(attn.img_attn.qkv(img_modulated), attn.num_heads, 3)
+        img_q, img_k = attn.img_attn.norm(img_q, img_k, img_v)
+        txt_modulated = attn.txt_norm1(txt)
+        txt_modulated = (1 + txt_mod1.scale) * txt_modulated + txt_mod1.shift
+        txt_q, txt_k, txt_v = heads(attn.txt_attn.qkv(txt_modulated), attn.num_heads, 3)
+        txt_q, txt_k = attn.txt_attn.norm(txt_q, txt_k, txt_v)
+        joint = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2),
+                          pe=pe)
+        txt_out, img_out = joint[:, : txt.shape[1]], joint[:, txt.shape[1]:]
+        img = img + img_mod1.gate * attn.img_attn.proj(img_out)
+        img = img + img_mod2.gate * attn.img_mlp((1 + img_mod2.scale) * attn.img_norm2(img) + img_mod2.shift)
+        txt = txt + txt_mod1.gate * attn.txt_attn.proj(txt_out)
+        txt = txt + txt_mod2.gate * attn.txt_mlp((1 + txt_mod2.scale) * attn.txt_norm2(txt) + txt_mod2.shift)
         return img, txt
 
 
@@ -111,7 +128,25 @@ class IPDoubleStreamBlockProcessor(nn.Module):
         self.ip_adapter_double_stream_v_proj = nn.Linear(context_dim, hidden_dim, bias=True)
 
     def __call__(self, attn, img, txt, vec, pe, image_proj, ip_scale=1.0, **attention_kwargs):
-        img, txt, img_q = _block_body(attn, img, txt, vec, pe)
+        img_mod1, img_mod2 = attn.img_mod(vec)
+        txt_mod1, txt_mod2 = attn.txt_mod(vec)
+        img_modulated = attn.img_norm1(img)
+        img_modulated = (1 + img_mod1.scale) * img_modulated + img_mod1.shift
+        img_q, img_k, img_v = heads(attn.img_attn.qkv(img_modulated), attn.num_heads, 3)
+        img_q, img_k = attn.img_attn.norm(img_q, img_k, img_v)
+        txt_modulated = attn.txt_norm1(txt)
+        txt_modulated = (1 + txt_mod1.scale) * txt_modulated + txt_mod1.shift
+        txt_q, txt_k, txt_v = heads(attn.txt_attn.qkv(txt_modulated), attn.num_heads, 3)
+        txt_q, txt_k = attn.txt_attn.norm(txt_q, txt_k, txt_v)
+        joint = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2),
+                          pe=pe)
+        txt_out, img_out = joint[:, : txt.shape[1]], joint[:, txt.shape[1]:]
+        img = img + img_mod1.gate * attn.img_attn.proj(img_out)
+        img = img + img_mod2.gate * attn.img_mlp((1 + img_mod2.scale) * attn.img_norm2(img) + img_mod2.shift)
+        txt = txt + txt_mod1.gate * attn.txt_attn.proj(txt_out)
+        txt = txt + txt_mod2.gate * attn.txt_mlp((1 + txt_mod2.scale) * attn.txt_norm2(txt) + txt_mod2.shift)
+
+        # the image-prompt branch: the normalised image queries (before RoPE) over the prompt tokens
         ip_key = heads(self.ip_adapter_double_stream_k_proj(image_proj), attn.num_heads, 1)
         ip_value = heads(self.ip_adapter_double_stream_v_proj(image_proj), attn.num_heads, 1)
         ip_out = F.scaled_dot_product_attention(img_q, ip_key, ip_value, dropout_p=0.0, is_causal=False)
@@ -142,20 +177,16 @@ class DoubleStreamBlock(nn.Module):
         return self.processor(self, img, txt, vec, pe, image_proj, ip_scale)
 
 
-def _single_body(attn, x, vec, pe):
-    """The single block up to its attention: (modulation, normalised q, attention output, mlp input)."""
-    mod, _ = attn.modulation(vec)
-    qkv, mlp = torch.split(attn.linear1((1 + mod.scale) * attn.pre_norm(x) + mod.shift),
-                           [3 * attn.hidden_size, attn.mlp_hidden_dim], dim=-1)
-    q, k, v = heads(qkv, attn.num_heads, 3)
-    q, k = attn.norm(q, k, v)
-    return mod, q, attention(q, k, v, pe=pe), mlp
-
-
 class SingleStreamBlockProcessor:
     def __call__(self, attn, x, vec, pe):
-        mod, _, out, mlp = _single_body(attn, x, vec, pe)
-        return x + mod.gate * attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2))
+        mod, _ = attn.modulation(vec)
+        x_mod = (1 + mod.scale) * attn.pre_norm(x) + mod.shift
+        qkv, mlp = torch.split(attn.linear1(x_mod), [3 * attn.hidden_size, attn.mlp_hidden_dim], dim=-1)
+        q, k, v = heads(qkv, attn.num_heads, 3)
+        q, k = attn.norm(q, k, v)
+        out = attention(q, k, v, pe=pe)
+        output = attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2))
+        return x + mod.gate * output
 
 
 class IPSingleStreamBlockProcessor(nn.Module):
@@ -168,12 +199,18 @@ class IPSingleStreamBlockProcessor(nn.Module):
         self.ip_adapter_single_stream_v_proj = nn.Linear(context_dim, hidden_dim, bias=False)
 
     def __call__(self, attn, x, vec, pe, image_proj=None, ip_scale=1.0):
-        mod, q, out, mlp = _single_body(attn, x, vec, pe)
+        mod, _ = attn.modulation(vec)
+        x_mod = (1 + mod.scale) * attn.pre_norm(x) + mod.shift
+        qkv, mlp = torch.split(attn.linear1(x_mod), [3 * attn.hidden_size, attn.mlp_hidden_dim], dim=-1)
+        q, k, v = heads(qkv, attn.num_heads, 3)
+        q, k = attn.norm(q, k, v)
+        out = attention(q, k, v, pe=pe)
         ip_key = heads(self.ip_adapter_single_stream_k_proj(image_proj), attn.num_heads, 1)
         ip_value = heads(self.ip_adapter_single_stream_v_proj(image_proj), attn.num_heads, 1)
         ip_out = F.scaled_dot_product_attention(q, ip_key, ip_value)
         out = out + ip_scale * ip_out.transpose(1, 2).flatten(2)
-        return x + mod.gate * attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2))
+        output = attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2))
+        return x + mod.gate * output
 
 
 class SingleStreamBlock(nn.Module):
