@@ -310,3 +310,32 @@ def test_emulated_npu_calls_fused_attention_for_the_ip_branch(layout, npu_emulat
     name = npu_emulated.name
     assert _served(stats, "attention", name) == 2 * BLOCKS, stats["served"]
     assert (_served(stats, "layer_norm_modulate", name), _served(stats, "gated_residual", name)) == (ADALN, GATED)
+
+
+def _toy_processor(self, attn, x, shift, scale, gate, y):
+    h = (1 + scale) * attn.norm(x) + shift
+    return h + gate * y, attn.q_norm(x)
+
+
+def test_expressions_the_ops_cannot_take_are_computed_as_written_and_counted():
+    """An affine LayerNorm, a QK norm that is no RMSNorm and a gate of another dtype: each helper
+    computes the original expression and counts a hand-back with its reason."""
+    from flux_npu.patches.xflux_ip import rewrite_processor_call
+
+    g = torch.Generator().manual_seed(13)
+    attn = types.SimpleNamespace(norm=torch.nn.LayerNorm(8), q_norm=torch.nn.LayerNorm(8))
+    with torch.no_grad():
+        attn.norm.weight.normal_(generator=g)
+    x, shift, scale, y = (torch.randn(2, 3, 8, generator=g) for _ in range(4))
+    gate = torch.randn(2, 1, 8, generator=g, dtype=torch.float64)
+    backend = flux_npu.get_backend("cpu")
+    fn = rewrite_processor_call(_toy_processor, backend, frozenset(engine.OP_NAMES), "toy")
+    assert "1 IP QK norm(s)" in fn.__flux_npu_what__ and "1 LayerNorm+modulate" in fn.__flux_npu_what__
+    ops.reset_dispatch_stats()
+    out, qn = fn(None, attn, x, shift, scale, gate, y)
+    stats = ops.dispatch_stats()
+    ref, ref_qn = _toy_processor(None, attn, x, shift, scale, gate, y)
+    assert torch.equal(out, ref) and torch.equal(qn, ref_qn)
+    assert not stats["served"], stats["served"]
+    assert sorted(op for (op, _, _), n in stats["fallback"].items() if n == 1) == [
+        "gated_residual", "layer_norm_modulate", "rms_norm"], stats["fallback"]
