@@ -115,7 +115,8 @@ def test_fused_residual_hands_each_half_back_on_its_own(blocks):
 
 
 def test_rewrite_shapes_of_the_fusion():
-    """Both Flux spellings become one `h, n = _adares(...)`; a norm whose shift reads h is not fused."""
+    """Both Flux spellings become one `h, n = _adares(...)`; a norm whose shift reads h, or that runs
+    only on one branch, is not fused."""
     def diffusers_like(self, h, a, gate, sh, sc):
         a = gate * a
         h = h + a
@@ -132,12 +133,18 @@ def test_rewrite_shapes_of_the_fusion():
         h = h + gate * a
         return (1 + sc) * self.norm2(h) + h
 
+    def norm_only_sometimes(self, h, a, gate, sh, sc, cond):
+        h = h + gate * a
+        return ((1 + sc) * self.norm2(h) + sh) if cond else h
+
     b, on = flux_npu.get_backend("cpu"), frozenset(engine.OP_NAMES)
     assert rewrite_function(diffusers_like, b, on, "t").__flux_npu_what__.startswith(
         "1 gated residual + LayerNorm+modulate -> ops.adaln_residual (")
     assert rewrite_function(bfl_like, b, on, "t").__flux_npu_what__.startswith(
         "1 gated residual + LayerNorm+modulate -> ops.adaln_residual, 1 gated residual(s)")
     what = rewrite_function(shift_reads_h, b, on, "t").__flux_npu_what__
+    assert "adaln_residual" not in what and "1 gated residual(s)" in what and "1 LayerNorm+modulate" in what
+    what = rewrite_function(norm_only_sometimes, b, on, "t").__flux_npu_what__  # the norm may not run
     assert "adaln_residual" not in what and "1 gated residual(s)" in what and "1 LayerNorm+modulate" in what
     # with either half excluded nothing is fused
     assert "adaln_residual" not in rewrite_function(bfl_like, b, on - {"gated_residual"}, "t").__flux_npu_what__

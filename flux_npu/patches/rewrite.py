@@ -209,6 +209,21 @@ def _helper_call(node, name):
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
 
 
+# statements whose expressions always run, in full, once
+_SIMPLE = (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr, ast.Return)
+# expressions whose parts may run conditionally, more than once, or in another scope
+_CONDITIONAL = (ast.IfExp, ast.BoolOp, ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _unconditional(node):
+    """The nodes below `node` that run whenever it runs (not inside a conditional, lambda or comprehension)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _CONDITIONAL):
+            continue
+        yield child
+        yield from _unconditional(child)
+
+
 def _fuse_adaln_residual(body, counts):
     """`H = _gated(X, G, Y)` then a statement holding `_lnmod(N, H, T, S)` -> `H, V = _adares(N, X,
     G, Y, T, S)` and that statement with the _lnmod call replaced by V (recursing into blocks)."""
@@ -220,8 +235,8 @@ def _fuse_adaln_residual(body, counts):
                 setattr(s, field, _fuse_adaln_residual(getattr(s, field), counts))
         h = _single_target(s)
         nxt = body[i + 1] if i + 1 < len(body) else None
-        if h is not None and nxt is not None and _helper_call(s.value, GATED):
-            ln = next((n for n in ast.walk(nxt) if _helper_call(n, LN) and isinstance(n.args[1], ast.Name)
+        if h is not None and isinstance(nxt, _SIMPLE) and _helper_call(s.value, GATED):
+            ln = next((n for n in _unconditional(nxt) if _helper_call(n, LN) and isinstance(n.args[1], ast.Name)
                        and n.args[1].id == h), None)
             if ln is not None and not _loads([ln.args[0], ln.args[2], ln.args[3]], h):
                 v = _single_target(nxt) if nxt.value is ln else None
