@@ -339,3 +339,16 @@ def test_expressions_the_ops_cannot_take_are_computed_as_written_and_counted():
     assert not stats["served"], stats["served"]
     assert sorted(op for (op, _, _), n in stats["fallback"].items() if n == 1) == [
         "gated_residual", "layer_norm_modulate", "rms_norm"], stats["fallback"]
+
+
+def test_patch_module_reaches_the_processors_of_a_package_under_another_name(layout):
+    model = _model(layout)
+    inputs = _inputs(seed=15)
+    stock = _run(model, inputs)
+    engine.reset_routes()
+    with flux_npu.patch_module(layout, backend="cpu") as handle:
+        rows = {r.symbol: r.status for r in handle.report() if r.target == "xflux_layout.modules.layers"}
+        assert rows["IPDoubleStreamBlockProcessor.__call__"] == rows["DoubleStreamBlockProcessor.__call__"] == "patched"
+        patched = _run(model, inputs)
+        assert (engine.routes().get(IP_ROUTE), engine.routes().get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE)
+    _check_fp32(patched, stock)

@@ -26,9 +26,10 @@ could swap, so the processor's `__call__` is rewritten in its own source, only a
   output promoted with the scale's dtype, as BFL's RMSNorm returns) and for torch.nn.RMSNorm,
   else the norm itself with a counted hand-back.
 
-The layout is recognised by name (`*flux.modules.layers`) or by structure: a module that defines
-`IPDoubleStreamBlockProcessor` or `DoubleStreamBlockProcessor` with
-`__call__(self, attn, img, txt, vec, pe, ...)`. The rewritten
+The layout is recognised by structure (x-flux's `flux.modules.layers` included): a module that
+defines `DoubleStreamBlockProcessor` with `__call__(self, attn, img, txt, vec, pe, ...)` gets all
+four processors patched, one that defines only `IPDoubleStreamBlockProcessor` (a fork keeping its
+IP processors apart) the IP ones. `patch_module(pkg)` reaches `pkg.modules.layers` too. The rewritten
 function is compiled against the module's live globals, with its file and line numbers.
 `IPSingleStreamBlockProcessor` (defined by some forks, same idea) is served when present.
 """
@@ -43,7 +44,7 @@ import textwrap
 import torch
 
 from .. import ops
-from .engine import PatchSet, Spec, handback, note_route, register_patch_set, signature_drift, suffix_pattern
+from .engine import PatchSet, Spec, handback, note_route, register_patch_set, signature_drift
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 SDPA = "__flux_npu_ip_sdpa"
@@ -344,30 +345,40 @@ def _build(where):
     return build
 
 
-def looks_like_xflux_ip(module) -> bool:
-    """Defines (not imports) IPDoubleStreamBlockProcessor or DoubleStreamBlockProcessor with
-    __call__(self, attn, img, txt, vec, pe, ...)."""
-    for name in ("IPDoubleStreamBlockProcessor", "DoubleStreamBlockProcessor"):
-        cls = vars(module).get(name)
-        if (
-            isinstance(cls, type) and cls.__module__ == module.__name__ and "__call__" in cls.__dict__
-            and signature_drift(cls.__dict__["__call__"], DOUBLE_PARAMS) is None
-        ):
-            return True
-    return False
-
-
-register_patch_set(
-    PatchSet(
-        target="bfl",
-        matches=suffix_pattern("flux.modules.layers"),
-        recognise=looks_like_xflux_ip,
-        describe="x-flux IP-adapter processors",
-        specs=[
-            Spec(f"{name}.__call__", _build(f"x-flux {name}"), "IP attention, IP QK norms, AdaLN -> our ops",
-                 params=CALL_PARAMS[name], ops=("attention", "rms_norm", "layer_norm_modulate", "gated_residual"),
-                 optional=True)
-            for name in PROCESSORS
-        ],
+def _defines_processor(module, name) -> bool:
+    cls = vars(module).get(name)
+    return (
+        isinstance(cls, type) and cls.__module__ == module.__name__ and "__call__" in cls.__dict__
+        and signature_drift(cls.__dict__["__call__"], DOUBLE_PARAMS) is None
     )
-)
+
+
+def looks_like_xflux_layers(module) -> bool:
+    """x-flux's layers module (or a fork of it): defines DoubleStreamBlockProcessor with
+    __call__(self, attn, img, txt, vec, pe, ...)."""
+    return _defines_processor(module, "DoubleStreamBlockProcessor")
+
+
+def looks_like_ip_only(module) -> bool:
+    """A module of IP processors alone (a fork keeping them apart from the layers)."""
+    return _defines_processor(module, "IPDoubleStreamBlockProcessor") and not looks_like_xflux_layers(module)
+
+
+def _specs(names, required):
+    # `required` is the symbol recognition relies on: not optional, so patch_module() (which applies
+    # a set to a module holding one of its non-optional symbols) finds the module too
+    return [Spec(f"{name}.__call__", _build(f"x-flux {name}"), "IP attention, IP QK norms, AdaLN -> our ops",
+                 params=CALL_PARAMS[name], ops=("attention", "rms_norm", "layer_norm_modulate", "gated_residual"),
+                 optional=name != required)
+            for name in names]
+
+
+# by structure only (x-flux's own `flux.modules.layers` is found so too): a name match would also
+# hit the reference BFL layers module, which has no processors
+register_patch_set(PatchSet(target="bfl", matches=lambda name: False, recognise=looks_like_xflux_layers,
+                            describe="x-flux block processors", specs=_specs(PROCESSORS, "DoubleStreamBlockProcessor")))
+register_patch_set(PatchSet(target="bfl", matches=lambda name: False, recognise=looks_like_ip_only,
+                            describe="x-flux IP-adapter processors",
+                            # all optional: patch_module() (which ignores recognition) must not apply this
+                            # set to a layers module as well, where the first set already patched them
+                            specs=_specs(PROCESSORS[:2], None)))
