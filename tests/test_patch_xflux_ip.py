@@ -352,3 +352,23 @@ def test_patch_module_reaches_the_processors_of_a_package_under_another_name(lay
         patched = _run(model, inputs)
         assert (engine.routes().get(IP_ROUTE), engine.routes().get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE)
     _check_fp32(patched, stock)
+
+
+def test_imported_after_patch_is_hooked_by_structure():
+    """`import flux_npu.auto` style: patch() first, x-flux imported later under any name."""
+    path = os.path.join(HERE, "xflux_model")
+    handle = flux_npu.patch(backend="cpu", targets=["bfl"], lazy=True)
+    sys.path.insert(0, path)
+    try:
+        import xflux_layout.model
+
+        rows = {(r.symbol, r.status) for r in handle.report() if r.target == "xflux_layout.modules.layers"}
+        assert ("IPDoubleStreamBlockProcessor.__call__", "patched") in rows, rows
+        assert ("DoubleStreamBlockProcessor.__call__", "patched") in rows, rows
+        engine.reset_routes()
+        _run(_model(xflux_layout), _inputs())
+        assert (engine.routes().get(IP_ROUTE), engine.routes().get(IP_SINGLE_ROUTE)) == (DEPTH, SINGLE)
+    finally:
+        handle.undo()
+        sys.path.remove(path)
+        _forget()
