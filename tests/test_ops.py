@@ -168,6 +168,44 @@ def test_gated_residual(dtype, seed):
     _check_fwd_bwd(lambda x, g, y: ops.gated_residual(x, g, y), reference.gated_residual, [x, g, y], dtype, scale=2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mod_shape", [(2, 1, 48), (48,)], ids=["B1D", "D"])
+def test_adaln_residual_composes_the_cpu_kernels(dtype, mod_shape, seed):
+    """h and n against the float64 references composed, forward and every gradient; the cpu
+    backend serves it with its own gated_residual and layer_norm_modulate kernels (counted)."""
+    x, y = torch.randn(2, 7, 48) * 2, torch.randn(2, 7, 48)
+    gate, shift, scale = torch.randn(mod_shape), torch.randn(mod_shape) * 0.5, torch.randn(mod_shape) * 0.5
+    low = [_leaf(t, dtype) for t in (x, gate, y, shift, scale)]
+    high = [_leaf(t, torch.float64) for t in (x, gate, y, shift, scale)]
+    ops.reset_dispatch_stats()
+    h, n = ops.adaln_residual(*low, 1e-6)
+    served = ops.dispatch_stats()["served"]
+    rh, rn = reference.adaln_residual(*high, 1e-6)
+    assert h.dtype == n.dtype == dtype
+    assert_close(h, rh, dtype, what="h")
+    assert_close(n, rn, dtype, 2.0, what="n")
+    gh, gn = torch.randn_like(rh), torch.randn_like(rn)  # both outputs carry gradient, as in a block
+    ((h * gh.to(dtype)).sum() + (n * gn.to(dtype)).sum()).backward()
+    ((rh * gh).sum() + (rn * gn).sum()).backward()
+    for name, a, b in zip(("x", "gate", "y", "shift", "scale"), low, high):
+        assert_close(a.grad, b.grad, dtype, 2.0, f"grad {name}")
+    assert served[("adaln_residual", "cpu", "composed(gated_residual, layer_norm_modulate)")] == 1
+    assert served[("gated_residual", "cpu", "torch.addcmul")] == 1
+    assert served[("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 1
+
+
+def test_adaln_residual_reference_is_the_unfused_flux_code(seed):
+    """The reference against diffusers' two statements, float64 (h is what the norm reads)."""
+    norm = torch.nn.LayerNorm(40, elementwise_affine=False, eps=1e-6, dtype=torch.float64)
+    x, a = torch.randn(2, 6, 40, dtype=torch.float64), torch.randn(2, 6, 40, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(2, 40, dtype=torch.float64) for _ in range(3))
+    h = x + gate[:, None] * a
+    n = norm(h) * (1 + scale[:, None]) + shift[:, None]
+    rh, rn = reference.adaln_residual(x, gate[:, None], a, shift[:, None], scale[:, None], 1e-6)
+    assert_close(rh, h, torch.float64, what="h")
+    assert_close(rn, n, torch.float64, what="n")
+
+
 class _RecordDtypes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -198,6 +236,13 @@ def test_rope_freqs_without_float64_and_its_precision(seed):
     assert torch.float64 in rec.dtypes  # the cpu backend keeps the BFL float64 maths
 
 
+def _adaln_args(**change):
+    args = dict(x=torch.randn(2, 5, 8), gate=torch.randn(2, 1, 8), y=torch.randn(2, 5, 8), shift=torch.randn(2, 1, 8),
+                scale=torch.randn(2, 1, 8))
+    args.update(change)
+    return tuple(args.values())
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -215,6 +260,11 @@ def test_rope_freqs_without_float64_and_its_precision(seed):
         (lambda: ops.layer_norm_modulate(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.randn(2, 1, 8)), "does not broadcast"),
         (lambda: ops.rope_freqs(torch.arange(4.0), 7), "positive even"),
         (lambda: ops.gated_residual(torch.randn(2, 3), torch.randn(2, 1), torch.randn(2, 4)), "must have x's shape"),
+        (lambda: ops.adaln_residual(*_adaln_args(y=torch.randn(2, 3, 4))), "adaln_residual: y .* must have x's shape"),
+        (lambda: ops.adaln_residual(*_adaln_args(gate=torch.randn(2, 5, 1, 8))), "adaln_residual: gate .* broadcast"),
+        (lambda: ops.adaln_residual(*_adaln_args(shift=torch.randn(3, 1, 8))), "adaln_residual: shift .* does not"),
+        (lambda: ops.adaln_residual(*_adaln_args(), eps=-1.0), "adaln_residual: eps must be"),
+        (lambda: ops.adaln_residual(*_adaln_args(scale=torch.ones(2, 1, 8, dtype=torch.int32))), "torch.int32"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
