@@ -1,7 +1,8 @@
-"""The fused gated residual + AdaLN Triton kernel (`kernels/cuda/adaln_residual.py`, not yet in the
-op table) against the float64 composition of the two references, forward and backward, on the
-`device` fixture (CUDA when present, else the interpreter), with NaN-poisoned buffers. Its custom
-ops are opchecked with the others (test_triton_kernels.py's op-case table)."""
+"""The fused gated residual + AdaLN Triton kernel (`kernels/cuda/adaln_residual.py`, the cuda
+kernel of ops.adaln_residual) against the float64 composition of the two references, forward and
+backward, on the `device` fixture (CUDA when present, else the interpreter), with NaN-poisoned
+buffers, directly and through the public op. Its custom ops are opchecked with the others
+(test_triton_kernels.py's op-case table)."""
 
 import zlib
 
@@ -76,3 +77,31 @@ def test_adaln_residual_rejects_other_broadcasts(device):
         AR.adaln_residual(x, torch.randn(1, 5, 16).to(device), x, m, m)
     with pytest.raises(ValueError, match="must have x's shape"):
         AR.adaln_residual(x, m, x[:, :1], m, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_public_op_is_served_by_the_triton_kernel(dtype, device):
+    """ops.adaln_residual on the cuda backend (its code path on CPU tensors without a GPU): the
+    Triton kernel serves (counted, no fallback), and a broadcast it does not take is served by the
+    reference with the kernel's reason, both against the float64 references."""
+    from flux_npu import ops
+    from flux_npu.backends import cuda as cuda_backend
+
+    backend = cuda_backend.BACKEND if device.type == "cuda" else cuda_backend.BACKEND.with_device_type("cpu")
+    torch.manual_seed(zlib.crc32(repr(("public", dtype)).encode()))
+    x, y = (torch.randn(2, 9, 64, dtype=dtype).to(device) for _ in range(2))
+    for gate_shape, kernel in (((2, 1, 64), "triton.adaln_residual"), ((1, 9, 64), "reference")):
+        gate = torch.randn(gate_shape, dtype=dtype).to(device)
+        shift, scale = (torch.randn(2, 1, 64, dtype=dtype).to(device) * 0.5 for _ in range(2))
+        ops.reset_dispatch_stats()
+        h, n = ops.adaln_residual(x, gate, y, shift, scale, 1e-6, backend=backend)
+        stats = ops.dispatch_stats()
+        assert stats["served"][("adaln_residual", "cuda", kernel)] == 1, stats["served"]
+        reasons = [r for (op, _, r) in stats["fallback"] if op == "adaln_residual"]
+        if kernel == "reference":
+            assert len(reasons) == 1 and "same leading dims" in reasons[0], reasons
+        else:
+            assert not reasons, reasons
+        rh, rn = reference.adaln_residual(*(t.cpu().double() for t in (x, gate, y, shift, scale)), 1e-6)
+        assert_close(h, rh, dtype, what=f"h ({kernel})")
+        assert_close(n, rn, dtype, what=f"n ({kernel})")
