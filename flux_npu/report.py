@@ -44,7 +44,10 @@ def sample_inputs(op: str, shape: dict, dtype=torch.bfloat16, device="meta"):
     if op == "qk_norm_rope":
         cs = (t(S, D, dt=torch.float32), t(S, D, dt=torch.float32))
         return (t(B, S, H, D), t(B, S, H, D), t(D), t(D), cs, 1e-6, 1)
-    raise ValueError(op)
+    if op == "adaln_residual":
+        m = t(B, 1, hidden)
+        return (t(B, S, hidden), m, t(B, S, hidden), m, m, 1e-6)
+    raise ValueError(f"no sample inputs for op {op!r}: add them to flux_npu.report.sample_inputs")
 
 
 def op_routing(backend, dtype=torch.bfloat16) -> List[tuple]:

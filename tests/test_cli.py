@@ -82,3 +82,16 @@ def test_help_states_the_conventions_and_exit_codes(capsys):
         assert exc.code == 0
     out = capsys.readouterr().out
     assert "-o/--output" in out and "Exit status" in out
+
+
+def test_info_routing_covers_every_op_on_every_backend():
+    """Every op of the catalogue gets representative inputs in the report; no kernel check crashes on them."""
+    from flux_npu.backends import cpu, cuda, npu
+    from flux_npu.ops import registry
+    from flux_npu.report import op_routing
+
+    for backend in (cpu.BACKEND, cuda.BACKEND, npu.BACKEND):
+        rows = op_routing(backend)
+        assert {op for op, *_ in rows} == set(registry.OPS), backend.name
+        broken = [(op, preset, why) for op, preset, _, why in rows if "check failed" in why]
+        assert not broken, f"{backend.name}: {broken}"
