@@ -45,6 +45,7 @@ import torch
 
 from .. import ops
 from .engine import PatchSet, Spec, handback, note_route, register_patch_set, signature_drift
+from .rewrite import NothingToFuse, _broadcasts_to, _call, _gated, _modulated, _plain_ln, _single_target
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 SDPA = "__flux_npu_ip_sdpa"
@@ -57,12 +58,6 @@ PROCESSORS = ("IPDoubleStreamBlockProcessor", "IPSingleStreamBlockProcessor", "D
               "SingleStreamBlockProcessor")
 DOUBLE_PARAMS, SINGLE_PARAMS = ("self", "attn", "img", "txt", "vec", "pe"), ("self", "attn", "x", "vec", "pe")
 CALL_PARAMS = {name: DOUBLE_PARAMS if "Double" in name else SINGLE_PARAMS for name in PROCESSORS}
-
-
-class NothingToFuse(Exception):
-    """No call we route in the processor's source. The engine reports an exception of this name as
-    a skipped row ("nothing to fuse"), as for rewrite.py's block forwards; defined here so this
-    module does not depend on rewrite.py."""
 
 
 class _IPCalls(ast.NodeTransformer):
@@ -91,15 +86,6 @@ class _IPCalls(ast.NodeTransformer):
         return node
 
 
-def _one_plus(node):
-    """`1 + S` (or `S + 1`) -> S, else None."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        for a, b in ((node.left, node.right), (node.right, node.left)):
-            if isinstance(a, ast.Constant) and a.value == 1:
-                return b
-    return None
-
-
 def _norm_call(node):
     """`attn.N(X)` (any plain name before the dot: x-flux processors call the block `attn`) ->
     (the `attn.N` node, X), else None."""
@@ -109,24 +95,6 @@ def _norm_call(node):
     ):
         return node.func, node.args[0]
     return None
-
-
-def _modulated(node, inner):
-    """`(1 + S) * A + T` or `A * (1 + S) + T` with inner(A) -> (A, S, T), else None."""
-    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)):
-        return None
-    mul, shift = node.left, node.right
-    if not (isinstance(mul, ast.BinOp) and isinstance(mul.op, ast.Mult)):
-        return None
-    for a, b in ((mul.left, mul.right), (mul.right, mul.left)):
-        scale = _one_plus(a)
-        if scale is not None and inner(b):
-            return b, scale, shift
-    return None
-
-
-def _call(name, *args):
-    return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=list(args), keywords=[])
 
 
 class _AdaLN(ast.NodeTransformer):
@@ -143,18 +111,11 @@ class _AdaLN(ast.NodeTransformer):
             norm, x = _norm_call(hit[0])
             self.ln += 1
             return ast.copy_location(_call(LNMOD, norm, x, hit[2], hit[1]), node)
-        if isinstance(node.op, ast.Add) and isinstance(node.right, ast.BinOp) and isinstance(node.right.op, ast.Mult):
-            gate = node.right.left
-            if "gate" in ast.unparse(gate).lower():
-                self.gated += 1
-                return ast.copy_location(_call(GATED, node.left, gate, node.right.right), node)
+        hit = _gated(node)
+        if hit is not None:
+            self.gated += 1
+            return ast.copy_location(_call(GATED, *hit), node)
         return node
-
-
-def _single_target(stmt):
-    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-        return stmt.targets[0].id
-    return None
 
 
 def _merge_two_statement_adaln(body):
@@ -178,22 +139,6 @@ def _merge_two_statement_adaln(body):
         out.append(s)
         i += 1
     return out, n
-
-
-def _plain_ln(norm, x) -> bool:
-    return (
-        type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None
-        and tuple(norm.normalized_shape) == (x.shape[-1],)
-    )
-
-
-def _broadcasts_to(t, x) -> bool:
-    if not isinstance(t, torch.Tensor) or t.dim() > x.dim() or t.shape[-1] != x.shape[-1]:
-        return False
-    try:
-        return torch.broadcast_shapes(t.shape, x.shape) == x.shape
-    except RuntimeError:
-        return False
 
 
 def _bfl_rms_scale(norm, x):
