@@ -70,9 +70,18 @@ def cases(backend):
                                 lambda: ops.layer_norm_modulate(x3, shift[:, None], scale[:, None], 1e-6,
                                                                 backend=backend)),
         "gated_residual": (lambda: x3 + gate * y, lambda: ops.gated_residual(x3, gate, y, backend=backend)),
+        # the diffusers double block's `h = h + gate * attn; n = norm2(h) * (1 + scale) + shift`
+        "adaln_residual": (lambda: _adaln_residual_stock(ln, x3, gate, y, shift[:, None], scale[:, None]),
+                           lambda: ops.adaln_residual(x3, gate, y, shift[:, None], scale[:, None], 1e-6,
+                                                      backend=backend)),
         "attention": (lambda: dispatch_attention_fn(q, k, v),
                       lambda: ops.attention(q, k, v, layout="BSHD", backend=backend)),
     }
+
+
+def _adaln_residual_stock(ln, x, gate, y, shift, scale):
+    h = x + gate * y
+    return h, ln(h) * (1 + scale) + shift
 
 
 def _close(a, b):
