@@ -56,7 +56,9 @@ def test_rows_report_device_time_and_latency_separately(tmp_path, capsys):
     for r in (r for r in timed if r["op"] == "gated_residual"):
         # bandwidth and % of copy are derived from device time, never from latency
         assert r["gbps"] == pytest.approx(case.nbytes / (r["device_us"] * 1e-6) / 1e9)
-        assert r["copy_fraction"] == pytest.approx(r["gbps"] / env["copy_bandwidth_gbps"])
+        assert r["copy_fraction"] == pytest.approx(r["gbps"] / r["copy_gbps"])
+        # on CPU (no cache flush) the copy moves the row's own bytes, so cache residency is alike
+        assert r["copy_gbps"] != pytest.approx(env["copy_bandwidth_gbps"])
     stock = next(r for r in timed if r["op"] == "rms_norm" and r["impl"] == "stock")
     patched = next(r for r in timed if r["op"] == "rms_norm" and r["impl"] == "patched")
     assert patched["speedup_vs_stock"] == pytest.approx(stock["device_us"] / patched["device_us"])

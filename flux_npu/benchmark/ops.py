@@ -19,8 +19,10 @@ median with its interquartile range over --repeats measurements, implementations
   of many calls between two synchronisations divided by the count (on CUDA
   `triton.testing.do_bench`, which also flushes the L2 cache between calls). Bandwidth (GB/s:
   the minimum bytes an op must move, inputs read once and outputs written once, over the device
-  time), "% of copy" (against a `copy_` of a large buffer timed the same way in the same run)
-  and "vs stock" come from it.
+  time), "% of copy" (against a `copy_` timed the same way in the same run: of a large buffer on
+  CUDA/NPU, where the L2 is flushed between calls; on CPU, where nothing flushes the caches, of
+  the same number of bytes as the op moves, so both are equally cache-resident) and "vs stock"
+  come from it.
 - latency: one call from the host with a synchronisation after it (the backend's timer: CUDA/NPU
   events, wall clock on CPU), i.e. launch and host overhead included.
 """
@@ -57,6 +59,7 @@ OPS = (
     "qk_norm_rope",
     "layer_norm_modulate",
     "gated_residual",
+    "adaln_residual",
     "attention",
     "rope_freqs/bfl",
 )
@@ -93,6 +96,7 @@ class Row:
     latency_q3_us: Optional[float] = None
     gbps: Optional[float] = None
     copy_fraction: Optional[float] = None
+    copy_gbps: Optional[float] = None  # the copy bandwidth copy_fraction is relative to
     speedup_vs_stock: Optional[float] = None
     rel_err: Optional[float] = None
     status: str = "ok"
@@ -267,6 +271,21 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
                      "patched": lambda: ops.gated_residual(x, gate.unsqueeze(1), y, backend=backend)},
                     lambda: reference.gated_residual(x, gate.unsqueeze(1), y), dtype, 3 * _nbytes(x) + _nbytes(gate),
                     compile_target=stock_fn)
+    if op == "adaln_residual":
+        x, y = rnd(B, S, hidden), rnd(B, S, hidden)
+        gate, shift, scale = (rnd(B, 1, hidden, scale=0.1) for _ in range(3))
+        norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+
+        def stock_fn():  # diffusers FluxTransformerBlock: residual, then norm2 and the MLP modulation
+            h = x + gate * y
+            return h, norm(h) * (1 + scale) + shift
+
+        return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
+                    {"stock": stock_fn,
+                     "patched": lambda: ops.adaln_residual(x, gate, y, shift, scale, 1e-6, backend=backend)},
+                    lambda: reference.adaln_residual(x, gate, y, shift, scale, 1e-6), dtype,
+                    4 * _nbytes(x) + 3 * _nbytes(gate), compile_target=stock_fn,
+                    note="gated residual + norm2 modulate of a double block")
     if op == "attention":
         q, k, v = (rnd(B, S, H, D) for _ in range(3))
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -394,6 +413,9 @@ def time_fn(fn, utils, warmup: int, repeats: int) -> float:
     return statistics.median(latency_times({"fn": fn}, utils, warmup, repeats)["fn"])
 
 
+CPU_COPY_NOTE = " (large buffer; on CPU each row's % copy is against a copy of the bytes it moves)"
+
+
 def copy_bandwidth(device, utils, nbytes: int, warmup: int = 2, repeats: int = 5) -> float:
     """Device copy bandwidth in bytes/s from device time: a `copy_` reads and writes nbytes each."""
     n = nbytes // 4
@@ -433,6 +455,9 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
     lat = latency_times(timed, utils, warmup, repeats) if timed else {}
     dev = device_times(timed, utils, device_type, repeats) if timed else {}
     stock_dev = statistics.median(dev["stock"]) if "stock" in dev else None
+    if device_type == "cpu" and dev:
+        # no cache flush on CPU: compare with a copy that moves the same bytes (read + write)
+        copy_bw = copy_bandwidth("cpu", utils, max(case.nbytes // 2, 4096), warmup, max(repeats, 5))
     for row in rows:
         if row.impl not in dev:
             continue
@@ -441,6 +466,7 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
         row.latency_q1_us, row.latency_us, row.latency_q3_us = (x * 1e6 for x in _quartiles(lat[row.impl]))
         row.gbps = case.nbytes / (t / 1e6) / 1e9
         row.copy_fraction = case.nbytes / (t / 1e6) / copy_bw if copy_bw else None
+        row.copy_gbps = copy_bw / 1e9 if copy_bw else None
         if stock_dev:
             row.speedup_vs_stock = stock_dev * 1e6 / t
     return rows
@@ -564,7 +590,7 @@ def run(args) -> int:
         progress.close()
     print(f"flux-npu bench ops: backend {env['backend']} on {env['device']}, {env['date_utc']} UTC, "
           f"torch {env['versions'].get('torch')}, {env['torch_threads']} threads; "
-          f"copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; "
+          f"copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s{CPU_COPY_NOTE if on_cpu else ''}; "
           f"median and IQR of {repeats} after {warmup} warm-up", file=out)
     print(f"device time: {env['device_time']} (GB/s, % copy and vs stock come from it); "
           f"latency: {env['latency']}", file=out)
