@@ -780,7 +780,7 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                            f"{what} on {count} instance(s)" if count else f"no {owner.__name__} in the model")
 
 
-def _instances_of(model, cls) -> List[Any]:
+def _instances_of(model, cls) -> list:
     """Objects of exactly `cls` in the model: its modules and their attention `processor`s."""
     found, seen = [], set()
     for sub in model.modules():
