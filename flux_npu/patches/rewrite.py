@@ -112,20 +112,24 @@ def _call(name, *args):
 
 
 class _Expressions(ast.NodeTransformer):
-    def __init__(self):
+    """`(1 + S) * N(X) + T` with N matched by `norm_call` (default `self.N`) -> `ln_name(N, X, T, S)`;
+    `X + G * Y` with a gate G -> `gated_name(X, G, Y)`. Counts each kind."""
+
+    def __init__(self, norm_call=_self_call, ln_name=LN, gated_name=GATED):
+        self.norm_call, self.ln_name, self.gated_name = norm_call, ln_name, gated_name
         self.ln = self.gated = 0
 
     def visit_BinOp(self, node):
         self.generic_visit(node)
-        hit = _modulated(node, lambda a: _self_call(a) is not None)
+        hit = _modulated(node, lambda a: self.norm_call(a) is not None)
         if hit is not None:
-            norm, x = _self_call(hit[0])
+            norm, x = self.norm_call(hit[0])
             self.ln += 1
-            return ast.copy_location(_call(LN, norm, x, hit[2], hit[1]), node)
+            return ast.copy_location(_call(self.ln_name, norm, x, hit[2], hit[1]), node)
         hit = _gated(node)
         if hit is not None:
             self.gated += 1
-            return ast.copy_location(_call(GATED, *hit), node)
+            return ast.copy_location(_call(self.gated_name, *hit), node)
         return node
 
 

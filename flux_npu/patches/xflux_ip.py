@@ -45,7 +45,15 @@ import torch
 
 from .. import ops
 from .engine import PatchSet, Spec, handback, note_route, register_patch_set, signature_drift
-from .rewrite import NothingToFuse, _broadcasts_to, _call, _gated, _modulated, _plain_ln, _single_target
+from .rewrite import (
+    NothingToFuse,
+    _broadcasts_to,
+    _call,
+    _Expressions,
+    _modulated,
+    _plain_ln,
+    _single_target,
+)
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 SDPA = "__flux_npu_ip_sdpa"
@@ -95,27 +103,6 @@ def _norm_call(node):
     ):
         return node.func, node.args[0]
     return None
-
-
-class _AdaLN(ast.NodeTransformer):
-    """`(1 + S) * attn.N(X) + T` -> `_lnmod(attn.N, X, T, S)`; `X + G * Y` with a gate G (its text
-    names a gate; x-flux's `ip_scale * ...` is not one) -> `_gated(X, G, Y)`."""
-
-    def __init__(self):
-        self.ln = self.gated = 0
-
-    def visit_BinOp(self, node):
-        self.generic_visit(node)
-        hit = _modulated(node, lambda a: _norm_call(a) is not None)
-        if hit is not None:
-            norm, x = _norm_call(hit[0])
-            self.ln += 1
-            return ast.copy_location(_call(LNMOD, norm, x, hit[2], hit[1]), node)
-        hit = _gated(node)
-        if hit is not None:
-            self.gated += 1
-            return ast.copy_location(_call(GATED, *hit), node)
-        return node
 
 
 def _merge_two_statement_adaln(body):
@@ -243,7 +230,8 @@ def rewrite_processor_call(original, backend, enabled, where: str):
     if "layer_norm_modulate" in enabled:  # the two-statement form first: its second line is an inline form too
         fdef.body, n_ln = _merge_two_statement_adaln(fdef.body)
     if {"layer_norm_modulate", "gated_residual"} & enabled:
-        ada = _AdaLN()
+        # `(1 + S) * attn.N(X) + T` and gated residuals (x-flux's `ip_scale * ...` names no gate)
+        ada = _Expressions(_norm_call, LNMOD, GATED)
         fdef = ada.visit(fdef)
         # an excluded op keeps its expression: the helper then computes it as written, counted nowhere
         n_ln += ada.ln if "layer_norm_modulate" in enabled else 0
