@@ -1,10 +1,10 @@
 """The one description of a device backend.
 
 A backend is data, not a class hierarchy: a frozen record of what a device can do (dtypes, float64),
-how to reach it (device type, distributed backend, autocast type), a probe that says whether it is usable here and, if not, why, and the few device utilities a
-benchmark needs. Kernels are not part of the record: they live in the op table
-(`flux_npu.ops.registry`), keyed by (op, backend name), so a backend can be described, listed and
-probed without importing Triton or torch_npu.
+how to reach it (device type, distributed backend, autocast type), a probe that says whether it
+is usable here and, if not, why, and the few device utilities a benchmark needs. Kernels are not
+part of the record: they live in the op table (`flux_npu.ops.registry`), keyed by (op, backend
+name), so a backend can be described, listed and probed without importing Triton or torch_npu.
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def soc_capabilities(index: Optional[int] = None) -> dict:
             a2 = fam in ("A2", "A3") if fam != "unknown" else None
             caps.update(available=True, device_name=name, soc=fam, bf16=bf16, fusion_attention=a2, rotary_interleave=a2)
             if bf16 is False:
-                caps["limits"].append(f"{name}: no bfloat16 (use float16 with loss scaling); bf16 inputs run the reference")
+                caps["limits"].append(
+                    f"{name}: no bfloat16 (use float16 with loss scaling); bf16 inputs run the reference")
             if a2 is False:
                 caps["limits"].append(
                     f"{name}: npu_fusion_attention and npu_rotary_mul(interleave) are documented for Atlas A2/A3 "

@@ -68,7 +68,8 @@ def check_patched_model(backend, preset="tiny", dtype=torch.float32, res=256, ou
     ok &= worst <= tol and patched_params.keys() == stock_params.keys()
     rows.append((f"d parameters ({len(stock_params)} tensors, worst: {worst_name})", "", f"{worst:.2e}", f"{tol:.0e}",
                  "ok" if worst <= tol else "FAIL"))
-    print(f"\ntiny Flux ({preset}, {str(dtype).replace('torch.', '')}): patched vs stock, forward and backward", file=out)
+    dtype_name = str(dtype).replace("torch.", "")
+    print(f"\ntiny Flux ({preset}, {dtype_name}): patched vs stock, forward and backward", file=out)
     print(format_table(("tensor", "shape", "rel err", "tol", "result"), rows), file=out)
     served = ops.dispatch_stats()["served"]
     print("\nkernels that served the patched run", file=out)
@@ -76,7 +77,8 @@ def check_patched_model(backend, preset="tiny", dtype=torch.float32, res=256, ou
     fallbacks = ops.dispatch_stats()["fallback"]
     if fallbacks:
         print("\nfallbacks to the reference", file=out)
-        print(format_table(("op", "backend", "reason", "calls"), [(*k, n) for k, n in sorted(fallbacks.items())]), file=out)
+        fb_rows = [(*k, n) for k, n in sorted(fallbacks.items())]
+        print(format_table(("op", "backend", "reason", "calls"), fb_rows), file=out)
     return ok
 
 
