@@ -363,21 +363,27 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
     return lnmod, gated, rms, attention, adares
 
 
-def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
-    """The original function with the chosen kinds of expressions routed to our ops:
-    "adaln" (LayerNorm+modulate and gated residuals) and "processor" (QK norms and
-    dispatch_attention_fn calls of an attention processor)."""
-    fn = original
+def parse_function(fn):
+    """(the FunctionDef of fn's own source, its first line number) for a plain function we may
+    rewrite; NothingToFuse (a skipped row) for a closure, unreadable source or a decorated one."""
     if fn.__code__.co_freevars:
         raise NothingToFuse(f"uses a closure ({', '.join(fn.__code__.co_freevars)}): not rewritten")
     try:
         lines, first = inspect.getsourcelines(fn)
     except (OSError, TypeError) as exc:
         raise NothingToFuse(f"source not readable ({exc})") from exc
-    tree = ast.parse(textwrap.dedent("".join(lines)))
-    fdef = tree.body[0]
+    fdef = ast.parse(textwrap.dedent("".join(lines))).body[0]
     if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
         raise NothingToFuse("decorated or not a plain function: not rewritten")
+    return fdef, first
+
+
+def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
+    """The original function with the chosen kinds of expressions routed to our ops:
+    "adaln" (LayerNorm+modulate and gated residuals) and "processor" (QK norms and
+    dispatch_attention_fn calls of an attention processor)."""
+    fn = original
+    fdef, first = parse_function(fn)
     counts = {"ln": 0, "gated": 0, "rms": 0, "attn": 0, "adares": 0}
     if "adaln" in kinds:
         fdef.body = _merge_pairs(fdef.body, counts)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-import textwrap
 
 import torch
 
@@ -53,6 +52,7 @@ from .rewrite import (
     _modulated,
     _plain_ln,
     _single_target,
+    parse_function,
 )
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
@@ -214,16 +214,7 @@ def make_helpers(backend, where: str, enabled):
 def rewrite_processor_call(original, backend, enabled, where: str):
     """`original` (a processor's __call__) with its SDPA and QK-norm calls routed to our ops."""
     fn = original
-    if fn.__code__.co_freevars:
-        raise NothingToFuse(f"uses a closure ({', '.join(fn.__code__.co_freevars)}): not rewritten")
-    try:
-        lines, first = inspect.getsourcelines(fn)
-    except (OSError, TypeError) as exc:
-        raise NothingToFuse(f"source not readable ({exc})") from exc
-    tree = ast.parse(textwrap.dedent("".join(lines)))
-    fdef = tree.body[0]
-    if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
-        raise NothingToFuse("decorated or not a plain function: not rewritten")
+    fdef, first = parse_function(fn)
     tx = _IPCalls(attention="attention" in enabled, norms="rms_norm" in enabled)
     fdef = tx.visit(fdef)
     n_ln = n_gated = 0
