@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from flux_helpers import bfl_inputs
 
 import flux_npu
 from flux_npu import ops
@@ -74,22 +75,6 @@ def _check_bf16(patched, stock, ref32):
     assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
 
 
-def _inputs(params, dtype=torch.float32, batch=2, side=5, text_len=6, seed=0):
-    from flux_npu import models
-
-    g = torch.Generator().manual_seed(seed)
-    ids = models.image_ids(side * 16).reshape(1, side * side, 3).repeat(batch, 1, 1)
-    return dict(
-        img=torch.randn(batch, side * side, params.in_channels, generator=g).to(dtype).requires_grad_(True),
-        img_ids=ids,
-        txt=torch.randn(batch, text_len, params.context_in_dim, generator=g).to(dtype).requires_grad_(True),
-        txt_ids=torch.zeros(batch, text_len, 3),
-        timesteps=torch.rand(batch, generator=g).to(dtype),
-        y=torch.randn(batch, params.vec_in_dim, generator=g).to(dtype),
-        guidance=torch.full((batch,), 3.5).to(dtype),
-    )
-
-
 def _cast(inputs, dtype):
     out = {}
     for k, v in inputs.items():
@@ -128,7 +113,7 @@ def _comfy_kwargs(model, inputs, mask_kind):
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 def test_comfy_sampler_path_float32_is_served(layout_path, mask_kind):
     model = _comfy(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _comfy_kwargs(model, inputs, mask_kind)
     leaves = {"img": inputs["img"], "txt": inputs["txt"]}
     stock = _run(model, model.forward_orig, kwargs, leaves)
@@ -156,7 +141,7 @@ def test_comfy_sampler_path_float32_is_served(layout_path, mask_kind):
 
 def test_comfy_bfloat16(layout_path):
     model = _comfy(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _comfy_kwargs(model, inputs, "bool")
     ref32 = _run(model, model.forward_orig, kwargs, {"img": inputs["img"], "txt": inputs["txt"]})
     m16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -173,7 +158,7 @@ def test_comfy_bfloat16(layout_path):
 
 def test_comfy_attention_override_is_handed_back_and_counted(layout_path):
     model = _comfy(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _comfy_kwargs(model, inputs, None)
     seen = []
 
@@ -209,7 +194,7 @@ def test_comfy_emulated_npu_calls_fused_ops(layout_path, npu_emulated):
     from npu_emulator import record
 
     model = _comfy(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _comfy_kwargs(model, inputs, "bool")
     leaves = {"img": inputs["img"], "txt": inputs["txt"]}
     stock = _run(model, model.forward_orig, kwargs, leaves)
@@ -245,7 +230,7 @@ def _kohya_kwargs(inputs):
 
 def test_kohya_module_found_by_structure_and_served_with_its_bool_mask(layout_path):
     fm, model = _kohya(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _kohya_kwargs(inputs)
     leaves = {"img": inputs["img"], "txt": inputs["txt"]}
     stock = _run(model, model, kwargs, leaves)
@@ -281,7 +266,7 @@ def test_kohya_imported_after_patch_is_hooked_by_structure(layout_path):
 
 def test_kohya_bfloat16_keeps_its_rmsnorm_dtype(layout_path):
     fm, model = _kohya(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _kohya_kwargs(inputs)
     ref32 = _run(model, model, kwargs, {"img": inputs["img"], "txt": inputs["txt"]})
     m16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -301,7 +286,7 @@ def test_kohya_emulated_npu_calls_fused_ops_with_the_bool_mask(layout_path, npu_
     from npu_emulator import record
 
     fm, model = _kohya(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = _kohya_kwargs(inputs)
     leaves = {"img": inputs["img"], "txt": inputs["txt"]}
     stock = _run(model, model, kwargs, leaves)
@@ -323,7 +308,7 @@ def test_comfy_patched_traces_as_one_graph_like_stock(layout_path):
     import torch._dynamo
 
     model = _comfy(layout_path)
-    inputs = _inputs(model.params)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
     kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
               for k, v in _comfy_kwargs(model, inputs, "bool").items()}
     torch._dynamo.reset()
