@@ -378,6 +378,32 @@ def parse_function(fn):
     return fdef, first
 
 
+def compile_rewritten(original, fdef, first: int, helper_names, helpers):
+    """Compile the rewritten FunctionDef inside a maker taking the helpers by name (so they are
+    closure variables, not module globals), with the original file and line numbers, and return the
+    new function carrying the original's defaults, qualname and `__wrapped_original__`."""
+    maker = ast.FunctionDef(
+        name="__flux_npu_make",
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in helper_names], kwonlyargs=[],
+                           kw_defaults=[], defaults=[]),
+        body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
+    )
+    if "type_params" in ast.FunctionDef._fields:  # Python 3.12+
+        maker.type_params = []
+    module = ast.Module(body=[maker], type_ignores=[])
+    ast.fix_missing_locations(module)
+    ast.increment_lineno(module, first - 1)
+    code = compile(module, inspect.getsourcefile(original) or "<flux_npu rewrite>", "exec")
+    scope: dict = {}
+    exec(code, original.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
+    new = scope["__flux_npu_make"](*helpers)
+    new.__defaults__ = original.__defaults__
+    new.__kwdefaults__ = original.__kwdefaults__
+    new.__qualname__ = original.__qualname__
+    new.__wrapped_original__ = original
+    return new
+
+
 def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
     """The original function with the chosen kinds of expressions routed to our ops:
     "adaln" (LayerNorm+modulate and gated residuals) and "processor" (QK norms and
@@ -405,25 +431,7 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
         raise NothingToFuse("no expression we fuse (LayerNorm+modulate, gated residual, QK norm, attention call) "
                             "in its source")
     helpers = make_helpers(backend, where, enabled, fn.__globals__.get("dispatch_attention_fn"))
-    maker = ast.FunctionDef(
-        name="__flux_npu_make",
-        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in (LN, GATED, RMS, ATTN, ADARES)], kwonlyargs=[],
-                           kw_defaults=[], defaults=[]),
-        body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
-    )
-    if "type_params" in ast.FunctionDef._fields:  # Python 3.12+
-        maker.type_params = []
-    module = ast.Module(body=[maker], type_ignores=[])
-    ast.fix_missing_locations(module)
-    ast.increment_lineno(module, first - 1)
-    code = compile(module, inspect.getsourcefile(fn) or "<flux_npu rewrite>", "exec")
-    scope: dict = {}
-    exec(code, fn.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
-    new = scope["__flux_npu_make"](*helpers)
-    new.__defaults__ = fn.__defaults__
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__ = fn.__qualname__
-    new.__wrapped_original__ = original
+    new = compile_rewritten(original, fdef, first, (LN, GATED, RMS, ATTN, ADARES), helpers)
     parts = []
     for key, text in (("adares", "gated residual + LayerNorm+modulate -> ops.adaln_residual"),
                       ("ln", "LayerNorm+modulate -> ops.layer_norm_modulate"),

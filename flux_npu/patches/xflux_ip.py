@@ -37,7 +37,6 @@ function is compiled against the module's live globals, with its file and line n
 from __future__ import annotations
 
 import ast
-import inspect
 import re
 
 import torch
@@ -52,6 +51,7 @@ from .rewrite import (
     _modulated,
     _plain_ln,
     _single_target,
+    compile_rewritten,
     parse_function,
 )
 
@@ -213,8 +213,7 @@ def make_helpers(backend, where: str, enabled):
 
 def rewrite_processor_call(original, backend, enabled, where: str):
     """`original` (a processor's __call__) with its SDPA and QK-norm calls routed to our ops."""
-    fn = original
-    fdef, first = parse_function(fn)
+    fdef, first = parse_function(original)
     tx = _IPCalls(attention="attention" in enabled, norms="rms_norm" in enabled)
     fdef = tx.visit(fdef)
     n_ln = n_gated = 0
@@ -230,25 +229,8 @@ def rewrite_processor_call(original, backend, enabled, where: str):
     if not (tx.sdpa or tx.rms or n_ln or n_gated):
         raise NothingToFuse("no scaled_dot_product_attention, QK-norm, LayerNorm+modulate or gated-residual "
                             "expression in its source")
-    maker = ast.FunctionDef(
-        name="__flux_npu_make",
-        args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in (SDPA, RMS, LNMOD, GATED)], kwonlyargs=[],
-                           kw_defaults=[], defaults=[]),
-        body=[fdef, ast.Return(ast.Name(id=fdef.name, ctx=ast.Load()))], decorator_list=[], returns=None,
-    )
-    if "type_params" in ast.FunctionDef._fields:  # Python 3.12+
-        maker.type_params = []
-    module = ast.Module(body=[maker], type_ignores=[])
-    ast.fix_missing_locations(module)
-    ast.increment_lineno(module, first - 1)
-    code = compile(module, inspect.getsourcefile(fn) or "<flux_npu rewrite>", "exec")
-    scope: dict = {}
-    exec(code, fn.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
-    new = scope["__flux_npu_make"](*make_helpers(backend, where, enabled))
-    new.__defaults__ = fn.__defaults__
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__ = fn.__qualname__
-    new.__wrapped_original__ = original
+    new = compile_rewritten(original, fdef, first, (SDPA, RMS, LNMOD, GATED),
+                            make_helpers(backend, where, enabled))
     parts = []
     if tx.sdpa:
         parts.append(f"{tx.sdpa} IP attention call(s) (scaled_dot_product_attention) -> ops.attention")
