@@ -52,6 +52,21 @@ def errors(run, ref):
     return {k: rel_err(run[k], ref[k]) for k in ref}
 
 
+# bf16 rule of the whole-model tests: the patched run may be at most BF16_FACTOR times as far from
+# the float32 reference as stock bf16 is, plus a floor for tensors where stock happens to be exact
+BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3
+
+
+def assert_bf16_no_worse(patched, stock, ref32, keys=None):
+    """patched bf16 error <= BF16_FACTOR * stock bf16 error + BF16_FLOOR, per tensor of ref32 (or `keys`)."""
+    bad = {}
+    for k in ref32 if keys is None else keys:
+        e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
+        if not e_p <= BF16_FACTOR * e_s + BF16_FLOOR:
+            bad[k] = (e_p, e_s)
+    assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
+
+
 def bfl_model(dtype=torch.float32, seed=0, hidden=64, heads=4, depth=2, single=2, axes=(4, 6, 6)):
     from flux.model import Flux, FluxParams
 

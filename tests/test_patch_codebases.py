@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from flux_helpers import bfl_inputs
+from flux_helpers import assert_bf16_no_worse, bfl_inputs
 
 import flux_npu
 from flux_npu import ops
@@ -19,7 +19,6 @@ from flux_npu.patches import engine
 from flux_npu.testing import rel_err, tolerance
 
 HERE = os.path.dirname(__file__)
-BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3  # as in test_patch_models: patched bf16 vs stock bf16 error
 
 
 def _forget(prefix):
@@ -64,15 +63,6 @@ def _check_fp32(patched, stock):
     errs = {k: rel_err(patched[k], stock[k]) for k in stock}
     bad = {k: e for k, e in errs.items() if not e <= tolerance(torch.float32)}
     assert not bad, f"float32 patched vs stock beyond {tolerance(torch.float32)}: {bad}"
-
-
-def _check_bf16(patched, stock, ref32):
-    bad = {}
-    for k in ref32:
-        e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
-        if not e_p <= BF16_FACTOR * e_s + BF16_FLOOR:
-            bad[k] = (e_p, e_s)
-    assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
 
 
 def _cast(inputs, dtype):
@@ -153,7 +143,7 @@ def test_comfy_bfloat16(layout_path):
         ops.reset_dispatch_stats()
         patched = _run(m16, m16.forward_orig, k16, leaves)
         assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 4
-    _check_bf16(patched, stock, ref32)
+    assert_bf16_no_worse(patched, stock, ref32)
 
 
 def test_comfy_attention_override_is_handed_back_and_counted(layout_path):
@@ -279,7 +269,7 @@ def test_kohya_bfloat16_keeps_its_rmsnorm_dtype(layout_path):
     with flux_npu.patch("cpu", targets=["bfl"]):
         assert norm(x).dtype == torch.bfloat16
         patched = _run(m16, m16, k16, leaves)
-    _check_bf16(patched, stock, ref32)
+    assert_bf16_no_worse(patched, stock, ref32)
 
 
 def test_kohya_emulated_npu_calls_fused_ops_with_the_bool_mask(layout_path, npu_emulated):

@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from flux_helpers import assert_bf16_no_worse
 
 import flux_npu
 from flux_npu import ops
 from flux_npu.testing import rel_err, tolerance
-
-BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3
 
 
 def _run(model, kwargs, leaves):
@@ -40,15 +39,6 @@ def _check_fp32(patched, stock):
         elif not rel_err(patched[k], stock[k]) <= tolerance(torch.float32):
             bad[k] = rel_err(patched[k], stock[k])
     assert not bad, f"float32 patched vs stock beyond {tolerance(torch.float32)}: {bad}"
-
-
-def _check_bf16(patched, stock, ref32):
-    bad = {}
-    for k in ref32:
-        e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
-        if not e_p <= BF16_FACTOR * e_s + BF16_FLOOR:
-            bad[k] = (e_p, e_s)
-    assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
 
 
 def _leaf(t, dtype):
@@ -129,7 +119,7 @@ def test_flux2_bfloat16():
         ops.reset_dispatch_stats()
         patched = _run(m16, k16, l16)
         assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 3
-    _check_bf16(patched, stock, ref32)
+    assert_bf16_no_worse(patched, stock, ref32)
 
 
 # -- Chroma -----------------------------------------------------------------------------------
@@ -179,7 +169,7 @@ def test_chroma_with_its_float_mask(dtype):
     if dtype == torch.float32:
         _check_fp32(patched, stock)
     else:
-        _check_bf16(patched, stock, ref32)
+        assert_bf16_no_worse(patched, stock, ref32)
 
 
 # -- IP-adapter -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """x-flux's block processors, patched vs stock, forward and backward: the image-prompt attention
 that x-flux's IP processors write inline as `F.scaled_dot_product_attention` (and, in a fork, its
 own QK RMSNorms) is routed to ops.attention / ops.rms_norm, and every processor's AdaLN and gated
-residuals to ops.layer_norm_modulate / ops.gated_residual, by rewriting the processor's __call__. The layout in tests/xflux_model is our own code in x-flux's module layout
-(under the name `xflux_layout`, found by its structure). Counts prove which kernels served;
+residuals to ops.layer_norm_modulate / ops.gated_residual, by rewriting the processor's __call__.
+The layout in tests/xflux_model is our own code in x-flux's module layout (under the name `xflux_layout`, found by its structure). Counts prove which kernels served;
 hand-backs are counted with their reason; the emulated npu path calls the fused torch_npu ops."""
 
 import os
@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from flux_helpers import assert_bf16_no_worse
 
 import flux_npu
 from flux_npu import ops
@@ -25,7 +26,6 @@ IP_SINGLE_ROUTE = ("x-flux IPSingleStreamBlockProcessor IP attention", "ops.atte
 BLOCKS = DEPTH + SINGLE
 ADALN = 4 * DEPTH + SINGLE  # LayerNorm+modulate calls per forward: 4 per double block, 1 per single block
 GATED = 4 * DEPTH + SINGLE  # gated residuals per forward, likewise
-BF16_FACTOR, BF16_FLOOR = 2.0, 1e-3  # as in test_patch_codebases: patched bf16 vs stock bf16 error
 
 
 def _forget():
@@ -174,12 +174,7 @@ def test_ip_branch_bfloat16(layout):
     assert not stats["fallback"], stats["fallback"]
     assert _served(stats, "attention") == 2 * BLOCKS
     assert (_served(stats, "layer_norm_modulate"), _served(stats, "gated_residual")) == (ADALN, GATED)
-    bad = {}
-    for k in [k for k in ref32 if not k.endswith(ZERO_GRADS)]:
-        e_p, e_s = rel_err(patched[k], ref32[k]), rel_err(stock[k], ref32[k])
-        if not e_p <= BF16_FACTOR * e_s + BF16_FLOOR:
-            bad[k] = (e_p, e_s)
-    assert not bad, f"bf16 patched (err, stock err) vs float32 reference: {bad}"
+    assert_bf16_no_worse(patched, stock, ref32, keys=[k for k in ref32 if not k.endswith(ZERO_GRADS)])
     assert rel_err(patched["out"], ref32["out"]) <= tolerance(torch.bfloat16, 2.0)
 
 
@@ -190,8 +185,8 @@ def test_fork_with_ip_qk_rmsnorms_served(layout):
     stock = _run(model, inputs)
     _ip_grads_matter(stock)
     with flux_npu.patch(backend="cpu", targets=["bfl"]) as handle:
-        row = next(r for r in handle.report()
-                   if r.target == "xflux_layout.modules.ip_normed" and r.symbol == "IPDoubleStreamBlockProcessor.__call__")
+        row = next(r for r in handle.report() if r.target == "xflux_layout.modules.ip_normed"
+                   and r.symbol == "IPDoubleStreamBlockProcessor.__call__")
         assert row.status == "patched" and "2 IP QK norm(s) -> ops.rms_norm" in row.reason, row
         ops.reset_dispatch_stats()
         patched = _run(model, inputs)
