@@ -2,8 +2,9 @@
 that x-flux's IP processors write inline as `F.scaled_dot_product_attention` (and, in a fork, its
 own QK RMSNorms) is routed to ops.attention / ops.rms_norm, and every processor's AdaLN and gated
 residuals to ops.layer_norm_modulate / ops.gated_residual, by rewriting the processor's __call__.
-The layout in tests/xflux_model is our own code in x-flux's module layout (under the name `xflux_layout`, found by its structure). Counts prove which kernels served;
-hand-backs are counted with their reason; the emulated npu path calls the fused torch_npu ops."""
+The layout in tests/xflux_model is our own code in x-flux's module layout (under the name
+`xflux_layout`, found by its structure). Counts prove which kernels served; hand-backs are counted
+with their reason; the emulated npu path calls the fused torch_npu ops."""
 
 import os
 import sys
