@@ -712,17 +712,19 @@ def to_json(results: List[BenchResult], args: Optional[dict] = None, done: bool 
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    """Write to a temporary name in the same directory, then rename: a reader (or a crash) never
-    sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    """Write through utils.output: a regular file atomically (a reader, or a crash, never sees half of
+    it), a device or FIFO in place."""
+    from ..utils.output import write_output
+
+    write_output(path, json.dumps(data, indent=2))
 
 
 def log_path_for(output: Optional[str]) -> str:
-    """The traceback log next to the JSON (`bench.json` -> `bench.log`), else in the temp dir."""
-    if output:
+    """The traceback log next to the JSON (`bench.json` -> `bench.log`), else (no file output, or a
+    device / FIFO / stdout) in the temp dir."""
+    from ..utils.output import output_kind
+
+    if output and output_kind(output) == "file":
         root, _ = os.path.splitext(output)
         return root + ".log"
     import tempfile
@@ -873,8 +875,12 @@ def run(args) -> int:
     get_backend(args.backend)  # an unknown or unavailable backend fails before anything runs
     variants = ("stock", "patched") if args.compare else (("stock",) if args.stock else ("patched",))
     arg_record = {k: v for k, v in vars(args).items() if k != "func"}
+    from ..utils.output import output_kind
+
+    if args.output:
+        output_kind(args.output)  # a directory or a socket fails now, not after the run
     for path in (args.output, args.plot):  # an unwritable destination fails now, not after the run
-        if path:
+        if path and not (path == args.output and output_kind(path) == "stream"):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
                 raise ValueError(f"cannot write {path}: its directory is not writable; pick another path")
@@ -891,7 +897,7 @@ def run(args) -> int:
             r.log = log_path
         done.append(r)
         print(row_line(r), file=out, flush=True)
-        if args.output:
+        if args.output and output_kind(args.output) == "file":  # a stream gets the final JSON only, once
             write_json_atomic(args.output, to_json(done, arg_record, done=False))
 
     results = run_benchmark(

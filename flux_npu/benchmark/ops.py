@@ -557,6 +557,10 @@ def run(args) -> int:
         print(f"flux-npu bench ops: `--json {args.json}` is deprecated: write files with `-o {args.json}` "
               f"(`--json` alone prints JSON)", file=sys.stderr)
         output, args.json = output or args.json, None
+    if output:
+        from ..utils.output import output_kind
+
+        output_kind(output)  # a directory or a missing parent fails now, not after the run
     shapes = _split(args.shapes or ("quick" if args.quick else "mini"), SHAPES, "shape presets")
     dtypes = _split(args.dtypes, DTYPES, "dtypes")
     op_names = _split(args.ops, OPS, "ops")
@@ -599,8 +603,9 @@ def run(args) -> int:
     print(format_rows(rows), file=out)
     data = {"environment": env, "warmup": warmup, "repeats": repeats, "rows": [asdict(r) for r in rows]}
     if output:
-        with open(output, "w") as fh:
-            json.dump(data, fh, indent=2)
+        from ..utils.output import write_output
+
+        write_output(output, json.dumps(data, indent=2) + "\n")
         print(f"wrote {output}", file=out)
     if args.json:
         print(json.dumps(data, indent=2))

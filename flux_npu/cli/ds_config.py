@@ -1,8 +1,8 @@
 """`flux-npu ds-config IN [--backend npu] [-o OUT.json]`: rewrite a DeepSpeed config (JSON, or an
 x-flux / FluxKits training YAML's deepspeed: section) for a backend; print the changes as a table
-and the result as JSON (to OUT with -o, written atomically; never onto IN, and onto an existing file
-only when it is a DeepSpeed JSON config or with --force). Exit 0 on success, 1 when the config cannot
-work there or cannot be read or written, 2 on bad usage."""
+and the result as JSON (to OUT with -o: a file written atomically, a device or FIFO in place; never
+onto IN, and onto an existing file only when it is a DeepSpeed JSON config or with --force). Exit 0
+on success, 1 when the config cannot work there or cannot be read or written, 2 on bad usage."""
 
 from __future__ import annotations
 
@@ -52,16 +52,14 @@ _DS_MARKERS = {"zero_optimization", "train_micro_batch_size_per_gpu", "train_bat
 
 
 def check_output(config, output: str, force: bool) -> None:
-    """Refuse to write onto the input (any path to the same file) or onto a file that is not a DeepSpeed JSON."""
+    """Refuse to write onto the input (any path to the same file) or onto a regular file that is not a
+    DeepSpeed JSON; a device, FIFO or /dev/stdout is written in place (utils.output), never replaced."""
     import os
 
-    if not os.path.exists(output):
-        parent = os.path.dirname(os.path.abspath(output))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot write {output}: directory {parent} does not exist")
+    from ..utils.output import output_kind
+
+    if output_kind(output) == "stream" or not os.path.exists(output):
         return
-    if os.path.isdir(output):
-        raise ValueError(f"-o {output} is a directory: name the JSON file to write")
     if isinstance(config, str) and os.path.exists(config) and os.path.samefile(config, output):
         raise ValueError(f"-o {output} is the input file {config}: writing the rewritten config there would "
                          "replace it (a training YAML would lose every other key); choose another output path")
@@ -75,24 +73,6 @@ def check_output(config, output: str, force: bool) -> None:
     if not (isinstance(existing, dict) and _DS_MARKERS & set(existing)):
         raise ValueError(f"-o {output} exists and is not a DeepSpeed JSON config; refusing to overwrite it. "
                          "Choose another path, or pass --force to replace it")
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write through a temporary file in the same directory so a failure leaves the old file whole."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=".flux-npu-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(args) -> int:
@@ -111,10 +91,9 @@ def run(args) -> int:
     else:
         print(render_result(result), file=sys.stderr if not args.output else sys.stdout)
     if args.output:
-        try:
-            write_atomic(args.output, text)
-        except OSError as exc:
-            raise RuntimeError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        from ..utils.output import write_output
+
+        write_output(args.output, text)
     elif not args.json:
         sys.stdout.write(text)
     return 0

@@ -38,12 +38,9 @@ def run(args) -> int:
     data = report.collect(backend=backend, patches=args.patches)
     text = json.dumps(data, indent=2, default=str)
     if args.output:
-        from .ds_config import write_atomic
+        from ..utils.output import write_output
 
-        try:
-            write_atomic(args.output, text + "\n")
-        except OSError as exc:
-            raise RuntimeError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+        write_output(args.output, text + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     print(text if args.json else report.render(data))
     return 0

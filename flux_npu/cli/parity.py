@@ -95,8 +95,9 @@ def run_check(args) -> int:
     else:
         print(report.table(all_tensors=args.all_tensors))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report.as_dict(), f, indent=2)
+        from ..utils.output import write_output
+
+        write_output(args.output, json.dumps(report.as_dict(), indent=2) + "\n")
     if not report.ok:
         bad = ", ".join(r.id for r in report.failed) or "no case was run"
         print(f"flux-npu parity check: FAILED: {bad}", file=sys.stderr)

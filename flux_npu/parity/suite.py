@@ -190,8 +190,12 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
     """Compute every selected case on `backend` and write the golden to `path`.
     Returns the metadata written. allow_cudnn: let SDPA use cuDNN attention on CUDA (off by
     default: see PARITY_SDPA)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from ..utils.output import output_kind, write_output
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    output_kind(path)  # a directory or a socket fails before the cases run
     b = get_backend(backend)
     sdpa_ctx, sdpa_meta = sdpa_policy(b, allow_cudnn)
     specs = C.select(shape_sets, dtypes, cases)
@@ -245,14 +249,9 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
         "sdpa": json.dumps(sdpa_meta),
         "checksums": json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())}),
     }
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a golden is meant to be shared
-    os.replace(tmp, path)  # never leave a half-written golden under the final name
+    # utils.output: a regular file atomically (never a half-written golden under the final name, mode
+    # from the umask: a golden is meant to be shared), a device or FIFO in place
+    write_output(path, save(tensors, metadata=meta))
     return meta
 
 
