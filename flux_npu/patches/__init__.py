@@ -1,6 +1,5 @@
 """Patches that swap Flux's hot ops for the active backend's kernels (see engine.py)."""
 
-from . import xflux_ip  # noqa: F401  (registers the x-flux IP-adapter patch set)
 from .engine import (
     DEFERRED,
     NOT_FOUND,

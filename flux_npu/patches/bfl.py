@@ -31,8 +31,10 @@ import types
 import torch
 
 from .. import ops
-from .engine import PatchSet, Spec, handback, register_patch_set, signature_drift, suffix_pattern
+from .registry import register_patch_set
 from .rewrite import build_block_forward
+from .routes import handback
+from .spec import PatchSet, Spec, signature_drift, suffix_pattern
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 

@@ -33,8 +33,10 @@ from collections import OrderedDict
 import torch
 
 from .. import ops
-from .engine import OP_NAMES, PatchSet, Spec, exact, handback, note_route, register_patch_set, torch_compiling
+from .registry import register_patch_set
 from .rewrite import build_block_forward
+from .routes import handback, note_route, torch_compiling
+from .spec import OP_NAMES, PatchSet, Spec, exact
 
 FLUX_MODULE = "diffusers.models.transformers.transformer_flux"
 NORM_MODULE = "diffusers.models.normalization"

@@ -25,8 +25,8 @@ skipped with the reason when the source has none of them.
 from __future__ import annotations
 
 from .diffusers_flux import FLUX_MODULE, pos_embed_spec, register_diffusers_set
-from .engine import Spec
 from .rewrite import build_rewrite
+from .spec import Spec
 
 FLUX2_MODULE = "diffusers.models.transformers.transformer_flux2"
 FLUX3_MODULE = "diffusers.models.transformers.transformer_flux3"

@@ -42,7 +42,7 @@ import types
 import torch
 
 from .. import ops
-from .engine import handback, note_route
+from .routes import handback, note_route
 
 LN = "__flux_npu_lnmod"
 GATED = "__flux_npu_gated"

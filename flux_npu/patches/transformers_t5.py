@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .engine import PatchSet, Spec, exact, register_patch_set
+from .registry import register_patch_set
+from .spec import PatchSet, Spec, exact
 
 T5_MODULE = "transformers.models.t5.modeling_t5"
 

@@ -42,7 +42,7 @@ import re
 import torch
 
 from .. import ops
-from .engine import PatchSet, Spec, handback, note_route, register_patch_set, signature_drift
+from .registry import register_patch_set
 from .rewrite import (
     NothingToFuse,
     _broadcasts_to,
@@ -54,6 +54,8 @@ from .rewrite import (
     compile_rewritten,
     parse_function,
 )
+from .routes import handback, note_route
+from .spec import PatchSet, Spec, signature_drift
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
 SDPA = "__flux_npu_ip_sdpa"
