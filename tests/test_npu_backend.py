@@ -69,9 +69,16 @@ def test_emulator_meta_checks_serve_flux_shapes(npu_emulated):
     """With torch_npu present, the checks accept Flux-dev / Flux-mini / tiny shapes on meta
     tensors without calling any op (no allocation, no host sync)."""
     rows = report.op_routing(npu_emulated)
+    # the routing samples need no backward: inference attention is FIA's (training: FA, below)
+    fused = dict(FUSED, attention="torch_npu.npu_fused_infer_attention_score")
     for op, preset, kernel, why in rows:
-        if op in FUSED:
-            assert kernel == FUSED[op], (op, preset, why)
+        if op in fused:
+            assert kernel == fused[op], (op, preset, why)
+    meta = npu_emulated.with_device_type("meta")
+    for S in (4096 + 512, 1024 + 512):  # flux-dev / flux-mini token counts, 24 heads of 128
+        q = torch.empty(1, 24, S, 128, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        kernel, reasons = ops.explain("attention", meta, q, q, q, None, None, "BHSD")
+        assert kernel == FUSED["attention"] and "a backward is needed" in reasons[0], reasons
     assert record.calls() == []
 
 

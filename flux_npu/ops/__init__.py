@@ -183,8 +183,11 @@ def _key_attention(pk, q, k, v, mask, scale, layout):
         # an additive mask's kernel choice may depend on its values (npu: only 0 / -inf maps
         # exactly onto the fused op's boolean mask), so it is decided per call
         raise TypeError
+    # whether a backward will be needed is part of the signature: an inference-only kernel (npu's
+    # npu_fused_infer_attention_score) may serve a no-grad call but never one that needs a backward
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return ("attention", pk, q.dtype, q.shape, q.device, k.dtype, k.shape, k.device, v.dtype, v.shape, v.device,
-            None if mask is None else (mask.shape, mask.device), scale, layout)
+            None if mask is None else (mask.shape, mask.device), scale, layout, grad)
 
 
 _ATTENTION = _Op("attention", _validate_attention, _key_attention, reference.attention)

@@ -4,7 +4,9 @@ torch_npu itself is imported only inside the kernels and their checks (through
 `flux_npu.backends.npu.torch_npu_or_reason`), so this package imports on any machine and its
 checks answer "torch_npu not importable: ..." where it is absent."""
 
-from . import adaln_residual, attention, gated_residual, layer_norm, rms_norm, rope  # noqa: F401  (registration side effects)
+# infer_attention before attention: the first kernel that accepts an input serves it (FIA for no-grad calls)
+from . import infer_attention  # noqa: F401,I001  (registration side effects, in priority order)
+from . import adaln_residual, attention, gated_residual, layer_norm, rms_norm, rope  # noqa: F401
 
 
 def prepare() -> None:

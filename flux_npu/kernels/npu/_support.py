@@ -82,3 +82,31 @@ def op_has_param(op_name: str, param: str) -> Optional[str]:
                     "it appears with the 7.0.0 op-plugin branch"
                 )
     return cache[key]
+
+
+def jit_compile_declines(feature: str) -> str | None:
+    """The reason `feature` cannot run under the current torch_npu compile mode, else None.
+
+    npu_rotary_mul's interleave mode exists only with jit_compile=False (torch_npu 2.14.0
+    docstring: with jit_compile=True only half mode, D == 128); jit_compile=False (the prebuilt
+    binary kernels) is the Atlas A2/A3 default, set by `torch_npu.npu.set_compile_mode` and read
+    by `torch_npu.npu.is_jit_compile_false()` (Ascend/op-plugin docs). A build without that query
+    is taken to run its default. Read when a signature is planned (the checks are cached per
+    input signature): a script that changes the mode after its first forward calls
+    `flux_npu.ops.registry.invalidate_plans()` afterwards."""
+    mod, why = _npu.torch_npu_or_reason()
+    if mod is None:
+        return why
+    probe = getattr(getattr(mod, "npu", None), "is_jit_compile_false", None)
+    if probe is None:
+        return None
+    try:
+        binary = bool(probe())
+    except Exception:  # a query failure must not crash a check; the op then reports for itself
+        return None
+    if binary:
+        return None
+    return (f"torch_npu.npu.set_compile_mode(jit_compile=True) is in effect and {feature} exists only with "
+            "jit_compile=False (torch_npu 2.14.0 docstring of npu_rotary_mul: jit_compile=True has the half mode "
+            "only, which rotates (x[i], x[i + D/2]), not Flux's adjacent pairs); call "
+            "torch_npu.npu.set_compile_mode(jit_compile=False), the Atlas A2/A3 default, to use the fused op")

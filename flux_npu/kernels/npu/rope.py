@@ -18,7 +18,9 @@ to the reference, counted as a fallback with the reason. Under torch.compile tha
 run, so BFL matrices are declined there (the reference traces into the graph).
 
 Limits (docstring): 4-D input, D even and < 896, B*N < 1000, float16/bfloat16/float32,
-Atlas A2/A3. B*N >= 1000 (a training batch of 42+ at Flux's 24 heads) is met by splitting the
+Atlas A2/A3, and interleave only with jit_compile=False (`torch_npu.npu.set_compile_mode`; read
+when a signature is planned, see `_support.jit_compile_declines`). B*N >= 1000 (a training
+batch of 42+ at Flux's 24 heads) is met by splitting the
 batch into chunks of B*N < 1000; only N >= 1000 heads declines. Chunks (and per-sample calls)
 cost one concatenation, still far fewer passes over x than the reference's chain of elementwise
 ops.
@@ -32,7 +34,7 @@ from ...backends.npu import soc_declines
 from ...ops import reference
 from ...ops.registry import record_fallback, register_kernel
 from .._common import LastValueCache
-from ._support import dtype_declines, op_has_param, prelude, torch_npu
+from ._support import dtype_declines, jit_compile_declines, op_has_param, prelude, torch_npu
 
 MAX_D = 896  # D < 896
 MAX_BN = 1000  # B * N < 1000
@@ -84,6 +86,9 @@ def _check(backend, x, freqs, sequence_dim):
         return ("BFL matrices under torch.compile: whether they are rotations (all npu_rotary_mul computes) "
                 "cannot be checked inside a graph")
     why = op_has_param("npu_rotary_mul", "rotary_mode")
+    if why:
+        return why
+    why = jit_compile_declines("npu_rotary_mul(rotary_mode='interleave')")
     if why:
         return why
     return soc_declines(x.dtype, "rotary_interleave")

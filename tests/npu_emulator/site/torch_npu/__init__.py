@@ -6,7 +6,7 @@ Like the real package, importing it attaches `torch.npu`."""
 import torch
 
 from . import npu
-from ._ops import npu_fusion_attention, npu_rms_norm, npu_rotary_mul  # noqa: F401
+from ._ops import npu_fused_infer_attention_score, npu_fusion_attention, npu_rms_norm, npu_rotary_mul  # noqa: F401
 
 EMULATED = True
 __version__ = "2.13.0+contract.emulator"

@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-from npu_emulator.record import CALLS, FLOAT64
+from npu_emulator.record import CALLS, CONFIG, FLOAT64
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT_MAX = 2147483647
@@ -228,6 +228,13 @@ def _rotary(op, x, r1, r2, rotary_mode, rotate):
     D = x.shape[-1]
     if D % 2 or D >= 896:
         raise RuntimeError(f"{op}(): D must be even and < 896, got {D}")
+    if CONFIG.get("jit_compile", False):
+        # docstring (2.14.0), "jit_compile=True场景": only half mode, 4-D, B and N <= 1000, D == 128
+        if rotary_mode != "half":
+            raise RuntimeError(f"{op}(): with jit_compile=True only rotary_mode='half' is supported, got "
+                               f"{rotary_mode!r}")
+        if D != 128:
+            raise RuntimeError(f"{op}(): with jit_compile=True D must be 128, got {D}")
     layout = None
     for name, ((bi, ni, _), forms) in _R_SHAPES.items():
         if any(tuple(r1.shape) == _form_shape(f, name, x) for f in forms[rotary_mode]):
@@ -286,5 +293,124 @@ def npu_rms_norm(self, gamma, epsilon=1e-06):
     dims = tuple(range(-g, 0))
     xf = self.float()
     rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + epsilon)
+    # dtype rule of the backward: npu_rms_norm_backward returns dgamma in float32 (meta registration,
+    # 2.14.0) and autograd then rounds it to gamma's dtype (gamma == self's dtype): the backward of
+    # gamma.float() below does exactly that rounding, so a caller that casts a float32 weight to
+    # self's dtype before the call sees the same bf16-rounded weight gradient as on the device
     y = (xf * rstd * gamma.float()).to(self.dtype)
     return y, rstd
+
+
+# -- npu_fused_infer_attention_score (FIA) ---------------------------------------------------------
+
+
+class _NoBackward(torch.autograd.Function):
+    """The real FIA has no derivative: a backward through its output raises."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the derivative for 'npu_fused_infer_attention_score' is not implemented "
+                           "(the op is inference-only; torch_npu 2.14.0 docstring)")
+
+
+def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
+                                    actual_seq_lengths_kv=None, dequant_scale1=None, quant_scale1=None,
+                                    dequant_scale2=None, quant_scale2=None, quant_offset2=None, antiquant_scale=None,
+                                    antiquant_offset=None, block_table=None, query_padding_size=None,
+                                    kv_padding_size=None, key_antiquant_scale=None, key_antiquant_offset=None,
+                                    value_antiquant_scale=None, value_antiquant_offset=None, key_shared_prefix=None,
+                                    value_shared_prefix=None, actual_shared_prefix_len=None, query_rope=None,
+                                    key_rope=None, key_rope_antiquant_scale=None, num_heads=1, scale=1.0,
+                                    pre_tokens=INT_MAX, next_tokens=INT_MAX, input_layout="BSH",
+                                    num_key_value_heads=0, sparse_mode=0, inner_precise=0, block_size=0,
+                                    antiquant_mode=0, softmax_lse_flag=False, key_antiquant_mode=0,
+                                    value_antiquant_mode=0):
+    """Documented (2.14.0 docstring) for inference: float16/bfloat16 (int8/int4 quantised modes not
+    emulated), non-contiguous inputs rejected, BSH/BSND/BNSD layouts (TND, BNSD_BSND, paged KV,
+    prefixes, quantisation, pse_shift not emulated), GQA with num_heads/num_key_value_heads <= 64,
+    B <= 65536, N <= 256, D <= 512 (a multiple of 16 for float16/bfloat16 when Q_S > 1), N*D < 65535
+    for BSH/BSND; atten_mask bool/int8/uint8, True = masked out (strict reading: the convention of
+    npu_fusion_attention and PromptFlashAttention), shapes (1,1,Sq,Sk), (B,1,Sq,Sk), (1,Sq,Sk) or
+    (Sq,Sk) in sparse_mode 0. Returns (attention_out, softmax_lse); no backward."""
+    op = "npu_fused_infer_attention_score"
+    local = dict(locals())
+    unsupported = [n for n in ("pse_shift", "actual_seq_lengths", "actual_seq_lengths_kv", "dequant_scale1",
+                               "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2", "antiquant_scale",
+                               "antiquant_offset", "block_table", "query_padding_size", "kv_padding_size",
+                               "key_antiquant_scale", "key_antiquant_offset", "value_antiquant_scale",
+                               "value_antiquant_offset", "key_shared_prefix", "value_shared_prefix",
+                               "actual_shared_prefix_len", "query_rope", "key_rope", "key_rope_antiquant_scale")
+                   if local[n] is not None]
+    if unsupported:
+        raise NotImplementedError(f"{op}: {', '.join(unsupported)} not emulated")
+    for n, t in (("query", query), ("key", key), ("value", value)):
+        _tensor(op, n, t)
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"{op}(): {n} has dtype {t.dtype}; supported: float16, bfloat16 (int8/int4 quantised)")
+        if not t.is_contiguous():
+            raise RuntimeError(f"{op}(): {n} is not contiguous (non-contiguous tensors are not supported)")
+    _tensor(op, "atten_mask", atten_mask, optional=True)
+    for n, v in (("num_heads", num_heads), ("pre_tokens", pre_tokens), ("next_tokens", next_tokens),
+                 ("num_key_value_heads", num_key_value_heads), ("sparse_mode", sparse_mode),
+                 ("inner_precise", inner_precise), ("block_size", block_size)):
+        _int(op, n, v)
+    _number(op, "scale", scale)
+    _str(op, "input_layout", input_layout)
+    _bool(op, "softmax_lse_flag", softmax_lse_flag)
+    if input_layout not in ("BSH", "BSND", "BNSD"):
+        raise NotImplementedError(f"{op}: input_layout {input_layout!r} not emulated (BSH, BSND, BNSD are)")
+    if sparse_mode != 0 or (pre_tokens, next_tokens) != (INT_MAX, INT_MAX) and atten_mask is not None:
+        raise NotImplementedError(f"{op}: sparse modes other than 0 and band masks are not emulated")
+    if inner_precise not in (0, 1, 2, 3):
+        raise RuntimeError(f"{op}(): inner_precise must be 0..3, got {inner_precise}")
+    if len({query.dtype, key.dtype, value.dtype}) != 1:
+        raise RuntimeError(f"{op}(): query, key, value dtypes differ")
+    if tuple(key.shape) != tuple(value.shape):
+        raise RuntimeError(f"{op}(): key {tuple(key.shape)} and value {tuple(value.shape)} must have one shape")
+    if input_layout == "BSH":
+        if query.dim() != 3 or num_heads < 1 or query.shape[-1] % num_heads:
+            raise RuntimeError(f"{op}(): BSH query {tuple(query.shape)} not divisible into {num_heads} heads")
+        D = query.shape[-1] // num_heads
+    else:
+        if query.dim() != 4 or key.dim() != 4:
+            raise RuntimeError(f"{op}(): {input_layout} needs 4-D query/key/value")
+        D = query.shape[-1]
+    q, k, v = (_to_bnsd(t, "BSND" if input_layout == "BSND" else input_layout, D) for t in (query, key, value))
+    B, Nq, Sq, Dq = q.shape
+    _, Nkv, Sk, Dk = k.shape
+    if Nq != num_heads:
+        raise RuntimeError(f"{op}(): num_heads={num_heads} but the query has {Nq} heads")
+    if num_key_value_heads not in (0, Nkv):
+        raise RuntimeError(f"{op}(): num_key_value_heads={num_key_value_heads} but key/value have {Nkv} heads")
+    if Nq % Nkv or Nq // Nkv > 64:
+        raise RuntimeError(f"{op}(): num_heads / num_key_value_heads = {Nq}/{Nkv} must be a whole number <= 64")
+    if not 1 <= Nq <= 256 or not 1 <= B <= 65536 or Dq != Dk or Dq > 512:
+        raise RuntimeError(f"{op}(): B {B} (<= 65536), N {Nq} (<= 256), D {Dq} (<= 512, Dq == Dk) out of range")
+    if Sq > 1 and Dq % 16:
+        raise RuntimeError(f"{op}(): float16/bfloat16 inputs need D a multiple of 16, got {Dq}")
+    if input_layout in ("BSH", "BSND") and Nq * Dq >= 65535:
+        raise RuntimeError(f"{op}(): N*D must be < 65535 for {input_layout}, got {Nq * Dq}")
+    scores = torch.matmul(q.float(), k.float().repeat_interleave(Nq // Nkv, dim=1).transpose(-1, -2)) * scale
+    if atten_mask is not None:
+        if atten_mask.dtype not in (torch.bool, torch.int8, torch.uint8):
+            raise TypeError(f"{op}(): atten_mask must be bool, int8 or uint8, got {atten_mask.dtype}")
+        m = atten_mask
+        ok = (m.dim() == 4 and tuple(m.shape[1:]) == (1, Sq, Sk) and m.shape[0] in (1, B)) or (
+            m.dim() == 3 and tuple(m.shape) == (1, Sq, Sk)) or (m.dim() == 2 and tuple(m.shape) == (Sq, Sk) and Sq > 1)
+        if not ok:
+            raise RuntimeError(f"{op}(): atten_mask shape {tuple(m.shape)} is not (1,1,Sq,Sk), (B,1,Sq,Sk), "
+                               f"(1,Sq,Sk) or (Sq,Sk) for B={B}, Sq={Sq}, Skv={Sk}")
+        scores = scores.masked_fill(m.bool(), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float().repeat_interleave(Nq // Nkv, dim=1)).to(query.dtype)
+    out = _from_bnsd(out, "BSND" if input_layout == "BSND" else input_layout)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        out = _NoBackward.apply(out, query, key, value)
+    return out, torch.zeros(1, dtype=torch.float32)
+
+
+npu_fused_infer_attention_score = _emulated(npu_fused_infer_attention_score)

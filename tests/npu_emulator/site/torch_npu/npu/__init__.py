@@ -29,6 +29,19 @@ def is_bf16_supported():
     return CONFIG.get("bf16", True)
 
 
+def set_compile_mode(jit_compile=True):
+    """torch_npu.npu.set_compile_mode: jit_compile=False selects the prebuilt binary kernels (the
+    Atlas A2/A3 default), True online compilation (Ascend/op-plugin docs, set_compile_mode)."""
+    if not isinstance(jit_compile, bool):
+        raise TypeError(f"set_compile_mode(): jit_compile must be bool, not {type(jit_compile).__name__}")
+    CONFIG["jit_compile"] = jit_compile
+
+
+def is_jit_compile_false():
+    """True when the binary kernels are in use (jit_compile=False), as torch_npu answers."""
+    return not CONFIG.get("jit_compile", False)
+
+
 def synchronize(device=None):
     return None
 
