@@ -20,11 +20,12 @@ def register(sub):
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
 
     from ..benchmark import model
+    from . import bench_model
 
     m = bsub.add_parser("model", help="whole Flux model: s/img and peak memory, infer and train, patched vs stock",
                         description=model.__doc__.split("\n\n")[0] if model.__doc__ else None)
-    model.add_arguments(m)
-    m.set_defaults(func=model.run)
+    bench_model.add_arguments(m)
+    m.set_defaults(func=bench_model.run)
 
     # Everything after `ops` goes to the per-op benchmark's own parser, `--help` included: with no
     # "-" prefix char here, argparse treats its options as plain words for REMAINDER.

@@ -1,0 +1,250 @@
+"""Rows of `flux-npu bench model` and how they are reported: the text table, stock/patched
+ratios with their significance, the JSON (written atomically) and the chart."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import torch
+
+from ..utils.table import format_table
+from ..utils.versions import versions
+
+
+@dataclass
+class BenchResult:
+    model: str
+    mode: str  # infer / train-lora / train-full
+    res: int
+    backend: str
+    device: str
+    variant: str  # patched / stock
+    dtype: str
+    steps: int
+    status: str = "ok"  # ok / OOM / error
+    s_per_img: Optional[float] = None
+    peak_mem_gb: Optional[float] = None
+    memory_kind: str = ""
+    params: int = 0
+    trainable_params: int = 0
+    text_len: int = 0
+    full_pipeline: bool = False
+    repeats: int = 1
+    s_per_img_all: List[float] = field(default_factory=list)
+    s_per_img_q1: Optional[float] = None  # interquartile range over the repeats
+    s_per_img_q3: Optional[float] = None
+    s_per_img_min: Optional[float] = None
+    s_per_img_max: Optional[float] = None
+    compiled: bool = False
+    message: str = ""
+    log: str = ""  # the log file holding this row's traceback, if any
+    traceback: str = field(default="", repr=False)  # goes to the log file, not the JSON
+
+
+def summarize(runs: List[BenchResult]) -> BenchResult:
+    """One row from the repeats of one configuration and variant: the median time, the spread
+    (quartiles, min, max) and the largest peak memory. A failed repeat makes the row failed."""
+    bad = next((r for r in runs if r.status != "ok"), None)
+    if bad is not None:
+        bad.repeats = len(runs)
+        return bad
+    times = sorted(r.s_per_img for r in runs)
+    best = min(runs, key=lambda r: abs(r.s_per_img - statistics.median(times)))
+    best.s_per_img = statistics.median(times)
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=4, method="inclusive")
+        best.s_per_img_q1, best.s_per_img_q3 = q[0], q[2]
+    else:
+        best.s_per_img_q1 = best.s_per_img_q3 = times[0]
+    best.s_per_img_min, best.s_per_img_max = times[0], times[-1]
+    best.peak_mem_gb = max(r.peak_mem_gb for r in runs)
+    best.repeats = len(runs)
+    best.s_per_img_all = [r.s_per_img for r in runs]
+    return best
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def _variant_label(r: BenchResult) -> str:
+    return r.variant + ("+compile" if r.compiled else "")
+
+
+def _spread(r: BenchResult) -> str:
+    if r.status != "ok" or r.s_per_img_q1 is None:
+        return ""
+    if r.repeats < 2:
+        return "1 run"
+    return f"{r.s_per_img_q1:.3f}-{r.s_per_img_q3:.3f}"
+
+
+def row_line(r: BenchResult) -> str:
+    """One finished row as a line of text (printed as rows finish, whatever the progress bar does)."""
+    head = f"{r.model} {r.mode} {r.res}px {_variant_label(r)}"
+    if r.status != "ok":
+        return f"{head}: {r.status}: {r.message}" + (f" (traceback in {r.log})" if r.log else "")
+    return (f"{head}: {r.s_per_img:.4g} s/img (median of {r.repeats}, IQR {_spread(r)}, "
+            f"min {r.s_per_img_min:.4g}, max {r.s_per_img_max:.4g}), peak {r.peak_mem_gb:.2f} GB")
+
+
+def table(results: List[BenchResult]) -> str:
+    rows = []
+    for r in results:
+        ok = r.status == "ok"
+        rows.append([r.model, r.mode, f"{r.res}", r.backend, _variant_label(r),
+                     _fmt(r.s_per_img, ".3f") if ok else r.status, _spread(r), str(r.repeats) if ok else "",
+                     _fmt(r.peak_mem_gb, ".2f") if ok else r.status,
+                     r.dtype, r.status if ok else f"{r.status}: {r.message}"[:60]])
+    return format_table(["model", "mode", "res", "backend", "variant", "s/img", "IQR s/img", "n", "peak mem GB",
+                         "dtype", "status"], rows)
+
+
+def ratios(results: List[BenchResult]) -> List[dict]:
+    """stock / patched time and memory for each configuration measured both ways; `significant`
+    is False when the two interquartile ranges overlap (or a side ran once): the ratio is then
+    within the noise."""
+    out = []
+    by = {}
+    for r in results:
+        by.setdefault((r.model, r.mode, r.res, r.backend, r.compiled), {})[r.variant] = r
+    for key, pair in by.items():
+        s, p = pair.get("stock"), pair.get("patched")
+        if not (s and p and s.status == p.status == "ok" and p.s_per_img):
+            continue
+        if s.repeats < 2 or p.repeats < 2:
+            significant, why = False, "single run: no spread"
+        elif s.s_per_img_q3 < p.s_per_img_q1 or p.s_per_img_q3 < s.s_per_img_q1:
+            significant, why = True, ""
+        else:
+            significant, why = False, "IQRs overlap: within noise"
+        out.append({"model": key[0], "mode": key[1], "res": key[2], "backend": key[3], "compiled": key[4],
+                    "speedup": s.s_per_img / p.s_per_img,
+                    "speedup_range": [s.s_per_img_q1 / p.s_per_img_q3, s.s_per_img_q3 / p.s_per_img_q1]
+                    if s.s_per_img_q1 is not None and p.s_per_img_q1 is not None else None,
+                    "significant": significant, "note": why,
+                    "memory_ratio": (p.peak_mem_gb / s.peak_mem_gb) if s.peak_mem_gb else None})
+    return out
+
+
+def ratio_table(rs: List[dict]) -> str:
+    rows = [[r["model"], r["mode"] + (" +compile" if r["compiled"] else ""), r["res"], r["backend"],
+             f"{r['speedup']:.3f}x",
+             "" if not r["speedup_range"] else f"{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x",
+             "" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}",
+             "" if r["significant"] else f"not significant ({r['note']})"] for r in rs]
+    return format_table(["model", "mode", "res", "backend", "stock/patched time", "range (IQR)",
+                         "patched/stock memory", "flag"], rows)
+
+
+def to_json(results: List[BenchResult], args: Optional[dict] = None, done: bool = True) -> dict:
+    b = results[0].backend if results else None
+    return {
+        "meta": {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "backend": b,
+                 "device": results[0].device if results else None, "versions": versions(),
+                 "torch_threads": torch.get_num_threads(), "args": args or {}, "complete": done,
+                 "units": {"s_per_img": "seconds per image (median over repeats)", "peak_mem_gb": "1e9 bytes"}},
+        "results": [{k: v for k, v in asdict(r).items() if k != "traceback"} for r in results],
+        "ratios": ratios(results),
+    }
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write through utils.output: a regular file atomically (a reader, or a crash, never sees half of
+    it), a device or FIFO in place."""
+    from ..utils.output import write_output
+
+    write_output(path, json.dumps(data, indent=2))
+
+
+def log_path_for(output: Optional[str]) -> str:
+    """The traceback log next to the JSON (`bench.json` -> `bench.log`), else (no file output, or a
+    device / FIFO / stdout) in the temp dir."""
+    from ..utils.output import output_kind
+
+    if output and output_kind(output) == "file":
+        root, _ = os.path.splitext(output)
+        return root + ".log"
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"flux-npu-bench-model-{os.getpid()}.log")
+
+
+def plot(results: List[BenchResult], path: str, meta: Optional[dict] = None) -> None:
+    """Inference and training side by side (never on one axis): seconds per image (median, IQR as
+    error bars) and peak memory, one bar per variant, each labelled with its value; OOM / error
+    configurations are marked, not drawn. The title names dtype, steps, repeats, device,
+    versions and date."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = meta or {}
+    groups = [("inference", [r for r in results if r.mode == "infer"]),
+              ("training", [r for r in results if r.mode != "infer"])]
+    groups = [(g, rs) for g, rs in groups if rs]
+    if not groups:
+        return
+    fig, axes = plt.subplots(2, len(groups), figsize=(max(6.5, 4.2 * len(groups) + 1.5), 7.5), squeeze=False)
+    for col, (gname, rs) in enumerate(groups):
+        labels = list(dict.fromkeys(f"{r.model}\n{r.mode}\n{r.res}px" for r in rs))
+        variants = list(dict.fromkeys(_variant_label(r) for r in rs))
+        width = 0.8 / max(1, len(variants))
+        for row, (attr, title) in enumerate((("s_per_img", "seconds per image (median, IQR bars)"),
+                                             ("peak_mem_gb", "peak memory (GB)"))):
+            ax = axes[row][col]
+            for j, v in enumerate(variants):
+                xs, ys, err = [], [], [[], []]
+                for i, lab in enumerate(labels):
+                    r = next((r for r in rs if _variant_label(r) == v and f"{r.model}\n{r.mode}\n{r.res}px" == lab),
+                             None)
+                    if r is None:
+                        continue
+                    x = i + (j - (len(variants) - 1) / 2) * width
+                    if r.status == "ok":
+                        y = getattr(r, attr)
+                        xs.append(x)
+                        ys.append(y)
+                        lo = r.s_per_img_q1 if attr == "s_per_img" and r.s_per_img_q1 is not None else y
+                        hi = r.s_per_img_q3 if attr == "s_per_img" and r.s_per_img_q3 is not None else y
+                        err[0].append(max(0.0, y - lo))
+                        err[1].append(max(0.0, hi - y))
+                    else:
+                        ax.text(x, 0, r.status, ha="center", va="bottom", rotation=90, fontsize=8, color="red")
+                bars = ax.bar(xs, ys, width, label=v, yerr=err if attr == "s_per_img" else None, capsize=3)
+                ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=7, padding=2)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_title(f"{gname}: {title}", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.margins(y=0.15)
+    r0 = results[0]
+    v = meta.get("versions") or versions()
+    steps = sorted({r.steps for r in results if r.mode == "infer"})
+    tsteps = sorted({r.steps for r in results if r.mode != "infer"})
+    reps = sorted({r.repeats for r in results if r.status == "ok"})
+    fig.suptitle(
+        f"flux-npu bench model: {r0.backend} on {r0.device}; {r0.dtype}, batch 1, "
+        f"{'infer ' + '/'.join(map(str, steps)) + ' steps' if steps else ''}"
+        f"{', ' if steps and tsteps else ''}{'train ' + '/'.join(map(str, tsteps)) + ' steps' if tsteps else ''}, "
+        f"repeats {'/'.join(map(str, reps)) or '-'}\n"
+        f"torch {v.get('torch')}, diffusers {v.get('diffusers')}, flux_npu {v.get('flux_npu')}; "
+        f"{meta.get('date') or _dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def require_matplotlib() -> None:
+    """--plot without matplotlib: fail before the run, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                         "(or pip install 'flux-npu[plot]'), or leave out --plot") from None
