@@ -1,0 +1,404 @@
+"""`flux-npu verify`: the one command for a machine we have never seen (a first 910B node, a GPU box).
+
+    flux-npu verify                      # the device it finds; report in ./flux-npu-verify-<backend>-<time>/
+    flux-npu verify --backend npu -o verify-910b --quick
+
+On the chosen backend it runs, offline:
+1. parity: every shipped golden (`flux_npu.parity.shipped_goldens()`), pass/fail per case;
+2. op benchmarks: device time and per-call latency, stock vs patched (`flux-npu bench ops`);
+3. a short whole-model benchmark, stock vs patched, inference and LoRA training;
+and writes one report directory: report.md (for people), report.json (everything), plots when
+matplotlib is installed, the model benchmark's JSON and traceback log. The report says pass/fail
+per case, which kernel served each op (dispatch counts), device, versions and date, and, when
+something failed, exactly what to send back. A phase that crashes is recorded with its traceback
+and the others still run. Exit code: 0 when every check passed, 1 otherwise.
+
+This module is the orchestration; the command line (`flux-npu verify ...`) is `flux_npu.cli.verify`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from typing import List, Optional
+
+PHASES = ("parity", "ops", "model")
+REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _served(stats) -> dict:
+    """dispatch_stats() as JSON: which kernel served each op, how often, and every fallback."""
+    served = [{"op": op, "backend": b, "kernel": k, "calls": n} for (op, b, k), n in sorted(stats["served"].items())]
+    fallback = [{"op": op, "backend": b, "reason": r, "calls": n}
+                for (op, b, r), n in sorted(stats["fallback"].items())]
+    return {"served": served, "fallback": fallback}
+
+
+class _Phase:
+    """Runs one phase; an exception becomes a recorded 'error' with its traceback in verify.log."""
+
+    def __init__(self, report: dict, name: str, log_path: str):
+        self.report, self.name, self.log_path = report, name, log_path
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.report.setdefault(self.name, {})
+        print(f"flux-npu verify: {self.name} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        entry = self.report.setdefault(self.name, {})
+        entry["seconds"] = round(time.perf_counter() - self.t0, 1)
+        if exc_type is None or exc_type is KeyboardInterrupt:
+            return False
+        entry["status"] = "error"
+        entry["error"] = f"{exc_type.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        with open(self.log_path, "a") as f:
+            f.write(f"=== {_now()} phase {self.name}\n{''.join(traceback.format_exception(exc_type, exc, tb))}\n")
+        self.report["failures"].append(f"{self.name}: {entry['error']} (traceback in verify.log)")
+        return True  # the other phases still run
+
+
+def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, isolate: Optional[bool] = None,
+           skip=(), command: Optional[str] = None) -> dict:
+    """Run the phases on `backend` (a name or a Backend), write the report directory, return
+    report.json's content. Never raises for a failed check: see report['verdict']."""
+    import torch
+
+    from . import ops, parity
+    from .backends import get_backend
+    from .utils.versions import versions
+
+    b = get_backend(backend)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out_dir = out_dir or f"flux-npu-verify-{b.name}-{stamp}"
+    bad = [p for p in skip if p not in PHASES]
+    if bad:
+        raise ValueError(f"--skip: unknown phase(s) {bad}; phases: {', '.join(PHASES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in REPORT_FILES:  # a reused directory must not mix this run's files with an older run's
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    log_path = os.path.join(out_dir, "verify.log")
+    with open(log_path, "w") as f:
+        f.write(f"flux-npu verify {_now()}: tracebacks of crashed phases follow (none below: none crashed)\n")
+    if isolate is None:
+        isolate = b.device_type in ("cuda", "npu")
+    report: dict = {
+        "verdict": None,
+        "dir": os.path.abspath(out_dir),
+        "command": command or "flux_npu.verify.verify()",
+        "date": _now(),
+        "quick": quick,
+        "environment": {
+            "backend": b.name, "device_type": b.device_type, "device": b.utils.device_name(),
+            "versions": versions(), "python": platform.python_version(), "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "failures": [],
+        "files": {"report": "report.md", "json": "report.json", "log": "verify.log"},
+    }
+    if getattr(sys.modules.get("torch_npu"), "EMULATED", False):
+        # the tests' torch_npu contract emulator is loaded: say so wherever the figures go
+        report["environment"]["note"] = ("torch_npu is the tests' contract emulator (CPU tensors): "
+                                         "these are not hardware results")
+    try:
+        from . import report as info
+
+        report["environment"]["info"] = info.collect(backend=b.name)
+    except Exception as exc:  # the info table is context, not a check
+        report["environment"]["info"] = f"unavailable ({type(exc).__name__}: {exc})"
+
+    if "parity" not in skip:
+        with _Phase(report, "parity", log_path):
+            _parity(report, b, quick, parity, ops)
+    if "ops" not in skip:
+        with _Phase(report, "ops", log_path):
+            _ops_bench(report, b, quick)
+    if "model" not in skip:
+        with _Phase(report, "model", log_path):
+            _model_bench(report, b, quick, isolate, out_dir, ops)
+    with _Phase(report, "plots", log_path):
+        _plots(report, out_dir)
+    report["verdict"] = "FAIL" if report["failures"] else "PASS"
+    report["send_back"] = _send_back(out_dir, report["command"])
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_markdown(report))
+    return report
+
+
+# -- phases -----------------------------------------------------------------------------------
+
+
+def _parity(report, b, quick, parity, ops):
+    entry = report["parity"]
+    entry["goldens"] = []
+    goldens = parity.shipped_goldens()
+    if not goldens:
+        raise parity.GoldenError("no shipped golden to check against")
+    ops.reset_dispatch_stats()
+    for path in goldens:
+        g = {"golden": os.path.basename(path), "path": path}
+        entry["goldens"].append(g)
+        try:
+            g["describe"] = parity.load_golden(path).describe()
+            rep = parity.check(path, backend=b, shape_sets=["tiny"] if quick else None)
+        except (parity.GoldenError, ValueError) as exc:
+            g["status"], g["error"] = "golden error", str(exc)
+            report["failures"].append(f"parity {g['golden']}: {str(exc).splitlines()[0]}")
+            continue
+        g["status"] = "pass" if rep.ok else "FAIL"
+        g["passed"] = sum(r.status == "pass" for r in rep.results)
+        g["total"] = len(rep.results)
+        g["results"] = [r.as_dict() for r in rep.results]
+        for r in rep.failed:
+            report["failures"].append(f"parity {g['golden']}: {r.id} {r.status}"
+                                      + (f" ({r.message})" if r.message else ""))
+    entry["kernels"] = _served(ops.dispatch_stats())
+    entry["status"] = "pass" if all(g["status"] == "pass" for g in entry["goldens"]) else "FAIL"
+
+
+def _ops_bench(report, b, quick):
+    from dataclasses import asdict
+
+    from .benchmark import ops as B
+
+    on_cpu = b.device_type == "cpu"
+    shape = "quick" if quick else ("mini" if on_cpu else "dev")
+    dtypes = [d for d in (["bf16"] if quick else ["bf16", "fp32"]) if B.DTYPES[d] in b.dtypes] or ["fp32"]
+    warmup, repeats = (1, 3) if quick else ((2, 7) if on_cpu else (10, 50))
+    device, utils = b.device(), b.utils
+    copy_bw = B.copy_bandwidth(device, utils, (16 if quick else 64 if on_cpu else 1024) * 2**20, warmup,
+                               max(repeats, 5))
+    rows = []
+    for op in B.OPS:
+        for dt in dtypes if op != "rope_freqs/bfl" else dtypes[:1]:
+            case = B.build_case(op, shape, dt, b, device)
+            rows.extend(B.run_case(case, utils, warmup, repeats, copy_bw, False, "", b.device_type))
+    entry = report["ops"]
+    entry.update(shape=shape, shape_def=B.SHAPES[shape], dtypes=dtypes, warmup=warmup, repeats=repeats,
+                 environment=B.environment(b, utils, copy_bw), rows=[asdict(r) for r in rows],
+                 table=B.format_rows(rows))
+    bad = [r for r in rows if r.status in ("MISMATCH", "error") and r.impl not in B.THIRD_PARTY]
+    for r in bad:
+        report["failures"].append(f"ops: {r.op} {r.dtype} {r.impl}: {r.status} {r.note}")
+    entry["status"] = "FAIL" if bad else "pass"
+
+
+def _model_bench(report, b, quick, isolate, out_dir, ops):
+    from .benchmark import model as M
+
+    on_cpu = b.device_type == "cpu"
+    if quick:
+        cfg = dict(presets=("tiny",), resolutions=(64,), steps=2, train_steps=1, repeats=2)
+    elif on_cpu:
+        cfg = dict(presets=("tiny",), resolutions=(256,), steps=10, train_steps=2, repeats=3)
+    else:
+        cfg = dict(presets=("flux-mini",), resolutions=(512,), steps=10, train_steps=2, repeats=3)
+    dtype = "bf16" if M.DTYPES["bf16"] in b.dtypes else "fp32"
+    json_path = os.path.join(out_dir, "model.json")
+    log_path = M.log_path_for(json_path)
+    rows = []
+
+    def on_row(r):
+        if r.traceback:
+            with open(log_path, "a") as f:
+                f.write(f"=== {_now()} {r.model} {r.mode} {r.res}px {r.variant}: {r.status}\n{r.traceback}\n")
+            r.log = os.path.basename(log_path)
+        rows.append(r)
+        M.write_json_atomic(json_path, M.to_json(rows, cfg, done=False))
+
+    ops.reset_dispatch_stats()
+    # isolated children are other processes: their dispatch counts cannot be read from here
+    results = M.run_benchmark(modes=("infer", "train"), train_kinds=("lora",), backend=b,
+                              variants=("stock", "patched"), dtype=dtype, warmup=1, isolate=isolate,
+                              on_row=on_row, timeout_s=900 if isolate else None, **cfg)
+    data = M.to_json(results, dict(cfg, dtype=dtype, isolate=isolate), done=True)
+    M.write_json_atomic(json_path, data)
+    entry = report["model"]
+    entry.update(config=dict(cfg, dtype=dtype, isolate=isolate), json="model.json",
+                 results=data["results"], ratios=data["ratios"], table=M.table(results),
+                 ratio_table=M.ratio_table(data["ratios"]) if data["ratios"] else "")
+    entry["kernels"] = (_served(ops.dispatch_stats()) if not isolate else
+                        "counted in the isolated benchmark processes, not here: see the parity phase's kernels")
+    failed = [r for r in results if r.status in ("error", "crashed", "timeout")]
+    for r in failed:
+        report["failures"].append(f"model: {r.model} {r.mode} {r.res}px {r.variant}: {r.status}: {r.message}")
+    entry["status"] = "FAIL" if failed else "pass"
+    entry["_results"] = results  # for the plot; dropped before writing
+
+
+def _plots(report, out_dir):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        report["plots"] = {"skipped": "matplotlib is not installed (pip install matplotlib, or the [plot] extra): "
+                                      "no plots; every figure is in report.json and report.md"}
+        report.get("model", {}).pop("_results", None)
+        return
+    made = []
+    results = report.get("model", {}).pop("_results", None)
+    if results:
+        from .benchmark import model as M
+
+        M.plot(results, os.path.join(out_dir, "model.png"), {"versions": report["environment"]["versions"],
+                                                              "date": report["date"]})
+        made.append("model.png")
+    if report.get("ops", {}).get("rows"):
+        _plot_ops(report["ops"], os.path.join(out_dir, "ops.png"), report)
+        made.append("ops.png")
+    report["plots"] = {"files": made}
+
+
+def _plot_ops(ops_entry, path, report):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ops_entry["rows"] if r["status"] == "ok" and r["device_us"]]
+    labels = list(dict.fromkeys(f"{r['op']} {r['dtype']}" for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(labels) + 4), 4.8))
+    width = 0.8 / max(1, len(impls))
+    for ax, key, title in ((axes[0], "copy_fraction", "device time as % of copy bandwidth"),
+                           (axes[1], "latency_us", "per-call latency (us, host + sync)")):
+        for j, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, lab in enumerate(labels):
+                r = next((r for r in rows if r["impl"] == impl and f"{r['op']} {r['dtype']}" == lab), None)
+                if r is None or r[key] is None:
+                    continue
+                xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                ys.append(100 * r[key] if key == "copy_fraction" else r[key])
+            bars = ax.bar(xs, ys, width, label=impl)
+            ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=6, padding=1)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    env, v = report["environment"], report["environment"]["versions"]
+    fig.suptitle(f"flux-npu bench ops: {env['backend']} on {env['device']}, shape {ops_entry['shape']}, "
+                 f"median of {ops_entry['repeats']}; torch {v.get('torch')}, flux_npu {v.get('flux_npu')}; "
+                 f"{report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _send_back(out_dir: str, command: str) -> dict:
+    d = os.path.abspath(out_dir)
+    tarball = d.rstrip("/") + ".tar.gz"
+    return {"tar": f"tar czf {shlex.quote(tarball)} -C {shlex.quote(os.path.dirname(d))} "
+                   f"{shlex.quote(os.path.basename(d))}",
+            "tarball": tarball, "command": command}
+
+
+# -- report.md --------------------------------------------------------------------------------
+
+
+def _md_table(head: List[str], rows: List[list]) -> str:
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _kernels_md(k) -> str:
+    if not isinstance(k, dict):
+        return f"_{k}_"
+    out = [_md_table(["op", "backend", "kernel", "calls"],
+                     [[s["op"], s["backend"], s["kernel"], s["calls"]] for s in k["served"]]) if k["served"]
+           else "_no op was dispatched_"]
+    if k["fallback"]:
+        out.append("\nFallbacks to the plain-torch reference or stock code:\n")
+        out.append(_md_table(["op", "backend", "reason", "calls"],
+                             [[s["op"], s["backend"], s["reason"], s["calls"]] for s in k["fallback"]]))
+    return "\n".join(out)
+
+
+def render_markdown(r: dict) -> str:
+    env, v = r["environment"], r["environment"]["versions"]
+    out = [f"# flux-npu verify: {r['verdict']}", "",
+           f"- backend `{env['backend']}` on {env['device']} (device type {env['device_type']})",
+           f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
+           "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+           f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads", ""]
+    if env.get("note"):
+        out[2:2] = [f"- **{env['note']}**"]
+    if r["failures"]:
+        out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
+    p = r.get("parity")
+    if p:
+        out += ["## Parity against the shipped goldens", ""]
+        if p.get("status") == "error":
+            out += [f"**phase crashed**: {p['error']} (traceback in verify.log)", ""]
+        for g in p.get("goldens", []):
+            if g["status"] == "golden error":
+                out += [f"### {g['golden']}: golden error", "", f"```\n{g['error']}\n```", ""]
+                continue
+            out += [f"### {g['golden']}: {g['status']}, {g['passed']}/{g['total']} cases pass", "",
+                    g.get("describe", ""), ""]
+            rows = []
+            for c in g["results"]:
+                w = c["worst"] or {}
+                rows.append([c["id"], c["dtype"], w.get("name", ""), _num(w.get("rel")), _num(w.get("tol")),
+                             c["status"] + (f": {c['message']}" if c["message"] else "")])
+            out += [_md_table(["case", "dtype", "worst tensor", "rel err", "tolerance", "result"], rows), ""]
+        if "kernels" in p:
+            out += ["### What served each op during parity", "", _kernels_md(p["kernels"]), ""]
+    o = r.get("ops")
+    if o:
+        out += ["## Op benchmarks", ""]
+        if o.get("status") == "error":
+            out += [f"**phase crashed**: {o['error']} (traceback in verify.log)", ""]
+        if "table" in o:
+            e = o["environment"]
+            out += [f"Shape `{o['shape']}` {o['shape_def']}, dtypes {', '.join(o['dtypes'])}, median and IQR of "
+                    f"{o['repeats']} after {o['warmup']} warm-up; copy bandwidth {e['copy_bandwidth_gbps']:.1f} GB/s. "
+                    f"Device time: {e['device_time']}; GB/s, % copy and vs stock come from it. "
+                    f"Latency: {e['latency']}.", "", "```", o["table"], "```", ""]
+    m = r.get("model")
+    if m:
+        out += ["## Whole-model benchmark", ""]
+        if m.get("status") == "error":
+            out += [f"**phase crashed**: {m['error']} (traceback in verify.log)", ""]
+        if "table" in m:
+            out += [f"Configuration: {m['config']}; rows in `model.json`, tracebacks (if any) in `model.log`.", "",
+                    "```", m["table"], "```", ""]
+            if m.get("ratio_table"):
+                out += ["```", m["ratio_table"], "```", ""]
+            out += ["### What served each op during the model benchmark", "", _kernels_md(m["kernels"]), ""]
+    pl = r.get("plots", {})
+    out += ["## Plots", "", (", ".join(f"`{f}`" for f in pl.get("files", [])) or "none") if "files" in pl
+            else pl.get("skipped", pl.get("error", "none")), ""]
+    sb = r["send_back"]
+    out += ["## What to send back", ""]
+    if r["failures"]:
+        out += ["Something failed. Please send, to the flux-npu issue tracker or to whoever asked you to run this:", "",
+                "1. this report directory as a tarball:", "", "```", sb["tar"], "```", "",
+                f"2. the command line you ran: `{sb['command']}`", "",
+                "3. anything the terminal printed that is not in the report (warnings from the driver, CANN or "
+                "CUDA).", ""]
+    else:
+        out += ["Every check passed. To share the figures anyway:", "", "```", sb["tar"], "```", "",
+                f"(command line: `{sb['command']}`)", ""]
+    return "\n".join(out)
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.3e}"
