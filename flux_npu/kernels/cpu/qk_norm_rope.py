@@ -9,9 +9,9 @@ import torch
 
 from ...ops.registry import register_kernel
 from .._common import foreign_device
+from .apply_rope import _check as _rope_check
+from .apply_rope import apply_rope
 from .rms_norm import rms_norm
-from .rope import _check as _rope_check
-from .rope import apply_rope
 
 
 def _check(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):

@@ -6,7 +6,7 @@ checks answer "torch_npu not importable: ..." where it is absent."""
 
 # infer_attention before attention: the first kernel that accepts an input serves it (FIA for no-grad calls)
 from . import infer_attention  # noqa: F401,I001  (registration side effects, in priority order)
-from . import adaln_residual, attention, gated_residual, layer_norm, rms_norm, rope  # noqa: F401
+from . import adaln_residual, apply_rope, attention, gated_residual, layer_norm_modulate, rms_norm  # noqa: F401
 
 
 def prepare() -> None:
