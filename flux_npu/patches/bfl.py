@@ -5,22 +5,31 @@ the whole layout in one module, `attention(..., attn_mask)`), and forks under an
 that *defines* `attention(q, k, v, pe, ...)` and `apply_rope(xq, xk, freqs_cis)` (math), or the
 `QKNorm` / `EmbedND` modules (layers), is recognised by structure.
 
-math:   attention(q, k, v, pe, [mask | attn_mask], [transformer_options]) -> ops.apply_rope +
-        ops.attention. Masks are served (bool True = attend, or additive float): ComfyUI's with its
-        own broadcasting (2-D (L, S), 3-D (B, L, S)), kohya's as SDPA does. Hand-backs to the
-        original, each counted by ops.record_fallback with its reason: an
-        `optimized_attention_override` in transformer_options (the user's own attention), keyword
-        arguments we do not know, positional encodings of another shape.
+math:   attention(q, k, v, pe, [mask | attn_mask], [transformer_options], [preferred_attention]) ->
+        ops.apply_rope + ops.attention. q/k/v may be ComfyUI AttentionTensorContainers (taken, as
+        ComfyUI's attention takes them). Masks are served (bool True = attend, or additive float):
+        ComfyUI's with its own broadcasting (2-D (L, S), 3-D (B, L, S)), kohya's as SDPA does.
+        Hand-backs to the original, each counted by ops.record_fallback with its reason: an
+        `optimized_attention_override` in transformer_options or a `preferred_attention` whose
+        `function` is set (an attention the user or the model chose), keyword arguments we do not
+        know, positional encodings of another shape. With patch(exclude=["attention"]) RoPE is still
+        served here and the original attention runs with pe=None (ComfyUI applies RoPE inside it).
         rope(pos, dim, theta) -> ops.rope_freqs; apply_rope / apply_rope1 -> ops.apply_rope.
         All are rebound where imported by name (`from flux.math import ...`).
 layers: RMSNorm.forward -> ops.rms_norm (output dtype probed from the original once: BFL promotes
         with the scale's dtype, kohya keeps x's); QKNorm.forward -> ops.rms_norm of q and k rounded
-        once to v's dtype; EmbedND.forward -> ops.rope_freqs per axis.
+        once to v's dtype, its norms either BFL RMSNorms (`scale`, eps 1e-6) or, in current ComfyUI
+        (where layers.RMSNorm is None), `operations.RMSNorm` modules (`weight`, eps None = torch's
+        finfo eps); EmbedND.forward -> ops.rope_freqs per axis. Weights stored in another dtype are
+        cast as the replaced code casts them (kohya: scale.float(); ComfyUI comfy_cast_weights: to
+        x's dtype) or handed back (a scale BFL uses as stored, weights on another device, ComfyUI
+        weight_function patches).
 blocks: DoubleStreamBlock / SingleStreamBlock / LastLayer forwards (kohya: their `_forward`): the
         inline LayerNorm+modulate expressions (4 per double block, 1 per single block, 1 in the
         last layer) -> ops.layer_norm_modulate and the gated residuals -> ops.gated_residual, by
-        rewriting those expressions in the forward's own source (rewrite.py); a forward written
-        another way (e.g. ComfyUI's apply_mod helper) is reported as skipped.
+        rewriting those expressions in the forward's own source (rewrite.py), including ComfyUI's
+        `apply_mod(self.N(x), (1 + scale), shift, modulation_dims)` / `x + apply_mod(y, gate, None,
+        modulation_dims)` form (fused where modulation_dims is None, else handed back, counted).
 """
 
 from __future__ import annotations
@@ -55,34 +64,92 @@ def _pe_fits(pe, q) -> bool:
     )
 
 
+def _peek(x):
+    """The tensor in x: x itself, or what a ComfyUI AttentionTensorContainer holds (read without
+    consuming it, so a hand-back passes the container on untouched)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    peek = getattr(x, "peek", None)
+    if callable(peek):
+        return peek()
+    return getattr(x, "tensor", None)
+
+
+def _take(x):
+    """The tensor in x, consuming a container as ComfyUI's own attention does (`take()`)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    take = getattr(x, "take", None)
+    return take() if callable(take) else _peek(x)
+
+
+def _preferred_why(preferred) -> str | None:
+    """Why a ComfyUI `preferred_attention` (a ComfyAttention) keeps the call on its own attention:
+    one whose `function` is set names a specific attention (the model's or the user's choice), which
+    ComfyUI runs instead of optimized_attention's default; None or an unset one leaves it to us."""
+    if preferred is None or getattr(preferred, "function", None) is None:
+        return None
+    return "ComfyUI attention: preferred_attention names a specific attention function (the model's or user's choice)"
+
+
+class KeepsOriginal(Exception):
+    """The replacement would not change what runs for the chosen ops: the original stays (a skipped row)."""
+
+
 def build_attention(original, backend, enabled=None):
     names = list(inspect.signature(original).parameters)[4:]  # after (q, k, v, pe)
     mask_name = next((n for n in names if n in ("mask", "attn_mask")), None)
     comfy_mask = mask_name == "mask"  # ComfyUI's optimized_attention broadcasting (2-D, 3-D = batch)
     known = set(names)
+    use_attention = enabled is None or "attention" in enabled
+    if not use_attention:
+        # patch(exclude=["attention"]): ComfyUI applies RoPE inside its attention, so RoPE is served
+        # here and the original attention runs with pe=None, which it must then skip (ComfyUI's
+        # `if pe is not None:`); an attention that always applies pe keeps RoPE (the row says so).
+        try:
+            source = inspect.getsource(original)
+        except (OSError, TypeError):
+            source = ""
+        if "pe is not None" not in source:
+            raise KeepsOriginal("attention excluded and this attention always applies RoPE itself (no "
+                                "`pe is not None` branch): RoPE stays inside it")
 
     def attention(q, k, v, pe, *args, **kwargs):
         if len(args) > len(names):
             handback("attention", backend, "BFL attention: more positional arguments than the original takes")
             return original(q, k, v, pe, *args, **kwargs)
-        kw = dict(zip(names, args))
+        kw = dict(zip(names, args, strict=False))
         kw.update(kwargs)
         mask = kw.get(mask_name) if mask_name else None
         opts = kw.get("transformer_options")
+        qt = _peek(q)
         why = None
         if set(kw) - known:
             why = f"BFL attention: unknown keyword argument(s) {sorted(set(kw) - known)}"
-        elif any(n not in (mask_name, "transformer_options") and kw[n] is not None for n in kw):
-            why = "BFL attention: an argument besides the mask and transformer_options is set"
+        elif any(n not in (mask_name, "transformer_options", "preferred_attention") and kw[n] is not None
+                 for n in kw):
+            why = "BFL attention: an argument besides the mask, transformer_options and preferred_attention is set"
+        elif not all(isinstance(_peek(t), torch.Tensor) for t in (q, k, v)):
+            why = "BFL attention: q/k/v are neither tensors nor ComfyUI AttentionTensorContainers"
+        elif pe is not None and not _pe_fits(pe, qt):
+            why = "BFL attention: positional encoding shape is not (..., L, D/2, 2, 2) for q"
+        elif not use_attention:
+            if pe is None:
+                return original(q, k, v, pe, *args, **kwargs)  # nothing of ours to do: not a hand-back
+            wrap = type(q) if not isinstance(q, torch.Tensor) else (lambda t: t)
+            qr = ops.apply_rope(_take(q), pe, backend=backend)
+            kr = ops.apply_rope(_take(k), pe, backend=backend)
+            return original(wrap(qr), wrap(kr), v, None, *args, **kwargs)
         elif isinstance(opts, dict) and any(opts.get(key) is not None for key in COMFY_ATTENTION_KEYS):
             why = "ComfyUI attention: transformer_options sets optimized_attention_override (the user's attention)"
-        elif pe is not None and not _pe_fits(pe, q):
-            why = "BFL attention: positional encoding shape is not (..., L, D/2, 2, 2) for q"
         elif mask is not None and not isinstance(mask, torch.Tensor):
             why = "BFL attention: mask is not a tensor"
+        else:
+            why = _preferred_why(kw.get("preferred_attention"))
         if why is not None:
             handback("attention", backend, why)
             return original(q, k, v, pe, *args, **kwargs)
+        q, k, v = _take(q), _take(k), _take(v)
         if mask is not None and comfy_mask:
             if mask.dim() == 2:  # (L, S)
                 mask = mask[None, None]
@@ -95,6 +162,9 @@ def build_attention(original, backend, enabled=None):
         return x.transpose(1, 2).flatten(2)  # "B H L D -> B L (H D)"
 
     attention.__wrapped_original__ = original
+    if not use_attention:
+        attention.__flux_npu_what__ = ("RoPE -> ops.apply_rope, then the original attention with pe=None "
+                                       "(attention excluded by patch(exclude=...))")
     return attention
 
 
@@ -138,16 +208,50 @@ def _rms_keeps_x_dtype(original) -> bool:
         return False
 
 
+# weight dtypes ops.rms_norm takes as stored; others (float8 e4m3 / e5m2 storage) are cast the way
+# the replaced code casts them, or handed back to it
+PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _scale_weight(scale, x, keeps_x: bool, where: str):
+    """(weight, None) of a BFL-style RMSNorm `scale` for ops.rms_norm, or (None, reason)."""
+    if not isinstance(scale, torch.Tensor) or scale.dim() != 1 or scale.shape[0] != x.shape[-1]:
+        return None, f"{where}: no 1-D `scale` of x's last dim"
+    if scale.device != x.device:  # weights streamed in by the original (ComfyUI low-VRAM casting)
+        return None, f"{where}: scale on another device than x"
+    if scale.dtype not in PLAIN_FLOATS:
+        if not keeps_x:  # BFL multiplies by the stored scale as is: its own arithmetic decides
+            return None, f"{where}: scale stored in {scale.dtype} (used as stored by the original)"
+        scale = scale.float()  # kohya computes with `self.scale.float()` (its --fp8_base storage)
+    return scale, None
+
+
+def _module_weight(norm, x, where: str):
+    """(weight, eps, None) of a torch.nn.RMSNorm-like QK norm (ComfyUI's operations.RMSNorm), cast
+    as its forward casts it, or (None, None, reason)."""
+    weight = getattr(norm, "weight", None)
+    shape = tuple(getattr(norm, "normalized_shape", ()) or ())
+    if not isinstance(weight, torch.Tensor) or shape != (x.shape[-1],) or tuple(weight.shape) != shape:
+        return None, None, f"{where}: norm has no weight of the head dim"
+    if getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+        return None, None, f"{where}: ComfyUI weight patches (weight_function) apply on the fly"
+    if weight.device != x.device:  # offloaded, streamed in by the norm's own forward
+        return None, None, f"{where}: weight on another device than x (streamed in by the norm itself)"
+    if getattr(norm, "comfy_cast_weights", False):
+        weight = weight.to(x.dtype)  # ComfyUI's cast_bias_weight: the weight in the input's dtype
+    elif weight.dtype not in PLAIN_FLOATS:
+        return None, None, f"{where}: weight stored in {weight.dtype} without ComfyUI's on-the-fly cast"
+    eps = norm.eps if getattr(norm, "eps", None) is not None else torch.finfo(x.dtype).eps  # torch's default
+    return weight, eps, None
+
+
 def build_rms_forward(original, backend):
     keeps_x = _rms_keeps_x_dtype(original)
 
     def forward(self, x):
-        scale = getattr(self, "scale", None)
-        if not isinstance(scale, torch.Tensor) or scale.dim() != 1 or scale.shape[0] != x.shape[-1]:
-            handback("rms_norm", backend, "BFL RMSNorm: no 1-D `scale` of x's last dim")
-            return original(self, x)
-        if scale.device != x.device:  # weights streamed in by the original (ComfyUI low-VRAM casting)
-            handback("rms_norm", backend, "BFL RMSNorm: scale on another device than x")
+        scale, why = _scale_weight(getattr(self, "scale", None), x, keeps_x, "BFL RMSNorm")
+        if why is not None:
+            handback("rms_norm", backend, why)
             return original(self, x)
         out = x.dtype if keeps_x else torch.promote_types(x.dtype, scale.dtype)
         return ops.rms_norm(x, scale, RMS_EPS, out_dtype=out, backend=backend)
@@ -156,18 +260,32 @@ def build_rms_forward(original, backend):
 
 
 def build_qknorm_forward(original, backend):
+    # the RMSNorm class its norms are built from: BFL's / kohya's (`scale`, eps 1e-6; kohya computes
+    # in x's dtype with scale.float()), or None in current ComfyUI, whose QKNorm holds
+    # operations.RMSNorm modules (`weight`, eps None = torch's default, weight cast to x's dtype)
+    rms_cls = original.__globals__.get("RMSNorm")
+    rms_forward = getattr(rms_cls, "forward", None) if isinstance(rms_cls, type) else None
+    keeps_x = _rms_keeps_x_dtype(rms_forward) if rms_forward is not None else False
+
+    def one(norm, x, v):
+        if isinstance(getattr(norm, "scale", None), torch.Tensor):
+            w, why = _scale_weight(norm.scale, x, keeps_x, "BFL QKNorm")
+            eps = RMS_EPS
+        elif isinstance(norm, torch.nn.Module) and hasattr(norm, "weight") and hasattr(norm, "eps"):
+            w, eps, why = _module_weight(norm, x, "ComfyUI QKNorm")
+        else:
+            w, why = None, "BFL QKNorm: query_norm/key_norm with neither a `scale` nor an RMSNorm `weight`"
+        return (w, eps) if why is None else why
+
     def forward(self, q, k, v):
-        qs = getattr(getattr(self, "query_norm", None), "scale", None)
-        ks = getattr(getattr(self, "key_norm", None), "scale", None)
-        if not isinstance(qs, torch.Tensor) or not isinstance(ks, torch.Tensor):
-            handback("rms_norm", backend, "BFL QKNorm: query_norm/key_norm without a `scale`")
-            return original(self, q, k, v)
-        if qs.device != q.device or ks.device != k.device:
-            handback("rms_norm", backend, "BFL QKNorm: scales on another device than q/k")
+        qn, kn = one(getattr(self, "query_norm", None), q, v), one(getattr(self, "key_norm", None), k, v)
+        why = qn if isinstance(qn, str) else kn if isinstance(kn, str) else None
+        if why is not None:
+            handback("rms_norm", backend, why)
             return original(self, q, k, v)
         return (
-            ops.rms_norm(q, qs, RMS_EPS, out_dtype=v.dtype, backend=backend),
-            ops.rms_norm(k, ks, RMS_EPS, out_dtype=v.dtype, backend=backend),
+            ops.rms_norm(q, qn[0], qn[1], out_dtype=v.dtype, backend=backend),
+            ops.rms_norm(k, kn[0], kn[1], out_dtype=v.dtype, backend=backend),
         )
 
     return forward
@@ -241,7 +359,7 @@ register_patch_set(
         describe="*flux.math",
         specs=[
             Spec("attention", build_attention, "RoPE + attention (masks too) -> ops.apply_rope + ops.attention",
-                 params=("q", "k", "v", "pe"), rebind=True, ops=("attention",)),
+                 params=("q", "k", "v", "pe"), rebind=True, ops=("attention", "apply_rope")),
             Spec("rope", build_rope, "RoPE matrices -> ops.rope_freqs (float32 where no float64)",
                  params=("pos", "dim", "theta"), rebind=True, ops=("rope_freqs",)),
             Spec("apply_rope", build_apply_rope, "RoPE application -> ops.apply_rope",

@@ -61,6 +61,8 @@ def _build(spec: Spec, original, backend, enabled):
 def _build_failure(exc) -> str:
     if type(exc).__name__ == "NothingToFuse":  # a block forward without the expressions we fuse
         return f"nothing to fuse: {exc}; stock code kept"
+    if type(exc).__name__ == "KeepsOriginal":  # the chosen ops leave nothing for the replacement to do
+        return f"stock code kept: {exc}"
     return f"cannot build replacement: {type(exc).__name__}: {exc}"
 
 

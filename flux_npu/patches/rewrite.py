@@ -50,6 +50,9 @@ RMS = "__flux_npu_rms"
 ATTN = "__flux_npu_attention"
 ADARES = "__flux_npu_adares"
 ADARES_OUT = "__flux_npu_normed"
+LN_MOD = "__flux_npu_lnmod_apply_mod"
+GATED_MOD = "__flux_npu_gated_apply_mod"
+APPLY_MOD = "apply_mod"  # ComfyUI's modulation helper: apply_mod(tensor, m_mult, m_add=None, modulation_dims=None)
 QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
@@ -155,6 +158,98 @@ class _ProcessorCalls(ast.NodeTransformer):
             return ast.copy_location(ast.Call(func=ast.Name(id=ATTN, ctx=ast.Load()), args=node.args,
                                               keywords=node.keywords), node)
         return node
+
+
+def _apply_mod_call(node):
+    """`apply_mod(A, M, ADD[, D])` (ComfyUI) -> (A, M, ADD, D-or-None node), else None."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == APPLY_MOD
+            and not node.keywords and len(node.args) in (3, 4)):
+        return None
+    a, m, add = node.args[:3]
+    return a, m, add, node.args[3] if len(node.args) == 4 else ast.Constant(value=None)
+
+
+def _is_none(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
+class _ApplyMod(ast.NodeTransformer):
+    """ComfyUI's AdaLN written with apply_mod: `apply_mod(self.N(X), (1 + S), T, D)` ->
+    `LN_MOD(apply_mod, self.N, X, T, S, D)`; `H += apply_mod(Y, G, None, D)` with a gate G ->
+    `H = GATED_MOD(apply_mod, H, G, Y, D, True)` (in place, as written, when it hands back) and
+    `X + apply_mod(Y, G, None, D)` -> `GATED_MOD(apply_mod, X, G, Y, D, False)`. The helpers fuse
+    only where D (modulation_dims) is None at run time."""
+
+    def __init__(self):
+        self.ln = self.gated = 0
+
+    def _gate_call(self, node):
+        hit = _apply_mod_call(node)
+        if hit is not None and _is_none(hit[2]) and _is_gate(hit[1]):
+            return hit
+        return None
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        hit = _apply_mod_call(node)
+        if hit is not None:
+            scale = _is_one_plus(hit[1])
+            call = _self_call(hit[0])
+            if scale is not None and call is not None and not _is_none(hit[2]):
+                self.ln += 1
+                return ast.copy_location(
+                    _call(LN_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), call[0], call[1], hit[2], scale, hit[3]),
+                    node)
+        return node
+
+    def visit_AugAssign(self, node):
+        self.generic_visit(node)
+        hit = self._gate_call(node.value)
+        if isinstance(node.op, ast.Add) and isinstance(node.target, ast.Name) and hit is not None:
+            self.gated += 1
+            x = ast.Name(id=node.target.id, ctx=ast.Load())
+            value = _call(GATED_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), x, hit[1], hit[0], hit[3],
+                          ast.Constant(value=True))
+            return ast.copy_location(ast.Assign(targets=[ast.Name(id=node.target.id, ctx=ast.Store())],
+                                                value=value), node)
+        return node
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        hit = self._gate_call(node.right) if isinstance(node.op, ast.Add) else None
+        if hit is not None:
+            self.gated += 1
+            return ast.copy_location(_call(GATED_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), node.left, hit[1],
+                                           hit[0], hit[3], ast.Constant(value=False)), node)
+        return node
+
+
+def _merge_apply_mod_pairs(body, counts):
+    """`V = self.N(X)` then `V = apply_mod(V, (1 + S), T, D)` -> `V = LN_MOD(apply_mod, self.N, X, T, S, D)`."""
+    out, i = [], 0
+    while i < len(body):
+        s = body[i]
+        for field in ("body", "orelse", "finalbody"):
+            if isinstance(getattr(s, field, None), list) and not isinstance(s, ast.FunctionDef):
+                setattr(s, field, _merge_apply_mod_pairs(getattr(s, field), counts))
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        v = _single_target(s)
+        call = _self_call(s.value) if v is not None else None
+        hit = _apply_mod_call(nxt.value) if call is not None and _single_target(nxt) == v else None
+        if (
+            hit is not None and isinstance(hit[0], ast.Name) and hit[0].id == v and not _is_none(hit[2])
+            and _is_one_plus(hit[1]) is not None and not _loads([hit[1], hit[2], hit[3]], v)
+        ):
+            new = ast.Assign(targets=nxt.targets, value=_call(
+                LN_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), call[0], call[1], hit[2], _is_one_plus(hit[1]),
+                hit[3]))
+            out.append(ast.copy_location(new, s))
+            counts["ln"] += 1
+            i += 2
+            continue
+        out.append(s)
+        i += 1
+    return out
 
 
 def _single_target(stmt):
@@ -359,8 +454,27 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
                         enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
                         parallel_config=parallel_config)
 
+    def lnmod_apply_mod(apply_mod, norm, x, shift, scale, dims):
+        if dims is None and use_ln and ln_ok(norm, x, shift, scale):
+            return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
+        if use_ln:
+            handback("layer_norm_modulate", backend, f"{where}: modulation_dims set (per-segment modulation)"
+                     if dims is not None else f"{where}: not a plain LayerNorm + same-dtype modulation")
+        return apply_mod(norm(x), (1 + scale), shift, dims)
+
+    def gated_apply_mod(apply_mod, x, gate, y, dims, inplace):
+        if dims is None and use_gated and gated_ok(x, gate, y):
+            return ops.gated_residual(x, gate, y, backend=backend)
+        if use_gated:
+            handback("gated_residual", backend, f"{where}: modulation_dims set (per-segment modulation)"
+                     if dims is not None else f"{where}: shapes or dtypes of x + gate * y differ")
+        if inplace:  # `x += apply_mod(...)` as written: x is changed in place
+            x += apply_mod(y, gate, None, dims)
+            return x
+        return x + apply_mod(y, gate, None, dims)
+
     ops_backend = backend
-    return lnmod, gated, rms, attention, adares
+    return lnmod, gated, rms, attention, adares, lnmod_apply_mod, gated_apply_mod
 
 
 def parse_function(fn):
@@ -412,6 +526,12 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
     fdef, first = parse_function(fn)
     counts = {"ln": 0, "gated": 0, "rms": 0, "attn": 0, "adares": 0}
     if "adaln" in kinds:
+        if APPLY_MOD in fn.__code__.co_names:  # ComfyUI's apply_mod form
+            fdef.body = _merge_apply_mod_pairs(fdef.body, counts)
+            mx = _ApplyMod()
+            fdef = mx.visit(fdef)
+            counts["ln"] += mx.ln
+            counts["gated"] += mx.gated
         fdef.body = _merge_pairs(fdef.body, counts)
         tx = _Expressions()
         fdef = tx.visit(fdef)
@@ -431,7 +551,7 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
         raise NothingToFuse("no expression we fuse (LayerNorm+modulate, gated residual, QK norm, attention call) "
                             "in its source")
     helpers = make_helpers(backend, where, enabled, fn.__globals__.get("dispatch_attention_fn"))
-    new = compile_rewritten(original, fdef, first, (LN, GATED, RMS, ATTN, ADARES), helpers)
+    new = compile_rewritten(original, fdef, first, (LN, GATED, RMS, ATTN, ADARES, LN_MOD, GATED_MOD), helpers)
     parts = []
     for key, text in (("adares", "gated residual + LayerNorm+modulate -> ops.adaln_residual"),
                       ("ln", "LayerNorm+modulate -> ops.layer_norm_modulate"),

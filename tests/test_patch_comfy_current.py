@@ -1,0 +1,252 @@
+# ruff: noqa: F811  (the layout_path fixture, imported from test_patch_codebases, is a parameter name)
+"""Current ComfyUI (late 2025 layout, tests/comfy_current_model: our code in their shapes): q/k/v
+in AttentionTensorContainers with a per-block `preferred_attention`, QKNorm on `operations.RMSNorm`
+(`weight`, eps None = torch's default), `layers.RMSNorm` None, AdaLN and gated residuals through
+`apply_mod(...)`, RoPE through comfy-kitchen outside training (the real `comfy-kitchen` package).
+Patched matches stock forward (inference) and forward + backward (training), served counts prove
+the kernels ran, hand-backs are counted with their reason, fp8-stored weights (ComfyUI's
+manual_cast, kohya's --fp8_base) run as stock does, and undo restores every symbol."""
+
+import copy
+
+import pytest
+import torch
+from flux_helpers import bfl_inputs
+from test_patch_codebases import _check_fp32, _comfy_kwargs, _kohya, _kohya_kwargs, _run, layout_path  # noqa: F401
+
+import flux_npu
+from flux_npu import ops
+from flux_npu.testing import rel_err, tolerance
+
+pytest.importorskip("comfy_kitchen")
+
+SERVED_PER_FORWARD = {  # 2 double + 2 single blocks and the last layer
+    ("attention", "cpu", "torch.sdpa"): 4,
+    ("apply_rope", "cpu", "torch.complex_mul"): 8,
+    ("rms_norm", "cpu", "torch.rms_norm"): 12,
+    ("rope_freqs", "cpu", "reference"): 3,
+    ("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul"): 2 * 4 + 2 + 1,
+    ("gated_residual", "cpu", "torch.addcmul"): 2 * 4 + 2,
+}
+
+
+def _current(layout_path, training, operations="disable_weight_init", dtype=torch.float32):
+    layout_path("comfy_current_model", "comfy")
+    import comfy.model_management
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    comfy.model_management.in_training = training
+    torch.manual_seed(0)
+    return Flux(FluxParams(), operations=getattr(comfy.ops, operations)).to(dtype)
+
+
+def _served(stats):
+    return {k: n for k, n in stats["served"].items() if k in SERVED_PER_FORWARD}
+
+
+def test_inference_every_op_served_through_containers_and_preferred_attention(layout_path):
+    model = _current(layout_path, training=False)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "bool")
+    with torch.no_grad():
+        stock = model.forward_orig(**kwargs)
+        import comfy.ldm.flux.layers as layers
+        import comfy.ldm.flux.math as math_
+
+        originals = {n: getattr(math_, n) for n in ("attention", "apply_rope", "apply_rope1", "rope")}
+        originals["QKNorm.forward"] = layers.QKNorm.forward
+        with flux_npu.patch("cpu", targets=["bfl"]) as handle:
+            rows = {r.symbol: r for r in handle.report() if r.target == "comfy.ldm.flux.layers"}
+            assert rows["QKNorm.forward"].status == "patched"
+            assert rows["RMSNorm.forward"].status == "not-found"  # layers.RMSNorm is None now
+            ops.reset_dispatch_stats()
+            patched = model.forward_orig(**kwargs)
+            stats = ops.dispatch_stats()
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert not stats["fallback"], stats["fallback"]
+    assert _served(stats) == SERVED_PER_FORWARD
+    assert {n: getattr(math_, n) for n in ("attention", "apply_rope", "apply_rope1", "rope")} == {
+        n: originals[n] for n in ("attention", "apply_rope", "apply_rope1", "rope")}
+    assert layers.QKNorm.forward is originals["QKNorm.forward"] and layers.attention is originals["attention"]
+
+
+def test_training_forward_backward_served_and_eps_none_honoured(layout_path):
+    model = _current(layout_path, training=True)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "additive")
+    leaves = {"img": inputs["img"], "txt": inputs["txt"]}
+    stock = _run(model, model.forward_orig, kwargs, leaves)
+    assert model.double_blocks[0].img_attn.norm.query_norm.eps is None
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, model.forward_orig, kwargs, leaves)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    assert _served(stats) == SERVED_PER_FORWARD
+
+
+def test_qk_norm_eps_none_is_torch_default_not_bfl_epsilon(layout_path):
+    """With eps None the norm uses finfo(dtype).eps: a query of tiny magnitude shows the difference."""
+    model = _current(layout_path, training=True)
+    qk = model.double_blocks[0].img_attn.norm
+    q = torch.randn(1, 2, 3, 16) * 1e-4
+    stock = qk(q, q, q)[0]
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        patched = qk(q, q, q)[0]
+    bfl_eps = ops.reference.rms_norm(q.double(), qk.query_norm.weight.double(), 1e-6).float()
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert rel_err(bfl_eps, stock) > 1e-2  # the BFL epsilon would have been visibly wrong here
+
+
+def test_preferred_attention_function_is_handed_back_and_counted(layout_path):
+    model = _current(layout_path, training=False)
+    from comfy.ldm.modules.attention import _default_attention
+
+    calls = []
+
+    def chosen(q, k, v, heads, **kw):
+        calls.append(type(q))
+        return _default_attention(q, k, v, heads, **kw)
+
+    for block in (*model.double_blocks, *model.single_blocks):
+        block.comfy_attention.function = chosen
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, None)
+    with torch.no_grad():
+        stock = model.forward_orig(**kwargs)
+        calls.clear()
+        with flux_npu.patch("cpu", targets=["bfl"]):
+            ops.reset_dispatch_stats()
+            patched = model.forward_orig(**kwargs)
+            stats = ops.dispatch_stats()
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert calls == [torch.Tensor] * 4  # the user's attention ran, on tensors taken from the containers
+    reasons = {(op, r): n for (op, b, r), n in stats["fallback"].items()}
+    assert [n for (op, r), n in reasons.items() if op == "attention" and "preferred_attention" in r] == [4]
+    assert ("attention", "cpu", "torch.sdpa") not in stats["served"]
+
+
+def test_modulation_dims_hand_back_counted_and_match_stock(layout_path):
+    model = _current(layout_path, training=False)
+    block = model.single_blocks[0]
+    x = torch.randn(2, 7, 64)
+    vec = torch.randn(2, 64)
+    pe = model.pe_embedder(torch.zeros(2, 7, 3))
+    dims = [(0, 3, 0), (3, 7, 0)]
+    with torch.no_grad():
+        stock = block(x.clone(), vec, pe, modulation_dims=dims)
+        with flux_npu.patch("cpu", targets=["bfl"]):
+            ops.reset_dispatch_stats()
+            patched = block(x.clone(), vec, pe, modulation_dims=dims)
+            fb = ops.dispatch_stats()["fallback"]
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    per_op = {op: n for (op, b, r), n in fb.items() if "modulation_dims" in r}
+    assert per_op == {"layer_norm_modulate": 1, "gated_residual": 1}
+
+
+def test_exclude_attention_keeps_rope_served(layout_path):
+    model = _current(layout_path, training=True)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "bool")
+    leaves = {"img": inputs["img"], "txt": inputs["txt"]}
+    stock = _run(model, model.forward_orig, kwargs, leaves)
+    with flux_npu.patch("cpu", targets=["bfl"], exclude=["attention"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, model.forward_orig, kwargs, leaves)
+        stats = ops.dispatch_stats()
+    _check_fp32(patched, stock)
+    assert stats["served"][("apply_rope", "cpu", "torch.complex_mul")] == 8
+    assert ("attention", "cpu", "torch.sdpa") not in stats["served"]
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_comfy_fp8_checkpoint_weights_cast_like_manual_cast(layout_path, fp8):
+    """ComfyUI's fp8 checkpoints: weights stored in fp8, cast to the input's dtype on the fly."""
+    model = _current(layout_path, training=False, operations="manual_cast")
+    for m in model.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            m.weight.data = m.weight.data.to(fp8)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "bool")
+    with torch.no_grad():
+        stock = model.forward_orig(**kwargs)
+        with flux_npu.patch("cpu", targets=["bfl"]):
+            ops.reset_dispatch_stats()
+            patched = model.forward_orig(**kwargs)
+            stats = ops.dispatch_stats()
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert not stats["fallback"], stats["fallback"]
+    assert stats["served"][("rms_norm", "cpu", "torch.rms_norm")] == 12
+
+
+def test_comfy_weight_patches_hand_back(layout_path):
+    """operations.RMSNorm with an on-the-fly weight patch (a LoRA applied by ComfyUI): the norm's own
+    forward applies it, so the QK norm is handed back, counted, and the result matches stock."""
+    model = _current(layout_path, training=False)
+    norm = model.double_blocks[0].img_attn.norm
+    norm.query_norm.weight_function.append(lambda w: w * 2)
+    q = torch.randn(1, 2, 3, 16)
+    stock = norm(q, q, q)[0]
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = norm(q, q, q)[0]
+        fb = ops.dispatch_stats()["fallback"]
+    assert torch.equal(patched, stock)
+    assert [n for (op, b, r), n in fb.items() if op == "rms_norm" and "weight_function" in r] == [1]
+
+
+def test_kohya_fp8_base_scales_served_as_kohya_casts_them(layout_path):
+    """kohya --fp8_base stores the DiT in fp8; its RMSNorm computes with `self.scale.float()`."""
+    fm, model = _kohya(layout_path)
+    ref = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, fm.RMSNorm):
+            m.scale.data = m.scale.data.to(torch.float8_e4m3fn)
+    for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        p_ref.data = p.data.float() if "scale" in n else p_ref.data
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _kohya_kwargs(inputs)
+    leaves = {"img": inputs["img"], "txt": inputs["txt"]}
+    stock = _run(model, model, kwargs, leaves)
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(model, model, kwargs, leaves)
+        stats = ops.dispatch_stats()
+    for k in ("out", "d_img", "d_txt"):
+        assert rel_err(patched[k], stock[k]) <= tolerance(torch.float32), k
+    assert not stats["fallback"], stats["fallback"]
+    assert stats["served"][("rms_norm", "cpu", "torch.rms_norm")] == 12
+
+
+def _toy_block(self, h, y, gate, dims=None):
+    h += apply_mod(y, gate, None, dims)  # noqa: F821  (resolved in the rewritten function's globals)
+    return h
+
+
+def test_in_place_gated_apply_mod_form_served_and_handed_back_in_place():
+    """`h += apply_mod(y, gate, None, dims)`: fused where dims is None; else the stock in-place add."""
+    from flux_npu.patches.rewrite import rewrite_function
+
+    def apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
+        if modulation_dims is None:
+            return tensor * m_mult
+        out = tensor.clone()
+        out[:, :2] *= m_mult
+        return out
+
+    globals()["apply_mod"] = apply_mod
+    try:
+        fn = rewrite_function(_toy_block, flux_npu.get_backend("cpu"), frozenset(flux_npu.patches.OP_NAMES), "toy")
+        h, y, gate = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 1, 8)
+        ops.reset_dispatch_stats()
+        fused = fn(None, h.clone(), y, gate)
+        assert rel_err(fused, (h.double() + gate.double() * y.double()).float()) <= tolerance(torch.float32)
+        assert ops.dispatch_stats()["served"][("gated_residual", "cpu", "torch.addcmul")] == 1
+        h2 = h.clone()
+        out = fn(None, h2, y, gate, dims=[(0, 2, 0)])
+        assert out is h2  # handed back: the stock in-place add, on the caller's tensor
+        assert torch.equal(out, _toy_block(None, h.clone(), y, gate, [(0, 2, 0)]))
+    finally:
+        del globals()["apply_mod"]
