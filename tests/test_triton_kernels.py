@@ -461,12 +461,18 @@ def test_compiled_ops_no_graph_break(device):
 
 
 def test_eager_calls_take_the_autograd_function_and_compiled_calls_the_custom_op(device):
-    """Eager: the autograd.Function over the launchers (cheaper on the host than a custom-op call);
-    under torch.compile: the custom op (checked in test_compiled_ops_no_graph_break's graph)."""
+    """Eager: the autograd.Function whose forward launches (cheaper on the host than a custom-op
+    call), both through the module function and through the dispatching op; under torch.compile:
+    the custom op (checked in test_compiled_ops_no_graph_break's graph)."""
+    from flux_npu import ops
+    from flux_npu.backends import cuda
+
     x = torch.randn(2, 3, 16).to(device).requires_grad_()
     y = RMS.rms_norm(x, None, 1e-6)
-    node = y.grad_fn.next_functions[0][0]  # under the output's view
-    assert type(node).__name__.startswith("Triton_rms_norm"), type(node).__name__
+    assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward", type(y.grad_fn).__name__
+    b = cuda.BACKEND if device.type == "cuda" else cuda.BACKEND.with_device_type("cpu")
+    y = ops.rms_norm(x, None, 1e-6, backend=b)
+    assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward", type(y.grad_fn).__name__
     seen = []
 
     def backend(gm, example_inputs):

@@ -63,6 +63,8 @@ class Kernel:
 
     fn(backend, *args, **kwargs) computes the op with the same arguments as the public entry point.
     check(backend, *args, **kwargs) returns None when the kernel takes the input, else the reason.
+    traced(backend, *args), when given, replaces fn while torch.compile traces (the cuda kernels:
+    eager calls launch through an autograd.Function, traced ones call the custom ops).
     A check may read the arguments' dtypes, shapes, devices and the non-tensor arguments, never
     tensor values or strides: its answer is cached per input signature. (The one exception, an
     attention float mask, is not cached: `ops.attention` decides such calls one by one.)
@@ -74,6 +76,7 @@ class Kernel:
     fn: Callable
     check: Optional[Callable] = None
     doc: str = ""
+    traced: Callable | None = None
 
     def why_not(self, backend: Backend, *args, **kwargs) -> Optional[str]:
         if self.check is None:
@@ -126,8 +129,10 @@ def _fold(p: Plan) -> None:
         p.n = 0
 
 
-def register_kernel(op: str, backend: str, name: str, check: Optional[Callable] = None, doc: str = ""):
-    """Decorator: register `fn` as kernel `name` of `op` on `backend` (appended: earlier wins)."""
+def register_kernel(op: str, backend: str, name: str, check: Optional[Callable] = None, doc: str = "",
+                    traced: Callable | None = None):
+    """Decorator: register `fn` as kernel `name` of `op` on `backend` (appended: earlier wins);
+    `traced`, if given, serves calls traced by torch.compile instead of `fn`."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     if backend != backend.lower():
@@ -136,7 +141,7 @@ def register_kernel(op: str, backend: str, name: str, check: Optional[Callable] 
     def deco(fn):
         kernels = _TABLE.setdefault((op, backend), [])
         kernels[:] = [k for k in kernels if k.name != name]
-        kernels.append(Kernel(op, backend, name, fn, check, doc or (fn.__doc__ or "").strip().split("\n")[0]))
+        kernels.append(Kernel(op, backend, name, fn, check, doc or (fn.__doc__ or "").strip().split("\n")[0], traced))
         invalidate_plans()
         return fn
 
@@ -370,7 +375,7 @@ def traced(op: str, b: Backend, reference: Callable, args: tuple):
         raise RuntimeError(_NOT_PREPARED.format(what=f"the kernels of backend {b.name!r} are not loaded yet"))
     k, reasons = _walk(op, b, args)
     if k is not None:
-        return k.fn(b, *args)
+        return (k.traced or k.fn)(b, *args)
     if reasons and _STRICT[0]:
         raise KernelDeclined(f"{op} on backend {b.name}: no kernel accepted the input ({'; '.join(reasons)})")
     return reference(*args)

@@ -15,18 +15,23 @@ Poisoning. Tests set `POISON = True` (or FLUX_NPU_TRITON_POISON=1): every buffer
 allocates for a kernel to fill is then NaN instead of uninitialised, so an element a kernel forgets
 to write fails the test instead of passing by luck.
 
-Custom ops. Each launch is a PyTorch custom op `flux_npu::triton_<name>` with registered autograd
-(the backward being another such op), so torch.compile and CUDA graphs take the kernels without a
-graph break. With compiled Triton the op is a `torch.library.triton_op` whose launches go through
-`wrap_triton` (inductor sees the kernels; the fake implementation is derived from the launcher).
-Under TRITON_INTERPRET=1 `triton.jit` returns an InterpretedFunction, which `wrap_triton` hands
-back unwrapped (torch/_library/triton.py), so a triton_op's derived fake implementation and its
-functional decomposition would run the interpreter on fake tensors and fail ("Attempted to set
-the storage of a tensor on device meta ..."). There the same launcher becomes an opaque
-`torch.library.custom_op` with an explicit fake implementation: same name, schema and autograd,
-and `torch.library.opcheck` passes on CPU tensors. Eager calls (not under torch.compile) take an
-autograd.Function over the same launchers instead, because a custom-op call costs several times
-more host time (`TritonOp`).
+Launches. Eager calls run an autograd.Function per op whose `forward` prepares the rows and
+launches the kernel itself (`kernel[grid](...)`: triton's own launch, nothing of torch's between;
+`launch` below hands the kernel back as is). torch.compile traces a custom op per kernel pair
+instead, `flux_npu::triton_<name>` with registered autograd (the backward being another such op), so
+compiled graphs and CUDA graphs take the kernels without a graph break. With compiled Triton the op
+is a `torch.library.triton_op` whose launches go through `wrap_triton` while torch traces it (a
+dispatch mode is active: fake tensors, functionalization, make_fx), so inductor sees the kernels and
+the fake implementation is derived from the launcher. Outside tracing `wrap_triton` would dispatch
+every launch through torch's higher-order op (pytree flattening, signature binding, side-table
+locks): ~10x the host time of the launch itself, measured with triton's compiled-kernel path up to
+its C launcher (tests/test_triton_launch_frames.py counts the frames so this cannot regress unseen).
+Under TRITON_INTERPRET=1 `triton.jit` returns an InterpretedFunction, which torch >= 2.12's
+`wrap_triton` hands back unwrapped and torch 2.11's refuses, and a triton_op's derived fake
+implementation would run the interpreter on fake tensors ("Attempted to set the storage of a
+tensor on device meta ..."). There the same launcher becomes an opaque `torch.library.custom_op`
+with an explicit fake implementation: same name, schema and autograd, and `torch.library.opcheck`
+passes on CPU tensors; interpreted kernels are never wrapped.
 """
 
 from __future__ import annotations
@@ -163,9 +168,22 @@ def row_args(t: torch.Tensor):
 
 
 def launch(kernel):
-    """`kernel` as a custom op launches it: through wrap_triton (traceable by torch.compile), which
-    hands interpreted kernels back unchanged."""
-    return wrap_triton(kernel)
+    """`kernel` ready for `[grid](...)`: itself in eager (triton's own launch), wrapped by
+    `wrap_triton` only while torch traces it: a dispatch mode is active (fake tensors,
+    functionalization, make_fx: how torch.compile's AOT stage and a triton_op's fake implementation
+    run the launchers; dynamo itself never enters them, the custom ops are opaque to it), so
+    inductor sees the launch. Interpreted kernels are never wrapped (torch 2.11's wrap_triton
+    refuses them; they only run eagerly, inside an opaque custom op)."""
+    if _dispatch_modes() and _JIT is not None and isinstance(kernel, _JIT):
+        return wrap_triton(kernel)
+    return kernel
+
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # counts infra modes too (fake, functional, proxy)
+try:
+    from triton.runtime.jit import JITFunction as _JIT  # InterpretedFunction is not one
+except Exception:  # no (working) triton: nothing is ever launched
+    _JIT = None
 
 
 def interpreted(kernel) -> bool:
@@ -187,16 +205,11 @@ def define_op(name: str, fn: Callable, kernel, fake: Callable):
 
 
 class TritonOp:
-    """One kernel pair (forward and backward launchers) as both a custom op with registered
-    autograd (`.op`, `.bwd_op`: what torch.compile traces) and an autograd.Function over the same
-    launchers (what eager calls use). Calling it picks by `torch.compiler.is_compiling()`.
-
-    Why two: a custom op call costs several times an autograd.Function call on the host (measured
-    here on CPU, no kernel: 36 us against 7.6 us with autograd, 21 against 14 without), and the
-    host path of the eager ops already cost more than the GPU work at Flux shapes (issue 9). Both
-    run the same launchers and the same setup/backward code; `backward(ctx, *grads)` calls
-    `ctx.bwd`, the backward op under compile and the backward launcher in eager.
-    """
+    """One kernel pair (forward and backward launchers) as custom ops with registered autograd:
+    `.op` and `.bwd_op`, what torch.compile traces (the backward calls `ctx.bwd`, the backward op).
+    Eager calls do not come here: each op file's autograd.Function launches the same kernels with
+    no custom-op dispatch between (a custom-op call costs several times an autograd.Function call
+    on the host, issue 9)."""
 
     def __init__(self, name, fwd, fwd_kernel, fwd_fake, bwd, bwd_kernel, bwd_fake, setup, backward):
         self.op = define_op(name, fwd, fwd_kernel, fwd_fake)
@@ -209,22 +222,6 @@ class TritonOp:
                 ctx.bwd = bwd_op
 
             self.op.register_autograd(backward, setup_context=setup_op)
-
-        def forward(ctx, *inputs):
-            output = fwd(*inputs)
-            setup(ctx, inputs, output)
-            ctx.bwd = bwd
-            return output
-
-        self.function = type(
-            f"Triton_{name}", (torch.autograd.Function,),
-            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
-        )
-
-    def __call__(self, *args):
-        if torch.compiler.is_compiling():
-            return self.op(*args)
-        return self.function.apply(*args)
 
 
 def no_grad_placeholder(like: torch.Tensor) -> torch.Tensor:

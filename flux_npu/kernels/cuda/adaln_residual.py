@@ -86,20 +86,48 @@ def _adaln_res_bwd(
     tl.store(DSC + part, dsc, mask=cmask)
 
 
+class AdaLNResidualFunction(torch.autograd.Function):
+    """Eager gated residual + AdaLN: `forward` is the launcher (ops.adaln_residual -> dispatch ->
+    apply -> forward)."""
+
+    @staticmethod
+    def forward(ctx, backend, x, gate, y, shift, scale, eps):
+        """x, y (G..., L..., N); gate, shift, scale (G..., 1..., N). ctx None: the custom op's launcher,
+        which passes x, y (G, L, N) and gate, shift, scale (G, N) with unit last-dim strides."""
+        if ctx is None:
+            x3, y3, g2, sh2, sc2 = x, y, gate, shift, scale
+        else:
+            (x3, y3), (g2, sh2, sc2) = group_view(x, rows=(y,), mods=(gate, shift, scale), op="adaln_residual")
+        Gn, L, N = x3.shape
+        bm, bn, nb = T.row_blocks(N, L)
+        h = T.empty(x.shape, x.dtype, x.device)
+        n = T.empty(x.shape, x.dtype, x.device)
+        eps = float(eps)
+        T.launch(_adaln_res_fwd)[(Gn, nb)](
+            x3, g2, y3, sh2, sc2, h, n, L, N, x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1),
+            g2.stride(0), sh2.stride(0), sc2.stride(0), eps,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+        )
+        if ctx is not None:
+            ctx.save_for_backward(h, y3, g2, sh2, sc2)
+            ctx.eps, ctx.shapes = eps, (gate.shape, shift.shape, scale.shape)
+        return h, n
+
+    @staticmethod
+    def backward(ctx, dh, dn):
+        h, y3, g2, sh2, sc2 = ctx.saved_tensors
+        Gn, _, N = y3.shape
+        dx, dg, dy, dsh, dsc = _bwd(h.view(Gn, -1, N), y3, g2, sh2, sc2, dh, dn, ctx.eps)
+        gs, shs, scs = ctx.shapes
+        return None, dx.view(h.shape), dg.view(gs), dy.view(h.shape), dsh.view(shs), dsc.view(scs), None
+
+
 def _fwd(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y (G, L, N) with unit last-dim stride; gate, shift, scale (G, N). Dense (h, n) in x's dtype."""
-    Gn, L, N = x.shape
-    bm, bn, nb = T.row_blocks(N, L)
-    h = T.empty((Gn, L, N), x.dtype, x.device)
-    n = T.empty((Gn, L, N), x.dtype, x.device)
-    T.launch(_adaln_res_fwd)[(Gn, nb)](
-        x, gate, y, shift, scale, h, n, L, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        gate.stride(0), shift.stride(0), scale.stride(0), eps,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
-    )
-    return h, n
+    """The custom op's launcher: x, y (G, L, N) with unit last-dim stride; gate, shift, scale (G, N).
+    Dense (h, n) in x's dtype."""
+    return AdaLNResidualFunction.forward(None, None, x, gate, y, shift, scale, eps)
 
 
 def _fwd_fake(x, gate, y, shift, scale, eps):
@@ -152,13 +180,15 @@ adaln_residual_op, adaln_residual_bwd_op = _ADALN_RES.op, _ADALN_RES.bwd_op
 
 def adaln_residual(x, gate, y, shift, scale, eps: float = 1e-6):
     """(x + gate * y, (1 + scale) * LayerNorm(x + gate * y) + shift), both in x's dtype, in one
-    pass; differentiable in all five tensors."""
+    pass; differentiable in all five tensors. Under torch.compile: the custom op."""
     why = reason(x, gate, y, shift, scale)
     if why:
         raise ValueError(f"triton adaln_residual: {why}")
-    (x3, y3), (g2, sh2, sc2) = group_view(x, rows=(y,), mods=(gate, shift, scale), op="adaln_residual")
-    h, n = _ADALN_RES(x3, g2, y3, sh2, sc2, float(eps))
-    return h.view(x.shape), n.view(x.shape)
+    if torch.compiler.is_compiling():
+        (x3, y3), (g2, sh2, sc2) = group_view(x, rows=(y,), mods=(gate, shift, scale), op="adaln_residual")
+        h, n = adaln_residual_op(x3, g2, y3, sh2, sc2, float(eps))
+        return h.view(x.shape), n.view(x.shape)
+    return AdaLNResidualFunction.apply(None, x, gate, y, shift, scale, eps)
 
 
 def reason(x, gate, y, shift, scale) -> str | None:
@@ -175,7 +205,11 @@ def check(backend, x, gate, y, shift, scale, eps):
     )
 
 
-@register_kernel("adaln_residual", "cuda", "triton.adaln_residual", check=check)
-def _kernel(backend, x, gate, y, shift, scale, eps):
-    """Triton gated residual + AdaLN: h = x + gate * y and (1 + scale) * LayerNorm(h) + shift in one pass."""
+def _traced(backend, x, gate, y, shift, scale, eps):
     return adaln_residual(x, gate, y, shift, scale, eps)
+
+
+register_kernel(
+    "adaln_residual", "cuda", "triton.adaln_residual", check=check, traced=_traced,
+    doc="Triton gated residual + AdaLN: h = x + gate * y and (1 + scale) * LayerNorm(h) + shift in one pass.",
+)(AdaLNResidualFunction.apply)

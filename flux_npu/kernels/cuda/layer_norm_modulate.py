@@ -108,16 +108,40 @@ def _ln_mod_bwd(
     tl.store(DSC + part, dsc, mask=cmask)
 
 
+class LayerNormModulateFunction(torch.autograd.Function):
+    """Eager AdaLN: `forward` is the launcher (ops.layer_norm_modulate -> dispatch -> apply -> forward)."""
+
+    @staticmethod
+    def forward(ctx, backend, x, shift, scale, eps):
+        """x (G..., L..., N), shift/scale (G..., 1..., N); ctx None: the custom op's launcher, which
+        passes x (G, L, N) and shift/scale (G, N) with unit last-dim strides."""
+        if ctx is None:
+            x3, sh2, sc2 = x, shift, scale
+        else:
+            (x3,), (sh2, sc2) = group_view(x, mods=(shift, scale))
+        G, L, N = x3.shape
+        bm, bn, nb = T.row_blocks(N, L)
+        y = T.empty(x.shape, x.dtype, x.device)
+        eps = float(eps)
+        T.launch(_ln_mod_fwd)[(G, nb)](
+            x3, sh2, sc2, y, L, N, x3.stride(0), x3.stride(1), sh2.stride(0), sc2.stride(0), eps,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+        )
+        if ctx is not None:
+            ctx.save_for_backward(x3, sh2, sc2)
+            ctx.eps, ctx.shapes = eps, (shift.shape, scale.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x3, sh2, sc2 = ctx.saved_tensors
+        dx, dsh, dsc = _bwd(x3, sh2, sc2, dy, ctx.eps)
+        return None, dx.view(dy.shape), dsh.view(ctx.shapes[0]), dsc.view(ctx.shapes[1]), None
+
+
 def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (G, L, N) with unit last-dim stride; shift, scale (G, N). Dense y of x's shape and dtype."""
-    G, L, N = x.shape
-    bm, bn, nb = T.row_blocks(N, L)
-    y = T.empty((G, L, N), x.dtype, x.device)
-    T.launch(_ln_mod_fwd)[(G, nb)](
-        x, shift, scale, y, L, N, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
-    )
-    return y
+    """The custom op's launcher: x (G, L, N) with unit last-dim stride; shift, scale (G, N). Dense y."""
+    return LayerNormModulateFunction.forward(None, None, x, shift, scale, eps)
 
 
 def _fwd_fake(x, shift, scale, eps):
@@ -198,9 +222,11 @@ def group_view(x, rows=(), mods=(), op="layer_norm_modulate"):
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(1 + scale) * LayerNorm(x) + shift over the last dim (float32 maths, output x.dtype).
     shift/scale: (G..., 1..., D) against x (G..., L..., D), e.g. (B, 1, D) for (B, S, D).
-    Differentiable in x, shift and scale."""
-    (x3,), (sh2, sc2) = group_view(x, mods=(shift, scale))
-    return _LN_MOD(x3, sh2, sc2, float(eps)).view(x.shape)
+    Differentiable in x, shift and scale. Under torch.compile: the custom op."""
+    if torch.compiler.is_compiling():
+        (x3,), (sh2, sc2) = group_view(x, mods=(shift, scale))
+        return layer_norm_modulate_op(x3, sh2, sc2, float(eps)).view(x.shape)
+    return LayerNormModulateFunction.apply(None, x, shift, scale, eps)
 
 
 def _check(backend, x, shift, scale, eps):
@@ -210,7 +236,11 @@ def _check(backend, x, shift, scale, eps):
     )
 
 
-@register_kernel("layer_norm_modulate", "cuda", "triton.layer_norm_modulate", check=_check)
-def _kernel(backend, x, shift, scale, eps):
-    """Triton AdaLN: LayerNorm + (1 + scale), + shift in one pass."""
+def _traced(backend, x, shift, scale, eps):
     return layer_norm_modulate(x, shift, scale, eps)
+
+
+register_kernel(
+    "layer_norm_modulate", "cuda", "triton.layer_norm_modulate", check=_check, traced=_traced,
+    doc="Triton AdaLN: LayerNorm + (1 + scale), + shift in one pass.",
+)(LayerNormModulateFunction.apply)

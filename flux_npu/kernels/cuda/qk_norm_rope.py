@@ -27,6 +27,39 @@ def _one_launch(q, k, q_weight, k_weight) -> bool:
     return q_weight is None or q_weight.dtype == k_weight.dtype
 
 
+class QKNormRopeFunction(torch.autograd.Function):
+    """Eager QK-norm + RoPE: `forward` prepares the rows and calls the shared launcher
+    (ops.qk_norm_rope -> dispatch -> apply -> forward -> fwd_launch)."""
+
+    @staticmethod
+    def forward(ctx, backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
+        for name, t in (("q", q), ("k", k)):
+            if t.dim() > 4:
+                raise ValueError(f"triton qk_norm_rope takes at most 4-D {name}, got {t.dim()}-D")
+        q4, k4 = T.last_dim_unit(T.as_4d(q)), T.last_dim_unit(T.as_4d(k))
+        f0, f1 = split_freqs(freqs)
+        eps, sd = float(eps), sequence_dim + 4 - q.dim()
+        if _one_launch(q4, k4, q_weight, k_weight):
+            yq, yk = fwd_launch([q4, k4], [q_weight, k_weight], f0, f1, sd, True, eps)
+        else:
+            yq, yk = _fwd(q4, k4, q_weight, k_weight, f0, f1, eps, sd)
+        ctx.save_for_backward(q4, k4, q_weight, k_weight, f0, f1)
+        ctx.eps, ctx.sequence_dim = eps, sd
+        return yq.view(q.shape), yk.view(k.shape)
+
+    @staticmethod
+    def backward(ctx, dyq, dyk):
+        q4, k4, q_weight, k_weight, f0, f1 = ctx.saved_tensors
+        dq, dk, dqw, dkw = _bwd(q4, k4, q_weight, k_weight, f0, f1, dyq.reshape(q4.shape), dyk.reshape(k4.shape),
+                                ctx.eps, ctx.sequence_dim)
+        need = ctx.needs_input_grad
+        return (
+            None, dq.view(dyq.shape), dk.view(dyk.shape),
+            dqw if q_weight is not None and need[3] else None, dkw if k_weight is not None and need[4] else None,
+            None, None, None,
+        )
+
+
 def _fwd(
     q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
     f0: torch.Tensor, f1: Optional[torch.Tensor], eps: float, sequence_dim: int,
@@ -89,13 +122,15 @@ qk_norm_rope_op, qk_norm_rope_bwd_op = _QK_NORM_ROPE.op, _QK_NORM_ROPE.bwd_op
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs, eps: float = 1e-6, sequence_dim: int = 2):
     """(RoPE(RMSNorm(q)), RoPE(RMSNorm(k))) as `flux_npu.ops.reference.qk_norm_rope`, in one launch;
-    differentiable in q, k and both weights."""
+    differentiable in q, k and both weights. Under torch.compile: the custom op."""
+    if not torch.compiler.is_compiling():
+        return QKNormRopeFunction.apply(None, q, k, q_weight, k_weight, freqs, eps, sequence_dim)
     for name, t in (("q", q), ("k", k)):
         if t.dim() > 4:
             raise ValueError(f"triton qk_norm_rope takes at most 4-D {name}, got {t.dim()}-D")
     q4, k4 = (T.last_dim_unit(T.as_4d(t)) for t in (q, k))
     f0, f1 = split_freqs(freqs)
-    yq, yk = _QK_NORM_ROPE(q4, k4, q_weight, k_weight, f0, f1, float(eps), sequence_dim + 4 - q.dim())
+    yq, yk = qk_norm_rope_op(q4, k4, q_weight, k_weight, f0, f1, float(eps), sequence_dim + 4 - q.dim())
     return yq.view(q.shape), yk.view(k.shape)
 
 
@@ -113,7 +148,11 @@ def _check(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
     return freqs_reason(q, freqs, sequence_dim) or freqs_reason(k, freqs, sequence_dim)
 
 
-@register_kernel("qk_norm_rope", "cuda", "triton.qk_norm_rope", check=_check)
-def _kernel(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
-    """Triton RMSNorm + RoPE of q and k in one launch (one read and one write of each)."""
+def _traced(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
     return qk_norm_rope(q, k, q_weight, k_weight, freqs, eps, sequence_dim)
+
+
+register_kernel(
+    "qk_norm_rope", "cuda", "triton.qk_norm_rope", check=_check, traced=_traced,
+    doc="Triton RMSNorm + RoPE of q and k in one launch (one read and one write of each).",
+)(QKNormRopeFunction.apply)

@@ -233,6 +233,32 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
 # -- apply_rope as a custom op -------------------------------------------------------------------
 
 
+class ApplyRopeFunction(torch.autograd.Function):
+    """Eager RoPE: `forward` prepares the rows and calls the shared launcher (ops.apply_rope ->
+    dispatch -> apply -> forward -> fwd_launch)."""
+
+    @staticmethod
+    def forward(ctx, backend, x, freqs, sequence_dim):
+        if x.dim() > 4:
+            raise ValueError(f"triton apply_rope takes at most 4-D x, got {x.dim()}-D")
+        x4 = T.last_dim_unit(T.as_4d(x))
+        f0, f1 = split_freqs(freqs)
+        sd = sequence_dim + 4 - x.dim()
+        (y,) = fwd_launch([x4], [None], f0, f1, sd, False, 0.0)
+        ctx.save_for_backward(f0, f1)
+        ctx.sequence_dim = sd
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        f0, f1 = ctx.saved_tensors
+        return None, _bwd(dy.reshape(_shape4(dy)), f0, f1, ctx.sequence_dim).view(dy.shape), None, None
+
+
+def _shape4(t):
+    return (1,) * (4 - t.dim()) + tuple(t.shape)
+
+
 def _fwd(x: torch.Tensor, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int) -> torch.Tensor:
     """x 4-D, last dim stride 1; f1 None: f0 are BFL matrices, else (f0, f1) = (cos, sin)."""
     return fwd_launch([x], [None], f0, f1, sequence_dim, False, 0.0)[0]
@@ -274,12 +300,14 @@ def split_freqs(freqs):
 
 def apply_rope(x: torch.Tensor, freqs, sequence_dim: int = 2) -> torch.Tensor:
     """Rotate adjacent pairs of x's last dim (float32 maths, output x.dtype); freqs as
-    `flux_npu.ops.reference.apply_rope`. Differentiable in x."""
+    `flux_npu.ops.reference.apply_rope`. Differentiable in x. Under torch.compile: the custom op."""
+    if not torch.compiler.is_compiling():
+        return ApplyRopeFunction.apply(None, x, freqs, sequence_dim)
     if x.dim() > 4:
         raise ValueError(f"triton apply_rope takes at most 4-D x, got {x.dim()}-D")
     x4 = T.last_dim_unit(T.as_4d(x))
     f0, f1 = split_freqs(freqs)
-    return _APPLY_ROPE(x4, f0, f1, sequence_dim + 4 - x.dim()).view(x.shape)
+    return apply_rope_op(x4, f0, f1, sequence_dim + 4 - x.dim()).view(x.shape)
 
 
 def freq_tensors(freqs):
@@ -295,7 +323,11 @@ def _check(backend, x, freqs, sequence_dim):
     )
 
 
-@register_kernel("apply_rope", "cuda", "triton.rope", check=_check)
-def _kernel(backend, x, freqs, sequence_dim):
-    """Triton RoPE, BFL matrices or diffusers (cos, sin), whole rows loaded contiguously."""
+def _traced(backend, x, freqs, sequence_dim):
     return apply_rope(x, freqs, sequence_dim)
+
+
+register_kernel(
+    "apply_rope", "cuda", "triton.rope", check=_check, traced=_traced,
+    doc="Triton RoPE, BFL matrices or diffusers (cos, sin), whole rows loaded contiguously.",
+)(ApplyRopeFunction.apply)
