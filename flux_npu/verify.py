@@ -70,9 +70,11 @@ class _Phase:
 
 
 def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, isolate: Optional[bool] = None,
-           skip=(), command: Optional[str] = None) -> dict:
+           skip=(), command: Optional[str] = None, msprobe: bool = False) -> dict:
     """Run the phases on `backend` (a name or a Backend), write the report directory, return
-    report.json's content. Never raises for a failed check: see report['verdict']."""
+    report.json's content. Never raises for a failed check: see report['verdict']. `msprobe`:
+    also dump one patched Flux step with msprobe, flux_npu's ops under their own names
+    (`flux_npu.probe`), into <out_dir>/msprobe/ for an op-by-op compare with another device."""
     import torch
 
     from . import ops, parity
@@ -122,6 +124,9 @@ def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, iso
     if "parity" not in skip:
         with _Phase(report, "parity", log_path):
             _parity(report, b, quick, parity, ops)
+    if msprobe:
+        with _Phase(report, "msprobe", log_path):
+            _msprobe(report, b, out_dir)
     if "ops" not in skip:
         with _Phase(report, "ops", log_path):
             _ops_bench(report, b, quick)
@@ -168,6 +173,28 @@ def _parity(report, b, quick, parity, ops):
                                       + (f" ({r.message})" if r.message else ""))
     entry["kernels"] = _served(ops.dispatch_stats())
     entry["status"] = "pass" if all(g["status"] == "pass" for g in entry["goldens"]) else "FAIL"
+
+
+def _msprobe(report, b, out_dir):
+    import shutil
+
+    from . import probe
+
+    dump_dir = os.path.join(out_dir, "msprobe")
+    if os.path.isdir(dump_dir):  # a reused report directory: this run's dump only
+        shutil.rmtree(dump_dir)
+    res = probe.dump_flux_step(b, dump_dir)
+    entry = report["msprobe"]
+    rel = os.path.relpath(res["dump_json"], out_dir)
+    entry.update(dump_json=rel, stack_json=res["stack_json"] and os.path.relpath(res["stack_json"], out_dir),
+                 flux_npu_entries=res["flux_npu_entries"], kernels=res["kernels"],
+                 compare=(f"msprobe compare -tp {shlex.quote(rel)} -gp <the other device's report>/{rel} "
+                          "-o msprobe-compare"))
+    missing = [op for op in ("attention", "rms_norm") if not any(e.startswith(f"{probe.PREFIX}.{op}.")
+                                                                 for e in res["flux_npu_entries"])]
+    if missing:
+        report["failures"].append(f"msprobe: the dump has no {', '.join(missing)} entries under {probe.PREFIX}.*")
+    entry["status"] = "FAIL" if missing else "pass"
 
 
 def _ops_bench(report, b, quick):
@@ -361,6 +388,17 @@ def render_markdown(r: dict) -> str:
             out += [_md_table(["case", "dtype", "worst tensor", "rel err", "tolerance", "result"], rows), ""]
         if "kernels" in p:
             out += ["### What served each op during parity", "", _kernels_md(p["kernels"]), ""]
+    mp = r.get("msprobe")
+    if mp:
+        out += ["## msprobe dump (op names shared by every device)", ""]
+        if mp.get("status") == "error":
+            out += [f"**phase crashed**: {mp['error']} (traceback in verify.log)", ""]
+        if "dump_json" in mp:
+            ours = sorted({e.rsplit(".", 2)[0] for e in mp["flux_npu_entries"]})
+            out += [f"One patched Flux step (forward and backward) dumped by msprobe: `{mp['dump_json']}`. "
+                    f"flux_npu's ops appear as {', '.join(f'`{n}`' for n in ours) or 'nothing'} "
+                    f"({len(mp['flux_npu_entries'])} forward/backward entries). Compare with the same command's "
+                    "dump from another device (e.g. the GPU run as golden):", "", "```", mp["compare"], "```", ""]
     o = r.get("ops")
     if o:
         out += ["## Op benchmarks", ""]

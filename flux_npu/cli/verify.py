@@ -34,6 +34,9 @@ def register(sub):
                    help="run the model benchmark in this process (default on a GPU/NPU: one process per "
                         "configuration, so a device fault costs one row)")
     p.add_argument("--skip", nargs="+", default=[], help="phases to leave out: parity, ops, model")
+    p.add_argument("--msprobe", action="store_true",
+                   help="also dump one patched Flux step with msprobe (pip install mindstudio-probe), flux_npu's ops "
+                        "named flux_npu.<op> on every device, into <report>/msprobe/ for `msprobe compare`")
     p.add_argument("--json", action="store_true", help="also print report.json to stdout")
     p.set_defaults(func=run)
 
@@ -53,6 +56,8 @@ def command_line(args) -> List[str]:
         cmd.append("--no-isolate")
     if args.skip:
         cmd += ["--skip", *args.skip]
+    if getattr(args, "msprobe", False):
+        cmd.append("--msprobe")
     if args.output:
         cmd += ["-o", args.output]
     return cmd
@@ -66,7 +71,7 @@ def run(args) -> int:
     b = get_backend(args.backend)  # an unknown or unavailable backend fails before anything runs
     command = " ".join(shlex.quote(a) for a in command_line(args))
     report = verify(b, out_dir=args.output, quick=args.quick, isolate=False if args.no_isolate else None,
-                    skip=names(args.skip) or (), command=command)
+                    skip=names(args.skip) or (), command=command, msprobe=args.msprobe)
     text = sys.stderr if args.json else sys.stdout
     print(f"flux-npu verify: {report['verdict']} on backend {report['environment']['backend']} "
           f"({report['environment']['device']})", file=text)
