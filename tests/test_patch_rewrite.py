@@ -217,7 +217,8 @@ def test_affine_norm_hands_back_with_the_exact_original_expression(blocks):
         stats = ops.dispatch_stats()
     assert torch.equal(patched, stock)  # the same expression, evaluated the same way
     reasons = {r: n for (op, b, r), n in stats["fallback"].items() if op == "layer_norm_modulate"}
-    assert reasons == {"test Block: not a plain LayerNorm + same-dtype modulation": 2}
+    assert reasons == {
+        "test Block: not a plain LayerNorm (without hooks or an instance forward) + same-dtype modulation": 2}
 
 
 def test_excluded_ops_keep_plain_arithmetic_and_errors_keep_their_line(blocks):

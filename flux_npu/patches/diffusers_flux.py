@@ -34,7 +34,7 @@ import torch
 
 from .. import ops
 from .registry import register_patch_set
-from .rewrite import build_block_forward
+from .rewrite import build_block_forward, calls_plainly
 from .routes import handback, note_route, torch_compiling
 from .spec import OP_NAMES, PatchSet, Spec, exact
 
@@ -221,7 +221,8 @@ def register_diffusers_set(module: str, specs, *, import_module: bool = True) ->
 
 
 def _plain_layer_norm(norm) -> bool:
-    return type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None
+    # with hooks or an instance forward the original runs, calling the norm through its __call__
+    return type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None and calls_plainly(norm)
 
 
 def build_ada_zero_forward(original, backend):

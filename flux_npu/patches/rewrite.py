@@ -27,14 +27,24 @@ ops.attention in the (B, S, H, D) layout unless the user chose a diffusers atten
 (or context parallelism), whose own dispatch then runs.
 
 The rewritten function is compiled against the original module's globals (names still resolve
-there, live) with its file and line numbers; a forward whose source cannot be read, that is
-decorated, uses a closure (e.g. `super()`), or contains none of these expressions is not touched
-(the builder raises NothingToFuse, which the engine reports as a skipped row with the reason).
+there, live) with its file and line numbers and the original's `from __future__` flags; a forward
+whose source cannot be read, that is decorated, uses a closure (e.g. `super()`) or a private
+(mangled) name, whose source file no longer compiles to the code that runs (edited after import),
+or that contains none of these expressions is not touched (the builder raises NothingToFuse, which
+the engine reports as a skipped row with the reason).
+
+What legal code computes is kept: a gated temporary is dropped only when nothing can read it
+after its statement pair (later in the function, after the `if` holding it, or in the next
+iteration of a loop around it); helper arguments are passed by keyword in the order the original
+expression evaluated them; the fused adaln_residual moves shift and scale before the rest of the
+next statement, so it is used only where they are pure (names, attributes, subscripts, arithmetic);
+and a norm with hooks or an instance `forward` is called through its `__call__` (calls_plainly).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import textwrap
 import types
@@ -97,6 +107,11 @@ def _modulated(node, inner):
     return None
 
 
+def _scale_first(node) -> bool:
+    """In a `_modulated` hit, whether `1 + S` is written (so evaluated) before the normed operand."""
+    return _is_one_plus(node.left.left) is not None
+
+
 def _is_gate(node) -> bool:
     return "gate" in ast.unparse(node).lower()
 
@@ -114,6 +129,26 @@ def _call(name, *args):
     return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=list(args), keywords=[])
 
 
+def _kwcall(name, *pairs):
+    """`name(k1=v1, k2=v2, ...)`: keyword arguments run in the order written, so the pairs are given
+    in the order the original expression evaluated them (a shift computed by a call with side
+    effects, or drawing random numbers, still runs after the scale when it did before)."""
+    return ast.Call(func=ast.Name(id=name, ctx=ast.Load()), args=[],
+                    keywords=[ast.keyword(arg=k, value=v) for k, v in pairs])
+
+
+def _ln_call(norm, x, shift, scale, scale_first):
+    """The _lnmod call for `(1 + S) * N(X) + T` (scale_first) or `N(X) * (1 + S) + T`."""
+    first = ([("scale", scale), ("norm", norm), ("x", x)] if scale_first
+             else [("norm", norm), ("x", x), ("scale", scale)])
+    return _kwcall(LN, *first, ("shift", shift))
+
+
+def call_args(node) -> dict:
+    """{parameter: expression} of a helper call built by _kwcall (or positionally by _call)."""
+    return {k.arg: k.value for k in node.keywords}
+
+
 class _Expressions(ast.NodeTransformer):
     """`(1 + S) * N(X) + T` with N matched by `norm_call` (default `self.N`) -> `ln_name(N, X, T, S)`;
     `X + G * Y` with a gate G -> `gated_name(X, G, Y)`. Counts each kind."""
@@ -128,11 +163,13 @@ class _Expressions(ast.NodeTransformer):
         if hit is not None:
             norm, x = self.norm_call(hit[0])
             self.ln += 1
-            return ast.copy_location(_call(self.ln_name, norm, x, hit[2], hit[1]), node)
+            call = _ln_call(norm, x, hit[2], hit[1], _scale_first(node))
+            call.func.id = self.ln_name
+            return ast.copy_location(call, node)
         hit = _gated(node)
         if hit is not None:
             self.gated += 1
-            return ast.copy_location(_call(self.gated_name, *hit), node)
+            return ast.copy_location(_kwcall(self.gated_name, *zip(("x", "gate", "y"), hit, strict=True)), node)
         return node
 
 
@@ -263,21 +300,63 @@ def _loads(stmts, name) -> bool:
                for s in stmts for n in ast.walk(s))
 
 
-def _merge_pairs(body, counts):
+_LOOPS = (ast.For, ast.AsyncFor, ast.While)
+
+
+class _Reads:
+    """Where each name is read (or deleted) in a function, and which loops enclose each statement:
+    enough to tell whether a temporary the rewrite drops can be read again after its statement pair
+    (later in the source, after the `if` or `for` holding the pair, or by the next loop iteration)."""
+
+    def __init__(self, fdef):
+        self.uses, self.loops = {}, {}
+        self.scoped = {n for node in ast.walk(fdef) if isinstance(node, (ast.Global, ast.Nonlocal))
+                       for n in node.names}
+        for node in ast.walk(fdef):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Load, ast.Del)):
+                self.uses.setdefault(node.id, []).append(node)
+        self._walk(fdef.body, ())
+
+    def _walk(self, body, loops):
+        for s in body:
+            self.loops[id(s)] = loops
+            inner = (*loops, s) if isinstance(s, _LOOPS) else loops
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                sub = getattr(s, field, None)
+                if isinstance(sub, list) and not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    self._walk(sub, inner)
+
+    def read_later(self, name, first, last) -> bool:
+        """Whether `name`, assigned in statement `first`, can be read outside the pair first..last."""
+        if name in self.scoped:
+            return True
+        inside = {id(n) for st in (first, last) for n in ast.walk(st)}
+        end = (last.end_lineno, last.end_col_offset)
+        loops = self.loops.get(id(first), ())
+        in_loop = {id(n) for loop in loops for n in ast.walk(loop)}
+        return any(id(u) not in inside and ((u.lineno, u.col_offset) > end or id(u) in in_loop)
+                   for u in self.uses.get(name, ()))
+
+
+def _merge_pairs(body, counts, reads):
     """The two-statement forms, within one statement list (recursing into nested blocks)."""
     out, i = [], 0
     while i < len(body):
         s = body[i]
         for field in ("body", "orelse", "finalbody"):
             if isinstance(getattr(s, field, None), list) and not isinstance(s, ast.FunctionDef):
-                setattr(s, field, _merge_pairs(getattr(s, field), counts))
+                setattr(s, field, _merge_pairs(getattr(s, field), counts, reads))
+        for h in getattr(s, "handlers", None) or ():
+            h.body = _merge_pairs(h.body, counts, reads)
         nxt = body[i + 1] if i + 1 < len(body) else None
         v = _single_target(s)
         if v is not None and nxt is not None and _single_target(nxt) == v:
             call = _self_call(s.value)
             hit = _modulated(nxt.value, lambda a, v=v: isinstance(a, ast.Name) and a.id == v) if call else None
             if hit is not None and not _loads([hit[1], hit[2]], v):
-                new = ast.Assign(targets=nxt.targets, value=_call(LN, call[0], call[1], hit[2], hit[1]))
+                # N(X) ran first, then the second statement: S before T in both forms
+                new = ast.Assign(targets=nxt.targets, value=_kwcall(LN, ("norm", call[0]), ("x", call[1]),
+                                                                    ("scale", hit[1]), ("shift", hit[2])))
                 out.append(ast.copy_location(new, s))
                 counts["ln"] += 1
                 i += 2
@@ -292,9 +371,11 @@ def _merge_pairs(body, counts):
                 x is not None and isinstance(add, ast.BinOp) and isinstance(add.op, ast.Add)
                 and isinstance(add.right, ast.Name) and add.right.id == v
                 and not _loads([add.left], v)
-                and (x == v or not _loads(body[i + 2:], v))
+                and (x == v or not reads.read_later(v, s, nxt))
             ):
-                new = ast.Assign(targets=nxt.targets, value=_call(GATED, add.left, s.value.left, s.value.right))
+                # G * Y ran first, then X was read
+                new = ast.Assign(targets=nxt.targets, value=_kwcall(GATED, ("gate", s.value.left),
+                                                                    ("y", s.value.right), ("x", add.left)))
                 out.append(ast.copy_location(new, s))
                 counts["gated"] += 1
                 i += 2
@@ -323,28 +404,46 @@ def _unconditional(node):
         yield from _unconditional(child)
 
 
+def _pure(node) -> bool:
+    """An expression of names, attributes, subscripts, constants and arithmetic only (no call, walrus,
+    await or yield): evaluating it earlier or later computes the same and does nothing else."""
+    return all(isinstance(n, (ast.Name, ast.Attribute, ast.Subscript, ast.Slice, ast.Constant, ast.Tuple,
+                              ast.UnaryOp, ast.unaryop, ast.BinOp, ast.operator, ast.expr_context))
+               for n in ast.walk(node))
+
+
 def _fuse_adaln_residual(body, counts):
-    """`H = _gated(X, G, Y)` then a statement holding `_lnmod(N, H, T, S)` -> `H, V = _adares(N, X,
-    G, Y, T, S)` and that statement with the _lnmod call replaced by V (recursing into blocks)."""
+    """`H = _gated(X, G, Y)` then a statement holding `_lnmod(N, H, T, S)` -> `H, V = _adares(X, G, Y,
+    N, T, S)` and that statement with the _lnmod call replaced by V (recursing into blocks). The
+    fused call evaluates T and S before the rest of the second statement, so both must be pure."""
     out, i = [], 0
     while i < len(body):
         s = body[i]
         for field in ("body", "orelse", "finalbody"):
             if isinstance(getattr(s, field, None), list) and not isinstance(s, ast.FunctionDef):
                 setattr(s, field, _fuse_adaln_residual(getattr(s, field), counts))
+        for hd in getattr(s, "handlers", None) or ():
+            hd.body = _fuse_adaln_residual(hd.body, counts)
         h = _single_target(s)
         nxt = body[i + 1] if i + 1 < len(body) else None
         if h is not None and isinstance(nxt, _SIMPLE) and _helper_call(s.value, GATED):
-            ln = next((n for n in _unconditional(nxt) if _helper_call(n, LN) and isinstance(n.args[1], ast.Name)
-                       and n.args[1].id == h), None)
-            if ln is not None and not _loads([ln.args[0], ln.args[2], ln.args[3]], h):
+            ln = next((n for n in _unconditional(nxt) if _helper_call(n, LN)
+                       and isinstance(call_args(n).get("x"), ast.Name) and call_args(n)["x"].id == h), None)
+            parts = call_args(ln) if ln is not None else {}
+            if (
+                ln is not None and not _loads([parts["norm"], parts["shift"], parts["scale"]], h)
+                and _pure(parts["norm"]) and _pure(parts["shift"]) and _pure(parts["scale"])
+            ):
                 v = _single_target(nxt) if nxt.value is ln else None
                 if v is None or v == h:
                     v = f"{ADARES_OUT}{counts['adares']}"
+                gated = call_args(s.value)  # x, gate, y in the order the original evaluated them
+                ln_order = [k for k in call_args(ln) if k in ("shift", "scale")]
                 fused = ast.Assign(
                     targets=[ast.Tuple(elts=[ast.Name(id=h, ctx=ast.Store()), ast.Name(id=v, ctx=ast.Store())],
                                        ctx=ast.Store())],
-                    value=_call(ADARES, ln.args[0], *s.value.args, ln.args[2], ln.args[3]),
+                    value=_kwcall(ADARES, *gated.items(), ("norm", parts["norm"]),
+                                  *((k, parts[k]) for k in ln_order)),
                 )
                 out.append(ast.copy_location(fused, s))
                 if nxt.value is not ln or _single_target(nxt) != v:
@@ -369,9 +468,25 @@ class _Replace(ast.NodeTransformer):
         return super().visit(node)
 
 
+def calls_plainly(module) -> bool:
+    """Whether calling `module` runs nothing but its class's forward: no forward / backward hooks of
+    its own or global ones, no `forward` set on the instance. Only then may a replacement skip its
+    `__call__` (a pre-hook that rescales the input, a forward override, a hook that records
+    activations would silently stop running otherwise)."""
+    from torch.nn.modules import module as M
+
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or "forward" in module.__dict__
+        or M._global_forward_hooks or M._global_forward_pre_hooks or M._global_backward_hooks
+        or M._global_backward_pre_hooks
+    )
+
+
 def _plain_ln(norm, x) -> bool:
     return (
         type(norm) is torch.nn.LayerNorm
+        and calls_plainly(norm)
         and norm.weight is None
         and norm.bias is None
         and tuple(norm.normalized_shape) == (x.shape[-1],)
@@ -410,7 +525,8 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
         if use_ln and ln_ok(norm, x, shift, scale):
             return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
         if use_ln:
-            handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm + same-dtype modulation")
+            handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm (without hooks or an instance "
+                                                     "forward) + same-dtype modulation")
         return (1 + scale) * norm(x) + shift
 
     def gated(x, gate, y):
@@ -429,11 +545,15 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
         return h, lnmod(norm, h, shift, scale)
 
     def rms(norm, x):
-        if use_rms and type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
+        if (
+            use_rms and type(norm) is torch.nn.RMSNorm and calls_plainly(norm)
+            and tuple(norm.normalized_shape) == (x.shape[-1],)
+        ):
             eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
             return ops.rms_norm(x, norm.weight, eps, backend=backend)
         if use_rms:
-            handback("rms_norm", backend, f"{where}: QK norm is not a torch.nn.RMSNorm over the head dim")
+            handback("rms_norm", backend, f"{where}: QK norm is not a torch.nn.RMSNorm over the head dim (without "
+                                          "hooks or an instance forward)")
         return norm(x)
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -489,13 +609,92 @@ def parse_function(fn):
     fdef = ast.parse(textwrap.dedent("".join(lines))).body[0]
     if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list:
         raise NothingToFuse("decorated or not a plain function: not rewritten")
+    private = sorted({n for n in _identifiers(fdef) if n.startswith("__") and not n.endswith("__")})
+    if private:
+        # Python mangles `self.__k` to `self._Cls__k` when it compiles the class body; the rewrite
+        # compiles the function outside its class, where the name would stay `__k`
+        raise NothingToFuse(f"uses private name(s) {', '.join(private)} (mangled inside its class): not rewritten")
+    if not _same_code(_compile_in_maker(fn, copy.deepcopy(fdef), first, ()), fn.__code__):
+        raise NothingToFuse(f"its source file {inspect.getsourcefile(fn)} no longer holds the code that runs "
+                            "(edited after import?): not rewritten")
     return fdef, first
 
 
-def compile_rewritten(original, fdef, first: int, helper_names, helpers):
-    """Compile the rewritten FunctionDef inside a maker taking the helpers by name (so they are
-    closure variables, not module globals), with the original file and line numbers, and return the
-    new function carrying the original's defaults, qualname and `__wrapped_original__`."""
+def _identifiers(tree):
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            yield n.id
+        elif isinstance(n, ast.Attribute):
+            yield n.attr
+        elif isinstance(n, ast.arg):
+            yield n.arg
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield n.name
+        elif isinstance(n, ast.alias):
+            yield n.asname or n.name
+        elif isinstance(n, ast.keyword) and n.arg:
+            yield n.arg
+
+
+# the compiler picks between these by context (a method vs a nested function) for the same source
+_SAME_OP = {"LOAD_METHOD": "LOAD_ATTR"}
+
+
+def _instructions(code):
+    import dis
+
+    ins = list(dis.get_instructions(code))
+    index = {i.offset: n for n, i in enumerate(ins)}
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+
+    def arg(i):
+        if isinstance(i.argval, types.CodeType):
+            return "<code>"
+        if i.opcode in jumps:  # offsets differ with the cache sizes of the two forms above: compare targets
+            return f"-> {index.get(i.argval, i.argval)}"
+        # "NULL + torch" vs "torch": whether a NULL is pushed for the call that follows, the same choice
+        return i.argrepr.replace("NULL|self + ", "").replace("NULL + ", "")
+
+    return [(_SAME_OP.get(i.opname, i.opname), arg(i)) for i in ins]
+
+
+def _same_code(a, b) -> bool:
+    """Whether two code objects do the same: instructions, names, constants (nested code compared the
+    same way)."""
+    if not (a.co_names == b.co_names and a.co_varnames == b.co_varnames
+            and a.co_argcount == b.co_argcount and a.co_kwonlyargcount == b.co_kwonlyargcount
+            and a.co_posonlyargcount == b.co_posonlyargcount and len(a.co_consts) == len(b.co_consts)
+            and _instructions(a) == _instructions(b)):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts, strict=True):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not _same_code(x, y):
+                return False
+        elif type(x) is not type(y) or repr(x) != repr(y):
+            return False
+    return True
+
+
+def _future_flags(code) -> int:
+    """The `from __future__` compiler flags the original was compiled with (not this module's)."""
+    import __future__
+
+    return sum(f.compiler_flag for f in (getattr(__future__, n) for n in __future__.all_feature_names)
+               if code.co_flags & f.compiler_flag)
+
+
+def _compile_in_maker(original, fdef, first: int, helper_names):
+    """Compile `fdef` inside a maker function taking `helper_names` as arguments (so the helpers are
+    closure variables, not module globals), with the original's file, line numbers and future flags;
+    returns the maker's code object's inner function code."""
+    maker = _maker(fdef, first, helper_names)
+    code = compile(maker, inspect.getsourcefile(original) or "<flux_npu rewrite>", "exec",
+                   flags=_future_flags(original.__code__), dont_inherit=True)
+    make = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return next(c for c in make.co_consts if isinstance(c, types.CodeType) and c.co_name == fdef.name)
+
+
+def _maker(fdef, first, helper_names):
     maker = ast.FunctionDef(
         name="__flux_npu_make",
         args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in helper_names], kwonlyargs=[],
@@ -507,7 +706,16 @@ def compile_rewritten(original, fdef, first: int, helper_names, helpers):
     module = ast.Module(body=[maker], type_ignores=[])
     ast.fix_missing_locations(module)
     ast.increment_lineno(module, first - 1)
-    code = compile(module, inspect.getsourcefile(original) or "<flux_npu rewrite>", "exec")
+    return module
+
+
+def compile_rewritten(original, fdef, first: int, helper_names, helpers):
+    """Compile the rewritten FunctionDef inside a maker taking the helpers by name (so they are
+    closure variables, not module globals), with the original file and line numbers, and return the
+    new function carrying the original's defaults, qualname and `__wrapped_original__`."""
+    module = _maker(fdef, first, helper_names)
+    code = compile(module, inspect.getsourcefile(original) or "<flux_npu rewrite>", "exec",
+                   flags=_future_flags(original.__code__), dont_inherit=True)
     scope: dict = {}
     exec(code, original.__globals__, scope)  # noqa: S102  (defines only __flux_npu_make in `scope`, not in the module)
     new = scope["__flux_npu_make"](*helpers)
@@ -532,7 +740,7 @@ def rewrite_function(original, backend, enabled, where: str, kinds=("adaln",)):
             fdef = mx.visit(fdef)
             counts["ln"] += mx.ln
             counts["gated"] += mx.gated
-        fdef.body = _merge_pairs(fdef.body, counts)
+        fdef.body = _merge_pairs(fdef.body, counts, _Reads(fdef))
         tx = _Expressions()
         fdef = tx.visit(fdef)
         counts["ln"] += tx.ln

@@ -51,6 +51,7 @@ from .rewrite import (
     _modulated,
     _plain_ln,
     _single_target,
+    calls_plainly,
     compile_rewritten,
     parse_function,
 )
@@ -177,7 +178,7 @@ def make_helpers(backend, where: str, enabled):
         return ops.attention(query, key, value, mask=attn_mask, scale=scale, backend=backend)
 
     def rms(norm, x):
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and calls_plainly(norm):  # hooks run: the norm's own __call__
             if _bfl_rms_scale(norm, x):
                 out = torch.promote_types(x.dtype, norm.scale.dtype)
                 return ops.rms_norm(x, norm.scale, RMS_EPS, out_dtype=out, backend=backend)
