@@ -59,6 +59,9 @@ def test_inference_every_op_served_through_containers_and_preferred_attention(la
         with flux_npu.patch("cpu", targets=["bfl"]) as handle:
             rows = {r.symbol: r for r in handle.report() if r.target == "comfy.ldm.flux.layers"}
             assert rows["QKNorm.forward"].status == "patched"
+            # the by-name imports into layers are rows of their own target module
+            assert rows["attention"].status == rows["rope"].status == "patched"
+            assert "comfy.ldm.flux.math.attention" in rows["attention"].reason
             assert rows["RMSNorm.forward"].status == "not-found"  # layers.RMSNorm is None now
             ops.reset_dispatch_stats()
             patched = model.forward_orig(**kwargs)
@@ -117,11 +120,21 @@ def test_preferred_attention_function_is_handed_back_and_counted(layout_path):
     with torch.no_grad():
         stock = model.forward_orig(**kwargs)
         calls.clear()
-        with flux_npu.patch("cpu", targets=["bfl"]):
+        with flux_npu.patch("cpu", targets=["bfl"]) as handle:
             ops.reset_dispatch_stats()
             patched = model.forward_orig(**kwargs)
             stats = ops.dispatch_stats()
+            counts = {(c["target"], c["symbol"]): c for c in handle.row_counts()}
+            table = handle.report_table()
     assert rel_err(patched, stock) <= tolerance(torch.float32)
+    # the report tells the truth: the attention row served nothing, every call was handed back
+    att = counts[("comfy.ldm.flux.math", "attention")]
+    assert (att["calls"], att["served"], att["handed_back"]) == (4, 0, 4)
+    assert "preferred_attention" in att["top_reason"]
+    line = next(ln for ln in table.splitlines() if ln.startswith("comfy.ldm.flux.math") and " attention " in ln)
+    assert "handed-back" in line and "0/4 served" in line and " patched " not in line
+    qk = counts[("comfy.ldm.flux.layers", "QKNorm.forward")]
+    assert (qk["calls"], qk["served"], qk["handed_back"]) == (6, 6, 0)
     assert calls == [torch.Tensor] * 4  # the user's attention ran, on tensors taken from the containers
     reasons = {(op, r): n for (op, b, r), n in stats["fallback"].items()}
     assert [n for (op, r), n in reasons.items() if op == "attention" and "preferred_attention" in r] == [4]
@@ -250,3 +263,10 @@ def test_in_place_gated_apply_mod_form_served_and_handed_back_in_place():
         assert torch.equal(out, _toy_block(None, h.clone(), y, gate, [(0, 2, 0)]))
     finally:
         del globals()["apply_mod"]
+
+
+def test_report_rows_stay_one_line():
+    handle = flux_npu.patches.PatchHandle(flux_npu.get_backend("cpu"), [])
+    handle.add_row("some.module", "f", "skipped", "cannot build replacement: ValueError: two\nlines")
+    assert handle.report()[0].reason == "cannot build replacement: ValueError: two lines"
+    assert len(handle.report_table().splitlines()) == 4  # heading, column names, rule, one row

@@ -37,7 +37,7 @@ from .handle import PatchHandle
 from .importing import _ImportHook
 from .records import _HANDLES, _LIVE, _LOCK, _build, _build_failure, _guard, _resolve  # noqa: F401
 from .registry import _SETS, register_patch_set  # noqa: F401  (re-exported)
-from .routes import handback, note_route, reset_routes, routes, torch_compiling  # noqa: F401  (re-exported)
+from .routes import RowStats, handback, note_route, reset_routes, routes, torch_compiling  # noqa: F401
 from .spec import (  # noqa: F401  (re-exported)
     DEFERRED,
     NOT_FOUND,
@@ -186,7 +186,8 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                 handle.add_row(module.__name__, spec.symbol, SKIPPED, _build_failure(exc))
                 continue
             what = getattr(built, "__flux_npu_what__", spec.what)
-            fn = _guard(built, _callable_of(original), handle._alive)
+            stats = RowStats()
+            fn = _guard(built, _callable_of(original), handle._alive, stats)
             count = 0
             if attr.startswith("__"):
                 # a special method (a processor's __call__) is looked up on the type, not the
@@ -201,7 +202,8 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                         if handle.set_attr(sub, attr, types.MethodType(fn, sub)) is None:
                             count += 1
             handle.add_row(module.__name__, spec.symbol, PATCHED if count else SKIPPED,
-                           f"{what} on {count} instance(s)" if count else f"no {owner.__name__} in the model")
+                           f"{what} on {count} instance(s)" if count else f"no {owner.__name__} in the model",
+                           stats if count else None)
 
 
 def _instances_of(model, cls) -> list:

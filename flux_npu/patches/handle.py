@@ -13,7 +13,7 @@ from ..backends import Backend
 from .importing import _ImportHook, _initializing, _when_imported
 from .records import _HANDLES, _LIVE, _LOCK, _MISSING, _build, _build_failure, _current, _guard, _Record, _resolve
 from .registry import _SETS
-from .routes import _ROUTES
+from .routes import _ROUTES, RowStats
 from .spec import DEFERRED, NOT_FOUND, OP_NAMES, PATCHED, SKIPPED, PatchSet, Row, Spec, _callable_of, signature_drift
 
 
@@ -32,6 +32,7 @@ class PatchHandle:
         self._rebind_scopes: dict[int, tuple] = {}
         self._deferred: list[tuple] = []  # (patch set, module) found half-imported, no spec hook
         self._alive = [True]  # read by every replacement (see _guard)
+        self._stats: dict[int, RowStats] = {}  # row index -> its replacement's run-time counts
         self._active = True
 
     @property
@@ -39,12 +40,45 @@ class PatchHandle:
         return self._model() if self._model is not None else None
 
     # report ------------------------------------------------------------------------------
-    def add_row(self, target, symbol, status, reason):
-        self._rows.append(Row(target, symbol, status, reason))
+    def add_row(self, target, symbol, status, reason, stats: RowStats | None = None) -> int:
+        """Add a report row (one line: newlines in a reason become spaces); `stats` are the run-time
+        counts of the replacement it installed. Returns the row's index."""
+        self._rows.append(Row(target, symbol, status, " ".join(str(reason).split())))
+        if stats is not None:
+            self._stats[len(self._rows) - 1] = stats
+        return len(self._rows) - 1
 
     def report(self) -> list[Row]:
         """Rows (target, symbol, status, reason), in the order they happened."""
         return list(self._rows)
+
+    def row_counts(self) -> list[dict]:
+        """Per report row, its run-time counts so far: calls, served (calls with no hand-back),
+        handed_back, and the top hand-back reason (None for rows that installed no counted
+        replacement, e.g. skipped ones)."""
+        out = []
+        for i, r in enumerate(self._rows):
+            st = self._stats.get(i)
+            d = r.as_dict()
+            d.update(calls=st.calls if st else None, served=st.served if st else None,
+                     handed_back=st.handed_back if st else None, top_reason=st.top_reason() if st else None)
+            out.append(d)
+        return out
+
+    def _shown_status(self, i: int, row: Row) -> tuple[str, str]:
+        """(status, calls column) of row i as report_table shows it: a patched row whose every call
+        was handed back reads "handed-back", never plain "patched"."""
+        st = self._stats.get(i)
+        if st is None or st.calls == 0:
+            return row.status, "-" if st is None else "0"
+        calls = f"{st.served}/{st.calls} served"
+        if st.handed_back:
+            calls += f", {st.handed_back} handed back (top: {st.top_reason()})"
+        if row.status == PATCHED and st.served == 0:
+            return "handed-back", calls
+        if row.status == PATCHED and st.handed_back:
+            return "partly handed-back", calls
+        return row.status, calls
 
     def runtime_handbacks(self) -> list[tuple]:
         """(op, reason, count) of this backend's run-time hand-backs so far: patched code that
@@ -57,11 +91,17 @@ class PatchHandle:
     def report_table(self) -> str:
         from ..utils.table import format_table
 
-        rows = [(r.target, r.symbol, r.status, r.reason) for r in self._rows]
+        ran = any(st.calls for st in self._stats.values())
+        rows = []
+        for i, r in enumerate(self._rows):
+            status, calls = self._shown_status(i, r)
+            rows.append((r.target, r.symbol, status, *((calls,) if ran else ()), r.reason))
         level = "instance" if self._model is not None else "module/class"
         ops_note = "" if self.enabled == frozenset(OP_NAMES) else f", ops: {', '.join(sorted(self.enabled)) or 'none'}"
         head = f"flux_npu patches (backend {self.backend.name}, {level} level{ops_note})"
-        text = head + "\n" + format_table(("target", "symbol", "status", "reason"), rows)
+        cols = ("target", "symbol", "status", "calls so far", "reason") if ran else ("target", "symbol", "status",
+                                                                                      "reason")
+        text = head + "\n" + format_table(cols, rows)
         if _ROUTES:
             text += "\nrun-time routes (calls so far):\n"
             text += format_table(("patched call", "served by", "calls"),
@@ -69,7 +109,8 @@ class PatchHandle:
         hb = self.runtime_handbacks()
         if hb:
             text += "\nrun-time hand-backs to stock code / reference (dispatch_stats()['fallback']):\n"
-            text += format_table(("op", "reason", "calls"), [(op, reason, str(n)) for op, reason, n in hb])
+            text += format_table(("op", "reason", "calls"),
+                                 [(op, " ".join(reason.split()), str(n)) for op, reason, n in hb])
         return text
 
     def __str__(self):
@@ -182,6 +223,12 @@ class PatchHandle:
         self._deferred.remove((ps, module))
         if self._active and sys.modules.get(module.__name__) is module:
             with _LOCK:
+                # the "deferred" row is settled now: it says so instead of staying in the table
+                for i, r in enumerate(self._rows):
+                    if r.status == DEFERRED and r.target == module.__name__ and r.symbol == "*":
+                        self._rows[i] = Row(r.target, r.symbol, "settled",
+                                            "was still importing when patch() ran: patched when its import finished "
+                                            "(rows below)")
                 self.apply_set(ps, module)
 
     def _retry_deferred(self) -> None:
@@ -217,19 +264,20 @@ class PatchHandle:
             self.add_row(name, spec.symbol, SKIPPED, _build_failure(exc))
             return
         what = getattr(replacement, "__flux_npu_what__", spec.what)
-        replacement = _guard(replacement, _callable_of(original), self._alive)
+        stats = RowStats()
+        replacement = _guard(replacement, _callable_of(original), self._alive, stats)
         installed = staticmethod(replacement) if isinstance(original, staticmethod) else replacement
         reason = self.set_attr(owner, attr, installed)
         if reason:
             self.add_row(name, spec.symbol, SKIPPED, reason)
             return
-        extra = ""
-        if spec.rebind:
-            places = self._rebind(_callable_of(original), replacement, module)
-            if places:
-                shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
-                extra = f" (also rebound where imported by name: {shown})"
-        self.add_row(name, spec.symbol, PATCHED, what + extra)
+        places = self._rebind(_callable_of(original), replacement, module) if spec.rebind else []
+        extra = f" (also rebound by name in {len(places)} other module(s), rows below)" if places else ""
+        self.add_row(name, spec.symbol, PATCHED, what + extra, stats)
+        for place in places:  # one row per target module: another model's code now calls ours too
+            mod_name, _, bound = place.rpartition(".")
+            self.add_row(mod_name, bound, PATCHED, f"rebound by name to the patched {name}.{spec.symbol} "
+                                                   "(its calls are counted on that row)")
 
     def _rebind(self, original, replacement, module) -> list[str]:
         """Replace names bound to `original` in the other loaded modules of the same top-level

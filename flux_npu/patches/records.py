@@ -12,6 +12,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .routes import RowStats, run_counted
 from .spec import Spec
 
 if TYPE_CHECKING:
@@ -66,14 +67,17 @@ def _build_failure(exc) -> str:
     return f"cannot build replacement: {type(exc).__name__}: {exc}"
 
 
-def _guard(replacement, original, alive):
+def _guard(replacement, original, alive, stats: RowStats | None = None):
     """A replacement that runs only while its handle is live and the original otherwise: someone
-    else may put our replacement back after undo() (a mock.patch that exits out of order)."""
+    else may put our replacement back after undo() (a mock.patch that exits out of order). With
+    `stats`, its calls and hand-backs are counted there (the report row's served / handed back)."""
     if not callable(replacement) or not callable(original):
         return replacement
 
     def guarded(*args, **kwargs):
         if alive[0]:
+            if stats is not None:
+                return run_counted(stats, replacement, args, kwargs)
             return replacement(*args, **kwargs)
         return original(*args, **kwargs)
 
