@@ -14,10 +14,13 @@ from typing import Dict, Optional
 
 import torch
 
+from .shapes import SHAPES
+
+# heads, head dim and RoPE axes come from the one shape table (flux_npu.shapes)
 _FLUX_DEV = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=SHAPES["flux-dev"].head_dim,
+    num_attention_heads=SHAPES["flux-dev"].heads, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=SHAPES["flux-dev"].axes,
 )
 
 PRESETS: Dict[str, dict] = {
@@ -27,9 +30,9 @@ PRESETS: Dict[str, dict] = {
     "block": {**_FLUX_DEV, "num_layers": 1, "num_single_layers": 1, "joint_attention_dim": 256,
               "pooled_projection_dim": 64},
     "tiny": dict(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=SHAPES["tiny"].head_dim,
+        num_attention_heads=SHAPES["tiny"].heads, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=SHAPES["tiny"].axes,
     ),
 }
 

@@ -9,55 +9,28 @@ from typing import Dict, List, Optional
 import torch
 
 from . import backends as _backends
-from .ops import registry
+from .ops import catalogue, registry
+from .shapes import SHAPES
 from .utils.table import format_table
 from .utils.versions import versions
 
-SHAPES = {
-    # (batch, heads, image+text tokens at 1024 px with 512 T5 tokens, head dim)
-    "flux-dev": dict(B=1, H=24, S=4096 + 512, D=128, hidden=3072, axes=(16, 56, 56)),
-    "flux-mini": dict(B=1, H=24, S=1024 + 512, D=128, hidden=3072, axes=(16, 56, 56)),
-    "tiny": dict(B=1, H=2, S=64 + 8, D=16, hidden=32, axes=(4, 6, 6)),
-}
+# the named Flux shapes (flux_npu.shapes) the routing rows are computed at
+INFO_SHAPES = ("flux-dev", "flux-mini", "tiny")
 
 
-def sample_inputs(op: str, shape: dict, dtype=torch.bfloat16, device="meta"):
-    """Representative arguments of `op` for a Flux shape (as the patches call it)."""
-    B, H, S, D, hidden = shape["B"], shape["H"], shape["S"], shape["D"], shape["hidden"]
-
-    def t(*s, dt=dtype):
-        return torch.empty(*s, dtype=dt, device=device)
-
-    if op == "attention":
-        q = t(B, S, H, D)
-        return (q, t(B, S, H, D), t(B, S, H, D), None, None, "BSHD")
-    if op == "apply_rope":
-        return (t(B, S, H, D), (t(S, D, dt=torch.float32), t(S, D, dt=torch.float32)), 1)
-    if op == "rms_norm":
-        return (t(B, S, H, D), t(D), 1e-6, None)
-    if op == "layer_norm_modulate":
-        return (t(B, S, hidden), t(B, 1, hidden), t(B, 1, hidden), 1e-6)
-    if op == "rope_freqs":
-        return (t(S, dt=torch.float32), shape["axes"][-1], 10000.0, "cos_sin")
-    if op == "gated_residual":
-        return (t(B, S, hidden), t(B, 1, hidden), t(B, S, hidden))
-    if op == "qk_norm_rope":
-        cs = (t(S, D, dt=torch.float32), t(S, D, dt=torch.float32))
-        return (t(B, S, H, D), t(B, S, H, D), t(D), t(D), cs, 1e-6, 1)
-    if op == "adaln_residual":
-        m = t(B, 1, hidden)
-        return (t(B, S, hidden), m, t(B, S, hidden), m, m, 1e-6)
-    raise ValueError(f"no sample inputs for op {op!r}: add them to flux_npu.report.sample_inputs")
+def sample_inputs(op: str, shape, dtype=torch.bfloat16, device="meta"):
+    """Representative arguments of `op` for a Flux shape (as the patches call it): the catalogue's."""
+    return catalogue.info(op).sample_inputs(SHAPES[shape] if isinstance(shape, str) else shape, dtype, device)
 
 
 def op_routing(backend, dtype=torch.bfloat16) -> List[tuple]:
     """Rows (op, preset, kernel or 'reference', reasons) for the backend at Flux shapes."""
     meta_backend = backend.with_device_type("meta")
     rows = []
-    for op in registry.OPS:
-        for preset, shape in SHAPES.items():
+    for op in catalogue.OPS:
+        for preset in INFO_SHAPES:
             try:
-                args = sample_inputs(op, shape, dtype)
+                args = sample_inputs(op, preset, dtype)
                 name, reasons = registry.explain(op, meta_backend, *args)
             except Exception as exc:  # a kernel's check must not break the report
                 name, reasons = None, [f"check failed: {type(exc).__name__}: {exc}"]

@@ -203,7 +203,7 @@ def _ops_bench(report, b, quick):
     from .benchmark import ops as B
 
     on_cpu = b.device_type == "cpu"
-    shape = "quick" if quick else ("mini" if on_cpu else "dev")
+    shape = "quick" if quick else ("flux-mini" if on_cpu else "flux-dev")
     dtypes = [d for d in (["bf16"] if quick else ["bf16", "fp32"]) if B.DTYPES[d] in b.dtypes] or ["fp32"]
     warmup, repeats = (1, 3) if quick else ((2, 7) if on_cpu else (10, 50))
     device, utils = b.device(), b.utils

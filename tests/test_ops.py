@@ -311,11 +311,17 @@ def test_use_backend_context_sets_the_active_backend():
 
 
 def test_qk_norm_rope_composes_the_backends_own_kernels_when_it_has_no_fused_one(seed):
+    """The composition is a registered kernel (npu's, shared): a backend without a fused
+    qk_norm_rope registers it, and its own rms_norm and apply_rope kernels serve the parts."""
+    from flux_npu.kernels._common import check_qk_norm_rope, composed_qk_norm_rope
+
     plain = Backend("plainb", "cpu", lambda: None, frozenset({torch.float32}), True, "gloo", "cpu")
     flux_npu.register_backend(plain, replace=True)
     try:
         ops.register_kernel("rms_norm", "plainb", "p.rms")(lambda b, x, w, eps, od: reference.rms_norm(x, w, eps, od))
         ops.register_kernel("apply_rope", "plainb", "p.rope")(lambda b, x, f, sd: reference.apply_rope(x, f, sd))
+        ops.register_kernel("qk_norm_rope", "plainb", "composed(rms_norm, apply_rope)",
+                            check=check_qk_norm_rope)(composed_qk_norm_rope)
         q, k = torch.randn(2, 9, 3, 16), torch.randn(2, 9, 3, 16)
         wq, wk = torch.rand(16) + 0.5, torch.rand(16) + 0.5
         cs = _cos_sin(9, 16)

@@ -44,6 +44,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..backends import Backend, get_backend
+from ..shapes import DTYPES, SHAPES
 
 # The rows, their reporting and the memory helpers live in their own modules; they are names of
 # this one too (callers and tests use `model.table`, `model.is_oom`, ...).
@@ -72,9 +73,9 @@ from .results import (  # noqa: F401
 
 PRESETS = ("tiny", "flux-mini", "flux-dev")
 MODES = ("infer", "train")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-DEFAULT_TEXT_LEN = {"tiny": 16, "flux-mini": 512, "flux-dev": 512}
+# T5 tokens: the shape table's for the Flux presets; 16 for tiny (the README's main job)
+DEFAULT_TEXT_LEN = {"tiny": 16, "flux-mini": SHAPES["flux-mini"].txt, "flux-dev": SHAPES["flux-dev"].txt}
 
 
 # -- the work ---------------------------------------------------------------------------------

@@ -40,29 +40,25 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .. import ops
-from ..ops import reference
+from ..ops import catalogue
+from ..ops.catalogue.apply_rope import bfl_rotate, diffusers_apply_rotary_emb  # noqa: F401  (stock code)
+from ..ops.catalogue.attention import NATIVE_NPU, diffusers_native_npu  # noqa: F401
+from ..ops.catalogue.rms_norm import bfl_rms_norm  # noqa: F401
+from ..ops.catalogue.rope_freqs import bfl_rope  # noqa: F401
+from ..shapes import DTYPES
+from ..shapes import SHAPES as SHAPE_TABLE
 from ..testing import rel_err, tolerance
 
-# name -> (batch, image tokens, text tokens, heads, head dim, hidden)
-SHAPES = {
-    "quick": dict(B=1, img=256, txt=32, H=24, D=128, hidden=3072),
-    "mini": dict(B=1, img=1024, txt=128, H=24, D=128, hidden=3072),  # Flux-mini-like, fits a CPU
-    "dev": dict(B=1, img=4096, txt=512, H=24, D=128, hidden=3072),  # Flux-dev at 1024 px
-}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-OPS = (
-    "rms_norm",
-    "rms_norm/bfl",
-    "apply_rope",
-    "apply_rope/bfl",
-    "qk_norm_rope",
-    "layer_norm_modulate",
-    "gated_residual",
-    "adaln_residual",
-    "attention",
-    "rope_freqs/bfl",
-)
+# the benchmark's shapes, from the one table (flux_npu.shapes); `mini` and `dev` are the names
+# they had before that table (kept so existing command lines run)
+SHAPE_NAMES = ("quick", "flux-mini", "flux-dev")
+SHAPE_ALIASES = {"mini": "flux-mini", "dev": "flux-dev"}
+SHAPES = {n: dict(B=SHAPE_TABLE[n].batch, img=SHAPE_TABLE[n].img, txt=SHAPE_TABLE[n].txt, H=SHAPE_TABLE[n].heads,
+                  D=SHAPE_TABLE[n].head_dim, hidden=SHAPE_TABLE[n].hidden) for n in SHAPE_NAMES}
+# every op's benchmark variants (op, op/bfl, ...), from the catalogue
+OPS = tuple(catalogue.BENCH)
+# baselines from other libraries: their failures are reported, not counted against our ops
+THIRD_PARTY = ("compile", NATIVE_NPU)
 
 
 @dataclass
@@ -103,217 +99,23 @@ class Row:
     note: str = ""
 
 
-def _nbytes(*ts) -> int:
-    total = 0
-    for t in ts:
-        if isinstance(t, (tuple, list)):
-            total += _nbytes(*t)
-        elif isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
-
-
-# -- stock code: what the patches replace -------------------------------------------------------
-
-def _unpatched(fn):
-    while hasattr(fn, "__wrapped_original__"):
-        fn = fn.__wrapped_original__
-    return fn
-
-
-def diffusers_apply_rotary_emb():
-    from diffusers.models import embeddings
-
-    return _unpatched(embeddings.apply_rotary_emb)
-
-
-def bfl_rms_norm(x, scale):
-    """BFL `RMSNorm.forward` (flux.modules.layers), eps 1e-6."""
-    dt = x.dtype
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype=dt) * scale
-
-
-def bfl_rotate(x, freqs_cis):
-    """BFL `apply_rope`'s rotation of one tensor (flux.math)."""
-    xr = x.float().reshape(*x.shape[:-1], -1, 1, 2)
-    y = freqs_cis[..., 0] * xr[..., 0] + freqs_cis[..., 1] * xr[..., 1]
-    return y.reshape(*x.shape).type_as(x)
-
-
-def bfl_rope(pos, dim, theta):
-    """BFL `rope` (flux.math): rotation matrices built in float64."""
-    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
-    omega = 1.0 / (theta**scale)
-    out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
-    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
-    return out.reshape(*out.shape[:-1], 2, 2).float()
-
-
-NATIVE_NPU = "diffusers _native_npu"
-# baselines from other libraries: their failures are reported, not counted against our ops
-THIRD_PARTY = ("compile", NATIVE_NPU)
-
-
-def diffusers_native_npu(backend, dtype):
-    """(callable on (B, S, H, D) q, k, v, None) when diffusers' `_native_npu` attention backend can
-    run here, else (None, the reason)."""
-    if backend.device_type != "npu":
-        return None, "diffusers' _native_npu attention runs on npu only"
-    try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
-    except ImportError as exc:
-        return None, f"diffusers not importable ({exc})"
-    name = getattr(AttentionBackendName, "_NATIVE_NPU", None)
-    if name is None:
-        return None, "this diffusers has no _native_npu attention backend"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return None, "diffusers' _native_npu takes bf16/fp16 only"
-    return (lambda q, k, v: dispatch_attention_fn(q, k, v, backend=name)), ""
-
-
 # -- cases ------------------------------------------------------------------------------------
 
 def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Case:
-    s = SHAPES[shape_name]
+    """One benchmark variant at one shape: its builder lives with the op (catalogue `bench`)."""
+    if op not in catalogue.BENCH:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    _info, build = catalogue.BENCH[op]
+    s = SHAPE_TABLE[SHAPE_ALIASES.get(shape_name, shape_name)]
     dtype = DTYPES[dtype_name]
-    B, S, H, D, hidden = s["B"], s["img"] + s["txt"], s["H"], s["D"], s["hidden"]
     g = torch.Generator().manual_seed(1234)
 
     def rnd(*shape, dt=dtype, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
 
-    def cos_sin():
-        pos = torch.arange(S, dtype=torch.float32)
-        cs = reference.rope_freqs(pos, D, form="cos_sin")
-        return tuple(t.to(device) for t in cs)
-
-    def bfl_pe():
-        pos = torch.arange(S, dtype=torch.float32)[None].expand(B, S)
-        return reference.rope_freqs(pos, D, form="bfl").unsqueeze(1).to(device)  # (B, 1, S, D/2, 2, 2)
-
-    label = f"B{B} S{S} H{H} D{D}"
-    if op == "rms_norm":
-        x = rnd(B, S, H * D).unflatten(-1, (H, D))  # the processor's unflatten view
-        norm = torch.nn.RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            norm.weight.copy_(rnd(D, scale=0.2) + 1)
-        w = norm.weight.detach()
-        return Case(op, label, dtype_name,
-                    {"stock": lambda: norm(x), "patched": lambda: ops.rms_norm(x, w, 1e-6, backend=backend)},
-                    lambda: reference.rms_norm(x, w, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(w),
-                    compile_target=lambda: norm(x))
-    if op == "rms_norm/bfl":
-        x = rnd(B, H, S, D)
-        scale = rnd(D, dt=dtype, scale=0.2) + 1
-        return Case(op, label, dtype_name,
-                    {"stock": lambda: bfl_rms_norm(x, scale),
-                     "patched": lambda: ops.rms_norm(x, scale, 1e-6, out_dtype=dtype, backend=backend)},
-                    lambda: reference.rms_norm(x, scale, 1e-6), dtype, 2 * _nbytes(x) + _nbytes(scale),
-                    compile_target=lambda: bfl_rms_norm(x, scale))
-    if op == "apply_rope":
-        x = rnd(B, S, H * D).unflatten(-1, (H, D))
-        cs = cos_sin()
-        stock = diffusers_apply_rotary_emb()
-        return Case(op, label, dtype_name,
-                    {"stock": lambda: stock(x, cs, sequence_dim=1),
-                     "patched": lambda: ops.apply_rope(x, cs, 1, backend=backend)},
-                    lambda: reference.apply_rope(x, cs, 1), dtype, 2 * _nbytes(x) + _nbytes(cs),
-                    compile_target=lambda: stock(x, cs, sequence_dim=1), note="diffusers apply_rotary_emb (cos, sin)")
-    if op == "apply_rope/bfl":
-        x = rnd(B, H, S, D)
-        pe = bfl_pe()
-        return Case(op, label, dtype_name,
-                    {"stock": lambda: bfl_rotate(x, pe), "patched": lambda: ops.apply_rope(x, pe, backend=backend)},
-                    lambda: reference.apply_rope(x, pe), dtype, 2 * _nbytes(x) + _nbytes(pe),
-                    compile_target=lambda: bfl_rotate(x, pe), note="BFL apply_rope, one tensor")
-    if op == "qk_norm_rope":
-        q = rnd(B, S, H * D).unflatten(-1, (H, D))
-        k = rnd(B, S, H * D).unflatten(-1, (H, D))
-        nq = torch.nn.RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
-        nk = torch.nn.RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
-        cs = cos_sin()
-        stock = diffusers_apply_rotary_emb()
-
-        def stock_fn():
-            return stock(nq(q), cs, sequence_dim=1), stock(nk(k), cs, sequence_dim=1)
-
-        wq, wk = nq.weight.detach(), nk.weight.detach()
-        return Case(op, label, dtype_name,
-                    {"stock": stock_fn,
-                     "patched": lambda: ops.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1, backend=backend)},
-                    lambda: reference.qk_norm_rope(q, k, wq, wk, cs, 1e-6, 1), dtype, 4 * _nbytes(q) + _nbytes(cs),
-                    compile_target=stock_fn, note="RMSNorm q, k + diffusers RoPE")
-    if op == "layer_norm_modulate":
-        x = rnd(B, S, hidden)
-        emb = rnd(B, 6 * hidden, scale=0.1)
-        shift, scale = emb.chunk(6, dim=1)[0], emb.chunk(6, dim=1)[1]
-        norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-
-        def stock_fn():  # diffusers AdaLayerNormZero: self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-            return norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-        return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
-                    {"stock": stock_fn,
-                     "patched": lambda: ops.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6,
-                                                                backend=backend)},
-                    lambda: reference.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6), dtype,
-                    2 * _nbytes(x) + 2 * _nbytes(shift), compile_target=stock_fn, note="AdaLayerNormZero norm+modulate")
-    if op == "gated_residual":
-        x, y = rnd(B, S, hidden), rnd(B, S, hidden)
-        gate = rnd(B, hidden, scale=0.1)
-
-        def stock_fn():  # diffusers: hidden_states + gate_msa.unsqueeze(1) * attn_output
-            return x + gate.unsqueeze(1) * y
-
-        return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
-                    {"stock": stock_fn,
-                     "patched": lambda: ops.gated_residual(x, gate.unsqueeze(1), y, backend=backend)},
-                    lambda: reference.gated_residual(x, gate.unsqueeze(1), y), dtype, 3 * _nbytes(x) + _nbytes(gate),
-                    compile_target=stock_fn)
-    if op == "adaln_residual":
-        x, y = rnd(B, S, hidden), rnd(B, S, hidden)
-        gate, shift, scale = (rnd(B, 1, hidden, scale=0.1) for _ in range(3))
-        norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-
-        def stock_fn():  # diffusers FluxTransformerBlock: residual, then norm2 and the MLP modulation
-            h = x + gate * y
-            return h, norm(h) * (1 + scale) + shift
-
-        return Case(op, f"B{B} S{S} D{hidden}", dtype_name,
-                    {"stock": stock_fn,
-                     "patched": lambda: ops.adaln_residual(x, gate, y, shift, scale, 1e-6, backend=backend)},
-                    lambda: reference.adaln_residual(x, gate, y, shift, scale, 1e-6), dtype,
-                    4 * _nbytes(x) + 3 * _nbytes(gate), compile_target=stock_fn,
-                    note="gated residual + norm2 modulate of a double block")
-    if op == "attention":
-        q, k, v = (rnd(B, S, H, D) for _ in range(3))
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        from ..kernels.cuda.attention import sdpa_choice
-
-        chosen = sdpa_choice(*(t.transpose(1, 2) for t in (q, k, v)))
-        impls = {"stock": lambda: dispatch_attention_fn(q, k, v),
-                 "patched": lambda: ops.attention(q, k, v, layout="BSHD", backend=backend)}
-        native, why = diffusers_native_npu(backend, dtype)
-        extra = {}
-        if native is not None:
-            impls[NATIVE_NPU] = lambda: native(q, k, v)
-        else:
-            extra[NATIVE_NPU] = why
-        return Case(op, label, dtype_name, impls, lambda: reference.attention(q, k, v, layout="BSHD"), dtype,
-                    4 * _nbytes(q), compile_target=lambda: dispatch_attention_fn(q, k, v),
-                    note=f"SDPA {chosen}; compute-bound: GB/s is nominal", skipped=extra)
-    if op == "rope_freqs/bfl":
-        pos = (torch.arange(S, dtype=torch.float32)[None].expand(B, S)).to(device)
-        dim = 56
-        return Case(op, f"B{B} S{S} dim{dim}", "fp32",
-                    {"stock": lambda: bfl_rope(pos, dim, 10000.0),
-                     "patched": lambda: ops.rope_freqs(pos, dim, 10000.0, form="bfl", backend=backend)},
-                    lambda: reference.rope_freqs(pos, dim, 10000.0, form="bfl"), torch.float32,
-                    _nbytes(pos) + B * S * dim * 2 * 4,
-                    compile_target=lambda: bfl_rope(pos, dim, 10000.0), note="BFL rope (float64 maths)")
-    raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    parts = build(s, dtype, device, backend, rnd)
+    return Case(op, parts.pop("label"), parts.pop("dtype_name", dtype_name), parts.pop("impls"),
+                parts.pop("reference"), parts.pop("tol_dtype", dtype), parts.pop("nbytes"), **parts)
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -479,8 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backend to benchmark (default: FLUX_NPU_BACKEND, then auto-detect)")
     parser.add_argument("--ops", nargs="+", default=list(OPS), help=f"ops (default: all: {' '.join(OPS)})")
     parser.add_argument("--shapes", nargs="+", default=None,
-                        help=f"shape presets {' '.join(SHAPES)} "
-                             "(default: mini; --quick: quick; dev = Flux-dev 1024 px)")
+                        help=f"shape presets {' '.join(SHAPE_NAMES)} (flux_npu.shapes; "
+                             "default: flux-mini; --quick: quick)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], help="bf16, fp32, fp16 (default: bf16 fp32)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 2, GPU 10)")
@@ -561,7 +363,9 @@ def run(args) -> int:
         from ..utils.output import output_kind
 
         output_kind(output)  # a directory or a missing parent fails now, not after the run
-    shapes = _split(args.shapes or ("quick" if args.quick else "mini"), SHAPES, "shape presets")
+    shapes = [SHAPE_ALIASES.get(n, n) for n in _split(args.shapes or ("quick" if args.quick else "flux-mini"),
+                                                      SHAPE_NAMES + tuple(SHAPE_ALIASES), "shape presets")]
+    shapes = list(dict.fromkeys(shapes))
     dtypes = _split(args.dtypes, DTYPES, "dtypes")
     op_names = _split(args.ops, OPS, "ops")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (2 if on_cpu else 10))

@@ -14,7 +14,9 @@ import sys
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from ..shapes import DTYPES as SHAPE_DTYPES
+
+DTYPES = {k: v for k, v in SHAPE_DTYPES.items() if k in ("fp32", "bf16")}
 
 
 def register(sub):

@@ -80,3 +80,18 @@ def composed_adaln_residual(backend, x, gate, y, shift, scale, eps):
 
 def check_adaln_residual(backend, x, gate, y, shift, scale, eps):
     return foreign_device(backend, x, gate, y, shift, scale)
+
+
+def composed_qk_norm_rope(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
+    """qk_norm_rope on a backend without a fused kernel: its own rms_norm and apply_rope kernels,
+    one after the other (each dispatched and counted, as when Flux code calls them separately)."""
+    from .. import ops
+
+    qn = ops.rms_norm(q, q_weight, eps, backend=backend)
+    kn = ops.rms_norm(k, k_weight, eps, backend=backend)
+    return ops.apply_rope(qn, freqs, sequence_dim, backend=backend), ops.apply_rope(kn, freqs, sequence_dim,
+                                                                                    backend=backend)
+
+
+def check_qk_norm_rope(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
+    return foreign_device(backend, q, k, q_weight, k_weight, *(freqs if isinstance(freqs, tuple) else (freqs,)))

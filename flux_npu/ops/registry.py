@@ -38,17 +38,7 @@ import torch
 
 from .. import backends as _backends
 from ..backends import Backend, get_backend
-
-OPS = (
-    "attention",
-    "rope_freqs",
-    "apply_rope",
-    "rms_norm",
-    "layer_norm_modulate",
-    "gated_residual",
-    "qk_norm_rope",
-    "adaln_residual",
-)
+from .catalogue import OPS  # the op names, in dispatch order
 
 _is_compiling = torch.compiler.is_compiling
 

@@ -8,15 +8,9 @@ case: stored cotangents (`d_<output>`, drawn with the inputs) are pushed through
 `torch.autograd.backward`, and the gradients of the inputs named in `grads` (and, for blocks, of
 the parameters) are compared.
 
-Shape sets:
-- tiny:      the `tiny` preset's widths (2 heads x 16), 16 image + 8 text tokens; blocks included.
-- width:     Flux's real widths (head dim 128, hidden 3072), 2 heads and short sequences (24 tokens,
-             5 at hidden width) so the shipped golden stays small; per-op only (a Flux-width
-             double block is ~340M parameters).
-- flux-mini: Flux width, 24 heads, 512 px (1024 image tokens) + 256 text tokens; blocks included.
-- flux-dev:  Flux width, 24 heads, 1024 px (4096 image tokens) + 512 text tokens; blocks included.
-(Flux-mini and Flux-dev blocks have the same shape; the sets differ in sequence length, the
-resolution each model is usually run at.)
+Shape sets: the named Flux shapes of `flux_npu.shapes` (tiny, width, flux-mini, flux-dev; `width`
+is per-op only: a Flux-width double block is ~340M parameters). Flux-mini and Flux-dev blocks have
+the same shape; the sets differ in sequence length, the resolution each model is usually run at.
 """
 
 from __future__ import annotations
@@ -29,9 +23,7 @@ import torch
 
 from .. import ops
 from ..ops import reference
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+from ..shapes import DTYPE_NAMES, DTYPES, SHAPES, FluxShape  # noqa: F401  (DTYPE_NAMES: parity's names too)
 
 # Whole blocks chain ~10 roundings per element (projections, norms, attention, MLP) and
 # two devices round differently at each; their errors are judged against the per-dtype table
@@ -46,44 +38,9 @@ PARAM_STORE_LIMIT = 4_000_000
 PARAM_GRAD_LIMIT = 1_000_000
 
 
-@dataclass(frozen=True)
-class Shapes:
-    name: str
-    heads: int
-    head_dim: int
-    img: int  # image tokens
-    txt: int  # text tokens
-    hidden: int  # width of the hidden-state ops (layer_norm_modulate, gated_residual)
-    axes: Tuple[int, int, int]  # RoPE axes dims (sum = head_dim)
-    blocks: bool
-    batch: int = 1
-    hidden_tokens: Optional[int] = None  # tokens of the hidden-width ops (default: seq)
-    doc: str = ""
-
-    @property
-    def seq(self) -> int:
-        return self.img + self.txt
-
-    @property
-    def hidden_seq(self) -> int:
-        return self.hidden_tokens or self.seq
-
-    @property
-    def block_dim(self) -> int:
-        return self.heads * self.head_dim
-
-
-SHAPE_SETS: Dict[str, Shapes] = {
-    "tiny": Shapes("tiny", heads=2, head_dim=16, img=16, txt=8, hidden=32, axes=(4, 6, 6), blocks=True,
-                   doc="tiny preset widths (2x16), 16+8 tokens, with blocks"),
-    "width": Shapes("width", heads=2, head_dim=128, img=16, txt=8, hidden=3072, axes=(16, 56, 56), blocks=False,
-                    hidden_tokens=5, doc="Flux widths (head dim 128, hidden 3072), 2 heads, 16+8 tokens "
-                    "(5 at hidden width), ops only"),
-    "flux-mini": Shapes("flux-mini", heads=24, head_dim=128, img=1024, txt=256, hidden=3072, axes=(16, 56, 56),
-                        blocks=True, doc="Flux width, 24 heads, 512 px (1024+256 tokens), with blocks"),
-    "flux-dev": Shapes("flux-dev", heads=24, head_dim=128, img=4096, txt=512, hidden=3072, axes=(16, 56, 56),
-                       blocks=True, doc="Flux width, 24 heads, 1024 px (4096+512 tokens), with blocks"),
-}
+Shapes = FluxShape  # the name parity has always used for a shape set
+# parity's shape sets: the table's, less the benchmark-only one
+SHAPE_SETS: Dict[str, Shapes] = {n: s for n, s in SHAPES.items() if n != "quick"}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..ops.catalogue import SWITCHABLE
+
 PATCHED = "patched"
 SKIPPED = "skipped"
 NOT_FOUND = "not-found"
@@ -18,8 +20,8 @@ PENDING = "pending"  # not imported yet; the import hook patches it when it is
 DEFERRED = "deferred"  # found half-imported; patched when its import finishes
 
 # The ops a user can switch on or off with patch(ops=...) / patch(exclude=...): the catalogue's
-# public names (qk_norm_rope is used where both rms_norm and apply_rope are on).
-OP_NAMES = ("attention", "apply_rope", "rope_freqs", "rms_norm", "layer_norm_modulate", "gated_residual")
+# switchable ones (qk_norm_rope is used where both rms_norm and apply_rope are on).
+OP_NAMES = SWITCHABLE
 
 
 def select_ops(ops=None, exclude=None) -> frozenset[str]:

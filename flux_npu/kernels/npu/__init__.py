@@ -6,7 +6,15 @@ checks answer "torch_npu not importable: ..." where it is absent."""
 
 # infer_attention before attention: the first kernel that accepts an input serves it (FIA for no-grad calls)
 from . import infer_attention  # noqa: F401,I001  (registration side effects, in priority order)
-from . import adaln_residual, apply_rope, attention, gated_residual, layer_norm_modulate, rms_norm  # noqa: F401
+from . import (  # noqa: F401
+    adaln_residual,
+    apply_rope,
+    attention,
+    gated_residual,
+    layer_norm_modulate,
+    qk_norm_rope,
+    rms_norm,
+)
 
 
 def prepare() -> None:
