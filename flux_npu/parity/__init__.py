@@ -6,25 +6,21 @@
     print(report.table()); assert report.ok
 
 Command line: `flux-npu parity record|check|list`. The catalogue is in `cases.py`, the golden
-format and the comparison in `suite.py`. The shipped goldens (`parity_<backend>.safetensors`, in
-`tests/golden/` of the repository and `flux_npu/data/golden/` of a wheel) are found by `golden_dir()`
-/ `shipped_goldens()` / `golden_path()`.
+format in `golden.py`, recording and the comparison in `suite.py`. The shipped goldens
+(`parity_<backend>.safetensors`, in `tests/golden/` of the repository and `flux_npu/data/golden/`
+of a wheel) are found by `golden_dir()` / `shipped_goldens()` / `golden_path()`.
 """
 
 from .cases import BLOCK_FACTOR, CASES, DTYPES, SHAPE_SETS, Case, CaseSpec, Shapes, select
+from .golden import FORMAT, Golden, GoldenCorrupted, GoldenError, load_golden
 from .suite import (
-    FORMAT,
     PARITY_SDPA,
     CaseResult,
     CheckReport,
-    Golden,
-    GoldenCorrupted,
-    GoldenError,
     check,
     compute,
     golden_dir,
     golden_path,
-    load_golden,
     record,
     shipped_goldens,
 )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -34,19 +33,7 @@ from ..backends import Backend, get_backend
 from ..testing import max_abs_err, rel_err, tolerance
 from ..utils.versions import versions
 from . import cases as C
-
-# /2: per-tensor sha256 checksums and the SDPA policy in the metadata (goldens of /1 had neither)
-FORMAT = "flux-npu-parity/2"
-GOLDEN_FILES = "parity_*.safetensors"
-
-
-class GoldenError(ValueError):
-    """A golden file that is missing, unreadable, not ours, or does not match this catalogue."""
-
-
-class GoldenCorrupted(GoldenError):
-    """A golden whose stored bytes no longer match the checksums written when it was recorded."""
-
+from .golden import FORMAT, GOLDEN_FILES, Golden, GoldenError, _rerecord, load_golden, tensor_sha256
 
 # -- where the shipped goldens are --------------------------------------------------------------
 
@@ -108,12 +95,6 @@ def sdpa_policy(backend: Backend, allow_cudnn: bool = False):
 
     chosen = [getattr(SDPBackend, _SDPA_ENUM[n]) for n in PARITY_SDPA]
     return (lambda: sdpa_kernel(chosen)), {"device_type": backend.device_type, "allowed": list(PARITY_SDPA)}
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes as safetensors stores them (contiguous, native order)."""
-    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
 # -- computing one case -----------------------------------------------------------------------
@@ -253,195 +234,6 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
     # from the umask: a golden is meant to be shared), a device or FIFO in place
     write_output(path, save(tensors, metadata=meta))
     return meta
-
-
-# -- reading a golden -------------------------------------------------------------------------
-
-
-@dataclass
-class Golden:
-    path: str
-    meta: dict
-    entries: List[dict]
-    _handle: object = field(repr=False, default=None)
-
-    @property
-    def seed(self) -> int:
-        return int(self.meta["seed"])
-
-    def tensor(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle.get_tensor(name)
-        except Exception as exc:
-            raise GoldenError(f"{self.path}: cannot read tensor {name!r} ({exc}); the file is corrupted, "
-                              f"re-record it") from None
-
-    def group(self, case_id: str, kind: str) -> Dict[str, torch.Tensor]:
-        prefix = f"{case_id}/{kind}/"
-        return {k[len(prefix):]: self.tensor(k) for k in self._keys if k.startswith(prefix)}
-
-    @property
-    def _keys(self):
-        return self._handle.keys()
-
-    def describe(self) -> str:
-        v = json.loads(self.meta.get("versions", "{}"))
-        sdpa = json.loads(self.meta.get("sdpa", "{}")).get("allowed", "default")
-        return (f"golden {self.path}: backend {self.meta.get('backend')} on {self.meta.get('device')}, "
-                f"recorded {self.meta.get('created')}, torch {v.get('torch')}, diffusers {v.get('diffusers')}, "
-                f"seed {self.meta.get('seed')}, {len(self.entries)} case(s), SDPA backends "
-                f"{'torch default' if sdpa == 'default' else ','.join(sdpa)}, checksums verified")
-
-
-def _rerecord(path):
-    return f"re-record it with `flux-npu parity record --backend <name> -o {path}`"
-
-
-def load_golden(path) -> Golden:
-    """Open and validate a golden's structure (not yet its numbers)."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise GoldenError(f"parity golden {path!r} not found; record one with "
-                          f"`flux-npu parity record --backend <name> -o {path}` "
-                          f"(the shipped ones: `flux-npu parity list --goldens`)")
-    if os.path.getsize(path) < 8:
-        raise GoldenError(f"{path}: file is {os.path.getsize(path)} bytes, too short for safetensors (truncated?); "
-                          f"{_rerecord(path)}")
-    try:
-        handle = safe_open(path, framework="pt")
-        keys = set(handle.keys())
-        meta = handle.metadata() or {}
-    except Exception as exc:
-        raise GoldenError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
-                          f"the file is truncated or corrupted: {_rerecord(path)}") from None
-    if meta.get("format") != FORMAT:
-        if "format" not in meta:
-            raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); "
-                              f"{_rerecord(path)}")
-        raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads {FORMAT!r}; "
-                          f"{_rerecord(path)}")
-    entries, recorded_sets, checksums = _parse_meta(path, meta)
-    problems = []
-    for name, rec in recorded_sets.items():
-        ours = C.SHAPE_SETS.get(name)
-        if ours is None:
-            problems.append(f"shape set {name!r} is unknown to this version (known: {', '.join(C.SHAPE_SETS)})")
-            continue
-        mine = json.loads(json.dumps(dataclasses.asdict(ours)))
-        if rec != mine:
-            diff = {k: (rec.get(k), mine.get(k)) for k in mine if rec.get(k) != mine.get(k)}
-            was = ", ".join(f"{k}={a} (now {b})" for k, (a, b) in diff.items())
-            problems.append(f"shape set {name!r} was recorded as {was}")
-    for e in entries:
-        if e["shape_set"] not in recorded_sets:
-            problems.append(f"case {e['id']!r}: shape set {e['shape_set']!r} is not among the recorded ones")
-        for n in e["inputs"]:
-            if f"{e['id']}/in/{n}" not in keys:
-                problems.append(f"case {e['id']}: input {n!r} is listed but missing from the file")
-        for n in e["outputs"]:
-            if f"{e['id']}/{n}" not in keys:
-                problems.append(f"case {e['id']}: {n!r} is listed but missing from the file")
-    if problems:
-        shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
-        raise GoldenError(f"{path} does not match this version's parity catalogue:\n  {shown}\n{_rerecord(path)}")
-    _verify_checksums(path, handle, keys, checksums)
-    return Golden(path, meta, entries, handle)
-
-
-def _bad_meta(path, what: str) -> GoldenError:
-    return GoldenError(f"{path}: damaged metadata: {what}; {_rerecord(path)}")
-
-
-def _json_field(path, meta: dict, key: str, kind: type):
-    if key not in meta:
-        raise _bad_meta(path, f"no {key!r} field")
-    try:
-        value = json.loads(meta[key])
-    except ValueError as exc:
-        raise _bad_meta(path, f"{key!r} is not JSON ({exc})") from None
-    if not isinstance(value, kind):
-        raise _bad_meta(path, f"{key!r} is a {type(value).__name__}, expected a {kind.__name__}")
-    return value
-
-
-def _is_shape(v) -> bool:
-    return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
-
-
-def _parse_meta(path, meta: dict):
-    """Type-check every metadata field the suite reads, so that a crafted or damaged golden gives
-    one GoldenError naming the field instead of a KeyError / AttributeError deep in `check`.
-    Returns (entries, shape sets, checksums)."""
-    try:
-        int(meta.get("seed", ""))
-    except ValueError:
-        raise _bad_meta(path, f"seed {meta.get('seed')!r} is not an integer") from None
-    if meta.get("backward", "1") not in ("0", "1"):
-        raise _bad_meta(path, f"backward {meta.get('backward')!r} is not 0 or 1")
-    _json_field(path, meta, "versions", dict)
-    _json_field(path, meta, "sdpa", dict)
-    recorded_sets = _json_field(path, meta, "shape_sets", dict)
-    for name, rec in recorded_sets.items():
-        if not isinstance(rec, dict):
-            raise _bad_meta(path, f"shape set {name!r} is a {type(rec).__name__}, expected a dict")
-    checksums = _json_field(path, meta, "checksums", dict)
-    for name, digest in checksums.items():
-        if not (isinstance(digest, str) and len(digest) == 64):
-            raise _bad_meta(path, f"checksum of {name!r} is not a sha256 hex digest")
-    entries = _json_field(path, meta, "cases", list)
-    seen = set()
-    for i, e in enumerate(entries):
-        where = f"case #{i}"
-        if not isinstance(e, dict):
-            raise _bad_meta(path, f"{where} is a {type(e).__name__}, expected a dict")
-        for key, kind in (("id", str), ("shape_set", str), ("case", str), ("dtype", str), ("inputs", dict),
-                          ("outputs", dict)):
-            if not isinstance(e.get(key), kind):
-                raise _bad_meta(path, f"{where}: field {key!r} is missing or not a {kind.__name__}")
-        where = f"case {e['id']!r}"
-        if e["case"] not in C.CASES:
-            raise _bad_meta(path, f"{where}: unknown case {e['case']!r} (this version has {', '.join(C.CASES)})")
-        if e["dtype"] not in C.DTYPES:
-            raise _bad_meta(path, f"{where}: unknown dtype {e['dtype']!r} (known: {', '.join(C.DTYPES)})")
-        if e["shape_set"] not in C.SHAPE_SETS:
-            raise _bad_meta(path, f"{where}: unknown shape set {e['shape_set']!r} (known: {', '.join(C.SHAPE_SETS)})")
-        if e["id"] != f"{e['shape_set']}.{e['case']}.{e['dtype']}":
-            raise _bad_meta(path, f"{where}: id does not match its shape set, case and dtype")
-        if e["id"] in seen:
-            raise _bad_meta(path, f"{where} is listed twice")
-        seen.add(e["id"])
-        for group in ("inputs", "outputs"):
-            for n, shape in e[group].items():
-                if not _is_shape(shape):
-                    raise _bad_meta(path, f"{where}: {group} {n!r} has shape {shape!r}, not a list of sizes")
-        for n in e["outputs"]:
-            if n.split("/", 1)[0] not in ("out", "grad", "pgrad") or "/" not in n:
-                raise _bad_meta(path, f"{where}: output {n!r} is not out/, grad/ or pgrad/<name>")
-        if "checksum" in e and not isinstance(e["checksum"], str):
-            raise _bad_meta(path, f"{where}: parameter checksum is not a string")
-    return entries, recorded_sets, checksums
-
-
-def _verify_checksums(path, handle, keys, checksums: dict) -> None:
-    """Every stored tensor must match the sha256 written when it was recorded: a flipped bit is
-    a corrupted file, never a backend failure."""
-    unlisted = sorted(set(keys) - set(checksums))
-    if unlisted:
-        raise GoldenCorrupted(f"golden corrupted: tensor {unlisted[0]} has no recorded checksum ({path}; "
-                              f"{len(unlisted)} such tensor(s)): the file was altered after recording; "
-                              f"{_rerecord(path)}")
-    for name in sorted(keys):
-        try:
-            t = handle.get_tensor(name)
-        except Exception as exc:
-            raise GoldenCorrupted(f"golden corrupted: tensor {name} cannot be read ({exc}); {path}: "
-                                  f"{_rerecord(path)}") from None
-        if tensor_sha256(t) != checksums[name]:
-            raise GoldenCorrupted(f"golden corrupted: tensor {name} does not match its recorded sha256 ({path}): "
-                                  f"the file changed after recording (disk, transfer or edit); fetch it again or "
-                                  f"{_rerecord(path)}")
 
 
 # -- check ------------------------------------------------------------------------------------
