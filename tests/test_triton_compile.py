@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from flux_npu.kernels.cuda import adaln_residual, layer_norm_modulate, rms_norm, rope
+    from flux_npu.kernels.cuda import adaln_residual, layer_norm_modulate, rms_norm
+    from flux_npu.kernels.cuda import apply_rope as rope
 
     PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
@@ -101,7 +102,7 @@ TRACE_SCRIPT = textwrap.dedent(
     triton.runtime.driver.set_active(TargetOnly())
     torch.compiler.is_compiling = lambda: True  # as under dynamo: the wrappers call the custom ops
     from flux_npu.kernels.cuda import _triton, adaln_residual as AR, layer_norm_modulate as LN, qk_norm_rope as QK
-    from flux_npu.kernels.cuda import rms_norm as RMS, rope as R
+    from flux_npu.kernels.cuda import rms_norm as RMS, apply_rope as R
 
     assert not _triton.interpreted(RMS._rms_norm_fwd)
 

@@ -23,7 +23,7 @@ from flux_npu.kernels.cuda import adaln_residual as AR  # noqa: E402
 from flux_npu.kernels.cuda import layer_norm_modulate as LN  # noqa: E402
 from flux_npu.kernels.cuda import qk_norm_rope as QK  # noqa: E402
 from flux_npu.kernels.cuda import rms_norm as RMS  # noqa: E402
-from flux_npu.kernels.cuda import rope as ROPE  # noqa: E402
+from flux_npu.kernels.cuda import apply_rope as ROPE  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

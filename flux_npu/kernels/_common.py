@@ -94,4 +94,16 @@ def composed_qk_norm_rope(backend, q, k, q_weight, k_weight, freqs, eps, sequenc
 
 
 def check_qk_norm_rope(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
-    return foreign_device(backend, q, k, q_weight, k_weight, *(freqs if isinstance(freqs, tuple) else (freqs,)))
+    """Takes the input only where the backend's own rms_norm and apply_rope kernels take its parts
+    (composing two fallbacks would only be the reference under another name)."""
+    why = foreign_device(backend, q, k, q_weight, k_weight, *(freqs if isinstance(freqs, tuple) else (freqs,)))
+    if why:
+        return why
+    from ..ops.registry import explain
+
+    for op, args in (("rms_norm", (q, q_weight, eps, None)), ("rms_norm", (k, k_weight, eps, None)),
+                     ("apply_rope", (q, freqs, sequence_dim))):
+        name, reasons = explain(op, backend, *args)
+        if name is None:
+            return f"{op}: " + ("; ".join(reasons) or "no kernel")
+    return None

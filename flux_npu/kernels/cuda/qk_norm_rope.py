@@ -16,9 +16,10 @@ from typing import Optional
 import torch
 
 from ...ops.registry import register_kernel
+from .._common import check_qk_norm_rope, composed_qk_norm_rope
 from . import _triton as T
 from ._checks import freqs_reason, row_reason, triton_reason
-from .rope import _rope_bwd, _rope_fwd, bwd_launch, freq_tensors, fwd_launch, split_freqs
+from .apply_rope import _rope_bwd, _rope_fwd, bwd_launch, freq_tensors, fwd_launch, split_freqs
 
 
 def _one_launch(q, k, q_weight, k_weight) -> bool:
@@ -156,3 +157,9 @@ register_kernel(
     "qk_norm_rope", "cuda", "triton.qk_norm_rope", check=_check, traced=_traced,
     doc="Triton RMSNorm + RoPE of q and k in one launch (one read and one write of each).",
 )(QKNormRopeFunction.apply)
+
+# Where the fused kernel declines, the backend's own rms_norm and apply_rope kernels composed (a
+# registered kernel, so the fallback named "reference" is only ever the plain-torch one).
+register_kernel("qk_norm_rope", "cuda", "composed(rms_norm, apply_rope)", check=check_qk_norm_rope)(
+    composed_qk_norm_rope
+)
