@@ -24,6 +24,17 @@ _LAST_SELECTION: dict = {}
 # (instead of reading FLUX_NPU_BACKEND on every op call).
 _GENERATION = [0]
 _DEFAULT_RESOLVED: list = []  # [generation, backend] of the last get_backend() without a name
+# Called when a backend's runtime state is reset (the op table registers its plan invalidation
+# here, so this package never imports flux_npu.ops: no import circle between the two).
+_RESET_LISTENERS: list = []
+
+
+def runtime_reset() -> None:
+    """A backend's runtime state (e.g. its vendor import, device probes) was reset: re-resolve the
+    default backend and let the op table drop the dispatch plans derived from that state."""
+    _GENERATION[0] += 1
+    for fn in list(_RESET_LISTENERS):
+        fn()
 
 
 class BackendError(RuntimeError):

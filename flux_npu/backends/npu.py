@@ -32,10 +32,7 @@ def reset_runtime_cache() -> None:
     _CACHE.clear()
     from .. import backends
 
-    backends._GENERATION[0] += 1
-    from ..ops.registry import invalidate_plans
-
-    invalidate_plans()
+    backends.runtime_reset()
 
 
 def _import_torch_npu():

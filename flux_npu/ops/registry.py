@@ -111,6 +111,9 @@ def invalidate_plans() -> None:
     _PLANS.clear()
 
 
+_backends._RESET_LISTENERS.append(invalidate_plans)
+
+
 def _fold(p: Plan) -> None:
     if p.n:
         _BASE["served"][(p.op, p.backend, p.name)] += p.n
