@@ -74,9 +74,9 @@ def _check_calls(layout, heads, head_dim, samples=1):
     assert all("scale" in c["explicit"] and math.isclose(c["args"]["scale"], 1 / math.sqrt(head_dim)) for c in fa)
     rot = record.calls("npu_rotary_mul")
     assert rot and all(c["args"]["rotary_mode"] == "interleave" for c in rot)
-    # operands built once per forward: every block used the same r1 (one slice per sample when
-    # the BFL pe is built per sample)
-    assert len({c["tensors"]["r1"]["data_ptr"] for c in rot}) == samples
+    # operands are rebuilt per call (no cache can see every write to the freqs): one r1 shape for
+    # all blocks, per sample when the BFL pe is built per sample
+    assert {c["tensors"]["r1"]["shape"][0] for c in rot} <= {1, samples}
     assert record.calls("npu_rms_norm")
 
 

@@ -140,19 +140,18 @@ def test_emulator_apply_rope_bfl_per_sample_freqs(npu_emulated, dtype):
                for c in calls)
 
 
-def test_emulator_rope_operands_built_once_per_forward(npu_emulated):
-    """Every block of a forward reuses the same r1/r2 (one conversion per freqs tensor)."""
+def test_emulator_rope_operands_follow_writes_that_bump_no_version(npu_emulated):
+    """No operand cache: a `.data.copy_` refresh of the freqs (no version bump) is rotated by."""
     S, D = 16, 32
-    freqs = ops.rope_freqs(torch.arange(S).float(), D, form="cos_sin", backend=npu_emulated)
-    xs = [torch.randn(1, S, 2, D) for _ in range(4)]
-    for x in xs:
-        ops.apply_rope(x, freqs, sequence_dim=1, backend=npu_emulated)
-    ptrs = {c["tensors"]["r1"]["data_ptr"] for c in record.calls("npu_rotary_mul")}
-    assert len(record.calls("npu_rotary_mul")) == 4 and len(ptrs) == 1
-    fresh = ops.rope_freqs(torch.arange(S).float() + 1, D, form="cos_sin", backend=npu_emulated)
-    out = ops.apply_rope(xs[0], fresh, sequence_dim=1, backend=npu_emulated)
-    assert record.calls("npu_rotary_mul")[-1]["tensors"]["r1"]["data_ptr"] not in ptrs
-    assert_close(out, ops.reference.apply_rope(xs[0], fresh, 1))
+    cos, sin = ops.rope_freqs(torch.arange(S).float(), D, form="cos_sin", backend=npu_emulated)
+    x = torch.randn(1, S, 2, D)
+    ops.apply_rope(x, (cos, sin), sequence_dim=1, backend=npu_emulated)
+    fresh = ops.rope_freqs(torch.arange(S).float() * 3 + 1, D, form="cos_sin", backend=npu_emulated)
+    cos.data.copy_(fresh[0])
+    sin.data.copy_(fresh[1])
+    out = ops.apply_rope(x, (cos, sin), sequence_dim=1, backend=npu_emulated)
+    assert len(record.calls("npu_rotary_mul")) == 2
+    assert_close(out, ops.reference.apply_rope(x, fresh, 1))
 
 
 # -- RMSNorm -----------------------------------------------------------------------------------------

@@ -176,8 +176,8 @@ def test_t5_encoder(dtype):
 
 
 def test_patched_model_runs_under_inference_mode():
-    """Inference tensors carry no version counter: the once-per-forward RoPE operand cache must
-    not trip on them (diffusers pipelines and user scripts run under inference_mode)."""
+    """Inference tensors carry no version counter: nothing on the patched path may need one
+    (diffusers pipelines and user scripts run under inference_mode)."""
     model, inputs = diffusers_model_and_inputs("tiny")
     with torch.inference_mode():
         kw = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inputs.as_kwargs().items()}

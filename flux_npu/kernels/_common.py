@@ -20,43 +20,6 @@ def dtype_outside(backend, *tensors):
     return None
 
 
-class LastValueCache:
-    """Remembers f(key tensors) for the last key seen.
-
-    RoPE operands are built once per forward and then reused by every block: converting them to
-    a kernel's form (complex numbers, cos/sin in the input dtype, ...) once per forward instead of
-    once per block is worth a one-entry cache.
-
-    A hit needs the same memory (data pointer), the same version counter (no in-place write since),
-    shape, strides, dtype and device, and `extra`. The entry holds a detached alias of each key
-    tensor, which keeps its storage alive, so a matching data pointer cannot belong to memory that
-    was freed and reused (the failure an identity-only key has after `t.data = other`). The entry is
-    one tuple swapped in by a single assignment, so concurrent threads see either the old or the
-    new entry, never a mix. Tensors that require grad (the operand must carry their graph) and
-    inference-mode tensors (no version counter) are never cached.
-    """
-
-    def __init__(self):
-        self._entry = None  # (keys, aliases, extra, value)
-
-    @staticmethod
-    def _key(t):
-        return (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
-
-    def get(self, tensors, extra, build):
-        if torch.compiler.is_compiling():
-            return build()  # under torch.compile: no Python-side state (it would break the graph)
-        if any(t.requires_grad or t.is_inference() for t in tensors):
-            return build()  # inference tensors have no version counter to validate a cache hit
-        keys = tuple(self._key(t) for t in tensors)
-        entry = self._entry
-        if entry is not None and entry[0] == keys and entry[2] == extra:
-            return entry[3]
-        value = build()
-        self._entry = (keys, tuple(t.detach() for t in tensors), extra, value)
-        return value
-
-
 def addcmul_gated_residual(backend, x, gate, y):
     """x + gate * y as torch.addcmul: already one fused elementwise kernel with broadcasting on
     every device (one read of x, gate, y, one write), so no backend needs its own."""

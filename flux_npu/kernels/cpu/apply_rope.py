@@ -1,8 +1,14 @@
 """CPU RoPE: one complex multiply instead of reshape/unbind/stack/flatten copies.
 
 Adjacent pairs (x[2i], x[2i+1]) are the real and imaginary parts of a complex number z, and the
-rotation by angle a is a multiply by cos a + i sin a. The complex operand is built once per
-forward from whichever frequency form Flux code hands over (`LastValueCache`).
+rotation by angle a is a multiply by cos a + i sin a. The complex operand is built on every call
+from whichever frequency form Flux code hands over: it costs one pass over the (S, D) frequencies
+next to the (B, H, S, D) rotation, and no cache keyed on the tensor can see every write a user can
+make to it (`.data.copy_`, writes through `.numpy()` or a DLPack alias bump no version counter).
+
+Frequencies that require grad (learnable RoPE) take the reference: the complex form reads only
+the even columns of (cos, sin) and drops the conj term when it is zero, both of which carry
+gradient.
 
 BFL matrices are applied as given even when they are not rotations: any real 2x2 matrix M acts
 on z as alpha * z + beta * conj(z), with alpha = ((m00 + m11) + i (m10 - m01)) / 2 and
@@ -14,9 +20,7 @@ import torch
 
 from ...ops import reference
 from ...ops.registry import register_kernel
-from .._common import LastValueCache, foreign_device
-
-_CACHE = LastValueCache()
+from .._common import foreign_device
 
 
 def _complex_freqs(freqs, sequence_dim, ndim):
@@ -45,12 +49,12 @@ def _check(backend, x, freqs, sequence_dim):
 @register_kernel("apply_rope", "cpu", "torch.complex_mul", check=_check)
 def apply_rope(backend, x, freqs, sequence_dim):
     """x viewed as complex pairs times cos + i sin (float32), rounded once to x.dtype."""
-    if torch.compiler.is_compiling():
-        # inductor fuses the real-arithmetic form into one loop; complex views and stride checks
-        # would only break the graph
-        return reference.apply_rope(x, freqs, sequence_dim)
     keys = (freqs,) if isinstance(freqs, torch.Tensor) else tuple(freqs)
-    alpha, beta = _CACHE.get(keys, (sequence_dim, x.dim()), lambda: _complex_freqs(freqs, sequence_dim, x.dim()))
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in keys)):
+        # inductor fuses the real-arithmetic form into one loop; complex views and stride checks
+        # would only break the graph. Learnable frequencies: the reference's gradient (module doc).
+        return reference.apply_rope(x, freqs, sequence_dim)
+    alpha, beta = _complex_freqs(freqs, sequence_dim, x.dim())
     xf = x.float()
     if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()  # view_as_complex needs pair-aligned strides

@@ -7,13 +7,15 @@ r2 = sin, each repeated per pair (diffusers' (cos, sin) form already is). The ha
 declines and the reference runs.
 
 Operands: interleave mode takes one cos/sin for every (batch, head): shape (1,1,S,D) for a BNSD
-input, (1,S,1,D) for BSND. They are built once per forward (cached by the identity of the freqs
-tensors: `LastValueCache`), in x's dtype, on x's device: no host sync.
+input, (1,S,1,D) for BSND, in x's dtype, on x's device, built on every call: a cache keyed on the
+freqs tensor cannot see writes that bump no version counter (`.data.copy_`, DLPack aliases).
+Frequencies that require grad (learnable RoPE) go to the reference, counted with the reason: the
+operands read two of a BFL matrix's four entries, so the other two would get no gradient.
 BFL rotation matrices (..., S, D/2, 2, 2) = [[cos, -sin], [sin, cos]] become cos/sin from entries
 [0, 0] and [1, 0]. They must not vary over heads. BFL code builds them per batch element
 ((B, 1, S, ...), from per-sample ids); as interleave mode has no per-batch cos/sin, such a batch
 is rotated one sample at a time. The op only rotates: BFL matrices that are not rotations
-([[c, -s], [s, c]] exactly; checked once per operand build, one host sync per forward) are handed
+([[c, -s], [s, c]] exactly; checked on every call, one host sync) are handed
 to the reference, counted as a fallback with the reason. Under torch.compile that check cannot
 run, so BFL matrices are declined there (the reference traces into the graph).
 
@@ -33,13 +35,10 @@ import torch
 from ...backends.npu import soc_declines
 from ...ops import reference
 from ...ops.registry import record_fallback, register_kernel
-from .._common import LastValueCache
 from ._support import dtype_declines, jit_compile_declines, op_has_param, prelude, torch_npu
 
 MAX_D = 896  # D < 896
 MAX_BN = 1000  # B * N < 1000
-
-_CACHE = LastValueCache()
 
 
 def _layout(x, freqs, sequence_dim):
@@ -112,12 +111,16 @@ def _operands(freqs, seq, dtype, batch):
 
 @register_kernel("apply_rope", "npu", "torch_npu.npu_rotary_mul", check=_check)
 def rotary_mul(backend, x, freqs, sequence_dim):
-    """torch_npu.npu_rotary_mul(x, cos, sin, rotary_mode="interleave"), operands cached per forward."""
+    """torch_npu.npu_rotary_mul(x, cos, sin, rotary_mode="interleave")."""
     _, _, _, seq = _layout(x, freqs, sequence_dim)
     bfl = isinstance(freqs, torch.Tensor)
     batch = _bfl_batch(freqs, x) if bfl else 1
     keys = (freqs,) if bfl else tuple(freqs)
-    r1, r2, rotation = _CACHE.get(keys, (seq, x.dtype, batch), lambda: _operands(freqs, seq, x.dtype, batch))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in keys):
+        record_fallback("apply_rope", backend.name, "torch_npu.npu_rotary_mul: frequencies require grad "
+                        "(learnable RoPE); the reference gives their gradient")
+        return reference.apply_rope(x, freqs, sequence_dim)
+    r1, r2, rotation = _operands(freqs, seq, x.dtype, batch)
     if not rotation:
         record_fallback("apply_rope", backend.name, "torch_npu.npu_rotary_mul: BFL matrices are not rotations "
                         "[[c, -s], [s, c]]; the op can only rotate")
