@@ -45,7 +45,7 @@ import torch
 from .. import ops
 from .registry import register_patch_set
 from .rewrite import build_block_forward
-from .routes import handback
+from .routes import calls_plainly, handback
 from .spec import PatchSet, Spec, signature_drift, suffix_pattern
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
@@ -271,6 +271,8 @@ def build_qknorm_forward(original, backend):
     keeps_x = _rms_keeps_x_dtype(rms_forward) if rms_forward is not None else False
 
     def one(norm, x, v):
+        if isinstance(norm, torch.nn.Module) and not calls_plainly(norm):
+            return "BFL QKNorm: a norm with hooks (offloading, casting) or an instance forward: its own call runs"
         if isinstance(getattr(norm, "scale", None), torch.Tensor):
             w, why = _scale_weight(norm.scale, x, keeps_x, "BFL QKNorm")
             eps = RMS_EPS

@@ -34,8 +34,18 @@ import torch
 
 from .. import ops
 from .registry import register_patch_set
-from .rewrite import build_block_forward, calls_plainly
-from .routes import handback, note_route, torch_compiling
+from .rewrite import build_block_forward
+from .routes import (
+    backend_name,
+    calls_plainly,
+    handback,
+    key_padding_mask,
+    note_route,
+    plain_rms_norm,
+    rms_module,
+    torch_compiling,
+    user_attention_backend,
+)
 from .spec import OP_NAMES, PatchSet, Spec, exact
 
 FLUX_MODULE = "diffusers.models.transformers.transformer_flux"
@@ -43,41 +53,18 @@ NORM_MODULE = "diffusers.models.normalization"
 EMB_MODULE = "diffusers.models.embeddings"
 
 
-def _rms(module, x, backend):
-    """A QK norm through ops.rms_norm when it is a plain torch.nn.RMSNorm over the head dim."""
-    if type(module) is torch.nn.RMSNorm and tuple(module.normalized_shape) == (x.shape[-1],):
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        return ops.rms_norm(x, module.weight, eps, backend=backend)
-    return module(x)
-
-
 def _fusable(attn, q) -> bool:
-    """Both QK norms are plain torch RMSNorms over the head dim with weights and one epsilon."""
+    """Both QK norms are plain torch RMSNorms over the head dim (called plainly, so no offload or
+    casting hook is skipped) with weights on q's device and one epsilon."""
     nq, nk = attn.norm_q, attn.norm_k
     return (
-        type(nq) is torch.nn.RMSNorm
-        and type(nk) is torch.nn.RMSNorm
+        plain_rms_norm(nq, q)
+        and plain_rms_norm(nk, q)
         and nq.weight is not None
         and nk.weight is not None
         and nq.eps is not None
         and nq.eps == nk.eps
-        and tuple(nq.normalized_shape) == tuple(nk.normalized_shape) == (q.shape[-1],)
     )
-
-
-def user_attention_backend(proc):
-    """The diffusers attention backend the user chose for this processor (set_attention_backend,
-    the `attention_backend` context manager or DIFFUSERS_ATTN_BACKEND), else None (the default
-    native one, which ops.attention replaces)."""
-    chosen = getattr(proc, "_attention_backend", None)
-    if chosen is not None:
-        return chosen
-    try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-    except Exception:  # an older diffusers without the registry: nothing to honour
-        return None
-    active = _AttentionBackendRegistry._active_backend
-    return None if active == AttentionBackendName.NATIVE else active
 
 
 def build_processor_call(original, backend, enabled=frozenset(OP_NAMES)):
@@ -100,12 +87,12 @@ def build_processor_call(original, backend, enabled=frozenset(OP_NAMES)):
                                     attn.norm_q.eps, sequence_dim=1, backend=backend)
             image_rotary_emb = None
         else:
-            q = _rms(attn.norm_q, q, backend) if use_rms else attn.norm_q(q)
-            k = _rms(attn.norm_k, k, backend) if use_rms else attn.norm_k(k)
+            q = rms_module(attn.norm_q, q, backend, "diffusers FluxAttnProcessor", use_rms)
+            k = rms_module(attn.norm_k, k, backend, "diffusers FluxAttnProcessor", use_rms)
         if attn.added_kv_proj_dim is not None:
             eq, ek = eq.unflatten(-1, (-1, attn.head_dim)), ek.unflatten(-1, (-1, attn.head_dim))
-            eq = _rms(attn.norm_added_q, eq, backend) if use_rms else attn.norm_added_q(eq)
-            ek = _rms(attn.norm_added_k, ek, backend) if use_rms else attn.norm_added_k(ek)
+            eq = rms_module(attn.norm_added_q, eq, backend, "diffusers FluxAttnProcessor", use_rms)
+            ek = rms_module(attn.norm_added_k, ek, backend, "diffusers FluxAttnProcessor", use_rms)
             ev = ev.unflatten(-1, (-1, attn.head_dim))
             q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
         if image_rotary_emb is not None:
@@ -118,17 +105,14 @@ def build_processor_call(original, backend, enabled=frozenset(OP_NAMES)):
         chosen = user_attention_backend(self)
         parallel = getattr(self, "_parallel_config", None)
         if use_attention and chosen is None and parallel is None:
-            mask = attention_mask
-            if mask is not None and mask.dim() == 2:  # (B, Sk) key-padding mask, as diffusers' native path
-                mask = mask[:, None, None, :]
-            out = ops.attention(q, k, v, mask=mask, layout="BSHD", backend=backend)
+            out = ops.attention(q, k, v, mask=key_padding_mask(attention_mask), layout="BSHD", backend=backend)
             note_route("diffusers attention", "ops.attention")
         else:
             # the user's diffusers attention backend (or context parallelism, or attention excluded by
             # patch(exclude=...)): their attention, our QK norms and RoPE around it
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
                                         parallel_config=parallel)
-            note_route("diffusers attention", f"diffusers dispatch_attention_fn ({_backend_name(chosen)})")
+            note_route("diffusers attention", f"diffusers dispatch_attention_fn ({backend_name(chosen)})")
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
             n_text = encoder_hidden_states.shape[1]
@@ -141,9 +125,6 @@ def build_processor_call(original, backend, enabled=frozenset(OP_NAMES)):
     __call__.__wrapped_original__ = original
     return __call__
 
-
-def _backend_name(chosen) -> str:
-    return "native" if chosen is None else str(getattr(chosen, "value", chosen))
 
 
 class _Processor:

@@ -52,7 +52,15 @@ import types
 import torch
 
 from .. import ops
-from .routes import handback, note_route
+from .routes import (
+    backend_name,
+    calls_plainly,
+    handback,
+    key_padding_mask,
+    note_route,
+    rms_module,
+    user_attention_backend,
+)
 
 LN = "__flux_npu_lnmod"
 GATED = "__flux_npu_gated"
@@ -468,21 +476,6 @@ class _Replace(ast.NodeTransformer):
         return super().visit(node)
 
 
-def calls_plainly(module) -> bool:
-    """Whether calling `module` runs nothing but its class's forward: no forward / backward hooks of
-    its own or global ones, no `forward` set on the instance. Only then may a replacement skip its
-    `__call__` (a pre-hook that rescales the input, a forward override, a hook that records
-    activations would silently stop running otherwise)."""
-    from torch.nn.modules import module as M
-
-    return not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or "forward" in module.__dict__
-        or M._global_forward_hooks or M._global_forward_pre_hooks or M._global_backward_hooks
-        or M._global_backward_pre_hooks
-    )
-
-
 def _plain_ln(norm, x) -> bool:
     return (
         type(norm) is torch.nn.LayerNorm
@@ -545,31 +538,18 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
         return h, lnmod(norm, h, shift, scale)
 
     def rms(norm, x):
-        if (
-            use_rms and type(norm) is torch.nn.RMSNorm and calls_plainly(norm)
-            and tuple(norm.normalized_shape) == (x.shape[-1],)
-        ):
-            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-            return ops.rms_norm(x, norm.weight, eps, backend=backend)
-        if use_rms:
-            handback("rms_norm", backend, f"{where}: QK norm is not a torch.nn.RMSNorm over the head dim (without "
-                                          "hooks or an instance forward)")
-        return norm(x)
+        return rms_module(norm, x, backend, where, use_rms)
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                   attention_kwargs=None, *, backend=None, parallel_config=None):
-        from .diffusers_flux import _backend_name, user_attention_backend
-
         chosen = user_attention_backend(types.SimpleNamespace(_attention_backend=backend))
         if use_attn and chosen is None and parallel_config is None:
             if dropout_p == 0.0 and not is_causal and not enable_gqa and not attention_kwargs:
-                mask = attn_mask
-                if mask is not None and mask.dim() == 2:  # (B, Sk) key padding, as diffusers' native path
-                    mask = mask[:, None, None, :]
+                mask = key_padding_mask(attn_mask)
                 note_route(f"{where} attention", "ops.attention")
                 return ops.attention(query, key, value, mask=mask, scale=scale, layout="BSHD", backend=ops_backend)
             handback("attention", ops_backend, f"{where}: dropout, causal, GQA or attention_kwargs requested")
-        note_route(f"{where} attention", f"diffusers dispatch_attention_fn ({_backend_name(chosen)})")
+        note_route(f"{where} attention", f"diffusers dispatch_attention_fn ({backend_name(chosen)})")
         return dispatch(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
                         parallel_config=parallel_config)

@@ -51,11 +51,10 @@ from .rewrite import (
     _modulated,
     _plain_ln,
     _single_target,
-    calls_plainly,
     compile_rewritten,
     parse_function,
 )
-from .routes import handback, note_route
+from .routes import calls_plainly, handback, note_route
 from .spec import PatchSet, Spec, signature_drift
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
