@@ -120,10 +120,6 @@ def build_case(op: str, shape_name: str, dtype_name: str, backend, device) -> Ca
 
 # -- timing -----------------------------------------------------------------------------------
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _outputs(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -208,11 +204,6 @@ def device_time_method(device_type: str) -> str:
         except ImportError:
             pass
     return "loop of back-to-back calls between two synchronisations, divided by the count"
-
-
-def time_fn(fn, utils, warmup: int, repeats: int) -> float:
-    """Median seconds of `repeats` synchronised single calls after `warmup` untimed ones."""
-    return statistics.median(latency_times({"fn": fn}, utils, warmup, repeats)["fn"])
 
 
 CPU_COPY_NOTE = " (large buffer; on CPU each row's % copy is against a copy of the bytes it moves)"

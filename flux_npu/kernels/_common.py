@@ -13,13 +13,6 @@ def foreign_device(backend, *tensors):
     return None
 
 
-def dtype_outside(backend, *tensors):
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dtype not in backend.dtypes:
-            return f"dtype {t.dtype} not computed by backend {backend.name}"
-    return None
-
-
 def addcmul_gated_residual(backend, x, gate, y):
     """x + gate * y as torch.addcmul: already one fused elementwise kernel with broadcasting on
     every device (one read of x, gate, y, one write), so no backend needs its own."""
