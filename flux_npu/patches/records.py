@@ -10,19 +10,16 @@ import threading
 import types
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .routes import RowStats, run_counted
 from .spec import Spec
 
-if TYPE_CHECKING:
-    from .handle import PatchHandle
-
 _LOCK = threading.RLock()
 # (id(owner), attr) -> handle that patched it. Weak: an instance-level handle (and the model its
 # records reference) must die with the user's last reference, not live on in this table.
-_LIVE: weakref.WeakValueDictionary[tuple, PatchHandle] = weakref.WeakValueDictionary()
-_HANDLES: list[PatchHandle] = []  # module/class-level handles (the import hook serves them)
+_LIVE: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()  # values: PatchHandle
+_HANDLES: list[Any] = []  # module/class-level PatchHandles (the import hook serves them)
 
 
 @dataclass
