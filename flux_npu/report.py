@@ -38,6 +38,15 @@ def op_routing(backend, dtype=torch.bfloat16) -> List[tuple]:
     return rows
 
 
+def kernel_capability_rows(backend) -> List[list]:
+    """One row per kernel that declares its capabilities (kernels.caps): what it takes, as data."""
+    try:
+        return [[f"{op}: {k.name}", k.caps.describe()] for op in catalogue.OPS
+                for k in registry.kernels_for(op, backend) if k.caps is not None]
+    except Exception as exc:  # a kernel package that fails to load must not break the report
+        return [["kernels", f"error: {type(exc).__name__}: {exc}"]]
+
+
 def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
     data = {"versions": versions(), "backends": [], "selection": None}
     for b in _backends.registered_backends():
@@ -63,6 +72,9 @@ def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
                 entry["capabilities"] = [list(r) for r in rows_fn()]
             except Exception as exc:
                 entry["capabilities"] = [["error", f"{type(exc).__name__}: {exc}"]]
+        declared = kernel_capability_rows(b)
+        if declared:
+            entry["capabilities"] = entry.get("capabilities", []) + declared
         if reason is None:
             try:
                 entry["device_name"] = b.utils.device_name()

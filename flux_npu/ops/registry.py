@@ -67,6 +67,7 @@ class Kernel:
     check: Optional[Callable] = None
     doc: str = ""
     traced: Callable | None = None
+    caps: object = None  # the kernel's declared capabilities (kernels.caps.Caps), shown by `flux-npu info`
 
     def why_not(self, backend: Backend, *args, **kwargs) -> Optional[str]:
         if self.check is None:
@@ -123,9 +124,10 @@ def _fold(p: Plan) -> None:
 
 
 def register_kernel(op: str, backend: str, name: str, check: Optional[Callable] = None, doc: str = "",
-                    traced: Callable | None = None):
+                    traced: Callable | None = None, caps=None):
     """Decorator: register `fn` as kernel `name` of `op` on `backend` (appended: earlier wins);
-    `traced`, if given, serves calls traced by torch.compile instead of `fn`."""
+    `traced`, if given, serves calls traced by torch.compile instead of `fn`; `caps`, the kernel's
+    declared capabilities (its check derives the common reasons from them), for `flux-npu info`."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     if backend != backend.lower():
@@ -134,7 +136,8 @@ def register_kernel(op: str, backend: str, name: str, check: Optional[Callable] 
     def deco(fn):
         kernels = _TABLE.setdefault((op, backend), [])
         kernels[:] = [k for k in kernels if k.name != name]
-        kernels.append(Kernel(op, backend, name, fn, check, doc or (fn.__doc__ or "").strip().split("\n")[0], traced))
+        kernels.append(Kernel(op, backend, name, fn, check, doc or (fn.__doc__ or "").strip().split("\n")[0], traced,
+                              caps))
         invalidate_plans()
         return fn
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._common import foreign_device
+from ..caps import Caps
 
 # Mirrors flux_npu.kernels.cuda._triton.MAX_ROW (a test checks they agree).
 MAX_ROW = 16384
@@ -37,30 +37,28 @@ def triton_installed() -> bool:
         return False
 
 
-def triton_reason(backend, *tensors) -> Optional[str]:
-    """The checks every Triton kernel shares: triton present, tensors on the backend's device
-    (CPU tensors only under the interpreter), dtypes the kernels compute in."""
-    why = foreign_device(backend, *tensors)
-    if why:
-        return why
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dtype not in TRITON_DTYPES:
-            return f"dtype {t.dtype}: the Triton kernels take float32, bfloat16 and float16"
-        if isinstance(t, torch.Tensor) and t.numel() == 0:
-            return "empty tensor (nothing to launch)"
-    device_type = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+def _triton_library(backend, device_type, _op) -> Optional[str]:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "") != "1":
         return "CPU tensors run Triton kernels only under TRITON_INTERPRET=1"
     if device_type == "meta":  # the info report: say whether triton is installed, without importing it
-        if not triton_installed():
-            return "triton is not installed; pip install triton"
-    else:
-        why = triton_import_error()
-        if why:
-            return why
-    if device_type == "cuda":
-        return capability_reason(backend, tensors)
-    return None
+        return None if triton_installed() else "triton is not installed; pip install triton"
+    return triton_import_error()
+
+
+def _cuda_device(backend, device_type, tensors) -> Optional[str]:
+    return capability_reason(backend, tensors) if device_type == "cuda" else None
+
+
+# What every Triton kernel takes, as data: the common reasons derive from it (kernels.caps).
+TRITON = Caps("triton", dtypes=TRITON_DTYPES, dtype_note=": the Triton kernels take float32, bfloat16 and float16",
+              max_row=MAX_ROW, nonempty=True, library=_triton_library, device_reason=_cuda_device)
+
+
+def triton_reason(backend, *tensors) -> Optional[str]:
+    """The checks every Triton kernel shares (the `TRITON` declaration): triton present, tensors on
+    the backend's device (CPU tensors only under the interpreter), dtypes the kernels compute in,
+    the device's compute capability."""
+    return TRITON.reason(backend, *tensors)
 
 
 def capability_reason(backend, tensors) -> Optional[str]:
@@ -80,11 +78,7 @@ def capability_reason(backend, tensors) -> Optional[str]:
 
 
 def row_reason(n: int) -> Optional[str]:
-    if n > MAX_ROW:
-        return f"row of {n} elements is longer than one block holds ({MAX_ROW})"
-    if n < 1:
-        return "empty rows"
-    return None
+    return TRITON.row_reason(n)
 
 
 def freqs_reason(x: torch.Tensor, freqs, sequence_dim: int) -> Optional[str]:

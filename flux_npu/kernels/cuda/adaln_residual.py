@@ -26,7 +26,7 @@ import torch
 
 from ...ops.registry import register_kernel
 from . import _triton as T
-from ._checks import row_reason, triton_reason
+from ._checks import TRITON, row_reason, triton_reason
 from ._triton import jit, row_tile, tl
 from .layer_norm_modulate import group_reason, group_view, ln_mod_rows_bwd, ln_rows
 
@@ -210,6 +210,6 @@ def _traced(backend, x, gate, y, shift, scale, eps):
 
 
 register_kernel(
-    "adaln_residual", "cuda", "triton.adaln_residual", check=check, traced=_traced,
+    "adaln_residual", "cuda", "triton.adaln_residual", check=check, traced=_traced, caps=TRITON,
     doc="Triton gated residual + AdaLN: h = x + gate * y and (1 + scale) * LayerNorm(h) + shift in one pass.",
 )(AdaLNResidualFunction.apply)

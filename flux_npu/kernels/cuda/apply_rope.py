@@ -40,7 +40,7 @@ import torch
 
 from ...ops.registry import register_kernel
 from . import _triton as T
-from ._checks import freqs_reason, row_reason, triton_reason
+from ._checks import TRITON, freqs_reason, row_reason, triton_reason
 from ._triton import jit, row_offsets, row_tile, tl
 
 
@@ -328,6 +328,6 @@ def _traced(backend, x, freqs, sequence_dim):
 
 
 register_kernel(
-    "apply_rope", "cuda", "triton.rope", check=_check, traced=_traced,
+    "apply_rope", "cuda", "triton.rope", check=_check, traced=_traced, caps=TRITON,
     doc="Triton RoPE, BFL matrices or diffusers (cos, sin), whole rows loaded contiguously.",
 )(ApplyRopeFunction.apply)

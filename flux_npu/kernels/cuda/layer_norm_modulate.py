@@ -34,7 +34,7 @@ import torch
 
 from ...ops.registry import register_kernel
 from . import _triton as T
-from ._checks import group_split, row_reason, triton_reason
+from ._checks import TRITON, group_split, row_reason, triton_reason
 from ._triton import jit, row_tile, tl
 
 
@@ -241,6 +241,6 @@ def _traced(backend, x, shift, scale, eps):
 
 
 register_kernel(
-    "layer_norm_modulate", "cuda", "triton.layer_norm_modulate", check=_check, traced=_traced,
+    "layer_norm_modulate", "cuda", "triton.layer_norm_modulate", check=_check, traced=_traced, caps=TRITON,
     doc="Triton AdaLN: LayerNorm + (1 + scale), + shift in one pass.",
 )(LayerNormModulateFunction.apply)

@@ -18,7 +18,7 @@ import torch
 from ...ops.registry import register_kernel
 from .._common import check_qk_norm_rope, composed_qk_norm_rope
 from . import _triton as T
-from ._checks import freqs_reason, row_reason, triton_reason
+from ._checks import TRITON, freqs_reason, row_reason, triton_reason
 from .apply_rope import _rope_bwd, _rope_fwd, bwd_launch, freq_tensors, fwd_launch, split_freqs
 
 
@@ -154,7 +154,7 @@ def _traced(backend, q, k, q_weight, k_weight, freqs, eps, sequence_dim):
 
 
 register_kernel(
-    "qk_norm_rope", "cuda", "triton.qk_norm_rope", check=_check, traced=_traced,
+    "qk_norm_rope", "cuda", "triton.qk_norm_rope", check=_check, traced=_traced, caps=TRITON,
     doc="Triton RMSNorm + RoPE of q and k in one launch (one read and one write of each).",
 )(QKNormRopeFunction.apply)
 

@@ -20,7 +20,7 @@ import torch
 
 from ...ops.registry import register_kernel
 from . import _triton as T
-from ._checks import row_reason, triton_reason
+from ._checks import TRITON, row_reason, triton_reason
 from ._triton import jit, row_offsets, row_tile, tl
 
 
@@ -174,6 +174,6 @@ def _traced(backend, x, weight, eps, out_dtype):
 
 
 register_kernel(
-    "rms_norm", "cuda", "triton.rms_norm", check=_check, traced=_traced,
+    "rms_norm", "cuda", "triton.rms_norm", check=_check, traced=_traced, caps=TRITON,
     doc="Triton RMSNorm: one read, one write, float32 maths, strided rows read in place.",
 )(RMSNormFunction.apply)

@@ -8,29 +8,37 @@ from typing import Optional
 import torch
 
 from ...backends import npu as _npu
-from .._common import foreign_device
+from ..caps import Caps
 
 NPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def prelude(backend, op_name: str, *tensors) -> Optional[str]:
-    """None when `tensors` are the backend's and torch_npu has `op_name`, else the reason.
-    No allocation and no host sync: it also runs on meta tensors for `flux-npu info`."""
-    why = foreign_device(backend, *tensors)
-    if why:
-        return why
+def _torch_npu_library(backend, device_type, op_name) -> Optional[str]:
     mod, why = _npu.torch_npu_or_reason()
     if mod is None:
         return why
-    if not hasattr(mod, op_name):
+    if op_name and not hasattr(mod, op_name):
         return f"this torch_npu ({getattr(mod, '__version__', '?')}) has no {op_name}"
     return None
+
+
+# What the torch_npu kernels take, as data (kernels.caps); each kernel names its op with
+# TORCH_NPU.using(vendor_op=...). No allocation and no host sync: it also runs on meta tensors.
+TORCH_NPU = Caps("torch_npu", dtypes=NPU_DTYPES, dtype_note=" (torch_npu fused ops take float16, bfloat16 and float32)",
+                 library=_torch_npu_library, library_first=True)
+# npu kernels that are plain torch ops (addcmul, layer_norm): the device and dtype rules only
+NPU_TORCH = TORCH_NPU.using(family="torch", library=None)
+
+
+def prelude(backend, op_name: str, *tensors) -> Optional[str]:
+    """None when `tensors` are the backend's and torch_npu has `op_name`, else the reason."""
+    return TORCH_NPU.using(vendor_op=op_name, dtypes=()).reason(backend, *tensors)
 
 
 def dtype_declines(*tensors) -> Optional[str]:
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.dtype not in NPU_DTYPES:
-            return f"dtype {t.dtype} (torch_npu fused ops take float16, bfloat16 and float32)"
+            return f"dtype {t.dtype}{TORCH_NPU.dtype_note}"
     return None
 
 

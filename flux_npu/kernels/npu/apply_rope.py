@@ -35,7 +35,9 @@ import torch
 from ...backends.npu import soc_declines
 from ...ops import reference
 from ...ops.registry import record_fallback, register_kernel
-from ._support import dtype_declines, jit_compile_declines, op_has_param, prelude, torch_npu
+from ._support import TORCH_NPU, jit_compile_declines, op_has_param, torch_npu
+
+CAPS = TORCH_NPU.using(vendor_op="npu_rotary_mul")
 
 MAX_D = 896  # D < 896
 MAX_BN = 1000  # B * N < 1000
@@ -64,10 +66,7 @@ def _bfl_batch(freqs, x):
 
 def _check(backend, x, freqs, sequence_dim):
     tensors = (freqs,) if isinstance(freqs, torch.Tensor) else tuple(freqs)
-    why = prelude(backend, "npu_rotary_mul", x, *tensors)
-    if why:
-        return why
-    why = dtype_declines(x)
+    why = CAPS.reason(backend, x, *tensors)
     if why:
         return why
     if x.dim() != 4:
@@ -109,7 +108,7 @@ def _operands(freqs, seq, dtype, batch):
     return cos.to(dtype).reshape(shape).contiguous(), sin.to(dtype).reshape(shape).contiguous(), True
 
 
-@register_kernel("apply_rope", "npu", "torch_npu.npu_rotary_mul", check=_check)
+@register_kernel("apply_rope", "npu", "torch_npu.npu_rotary_mul", check=_check, caps=CAPS)
 def rotary_mul(backend, x, freqs, sequence_dim):
     """torch_npu.npu_rotary_mul(x, cos, sin, rotary_mode="interleave")."""
     _, _, _, seq = _layout(x, freqs, sequence_dim)

@@ -31,7 +31,9 @@ import torch
 
 from ...backends.npu import soc_declines
 from ...ops.registry import register_kernel
-from ._support import dtype_declines, prelude, torch_npu
+from ._support import TORCH_NPU, torch_npu
+
+CAPS = TORCH_NPU.using(vendor_op="npu_fusion_attention")
 
 MAX_HEAD_DIM = 768
 MAX_HEADS = 256
@@ -46,10 +48,7 @@ def _dims(q, k, layout):
 
 
 def _check(backend, q, k, v, mask, scale, layout):
-    why = prelude(backend, "npu_fusion_attention", q, k, v, mask)
-    if why:
-        return why
-    why = dtype_declines(q, k, v)
+    why = CAPS.reason(backend, q, k, v, mask)
     if why:
         return why
     if not (q.dtype == k.dtype == v.dtype):
@@ -107,7 +106,7 @@ def _atten_mask(mask, B, N, Sq, Sk):
     return masked_out.expand(b, n, Sq, Sk).contiguous(), dead
 
 
-@register_kernel("attention", "npu", "torch_npu.npu_fusion_attention", check=_check)
+@register_kernel("attention", "npu", "torch_npu.npu_fusion_attention", check=_check, caps=CAPS)
 def fusion_attention(backend, q, k, v, mask, scale, layout):
     """torch_npu.npu_fusion_attention in the caller's layout (BNSD / BSND), output [0]."""
     B, Nq, _, Sq, Sk, D = _dims(q, k, layout)

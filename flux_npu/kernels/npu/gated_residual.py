@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from ...backends.npu import soc_declines
 from ...ops.registry import register_kernel
-from .._common import addcmul_gated_residual, foreign_device
-from ._support import dtype_declines
+from .._common import addcmul_gated_residual
+from ._support import NPU_TORCH
+
+CAPS = NPU_TORCH
 
 
 def _check(backend, x, gate, y):
-    return foreign_device(backend, x, gate, y) or dtype_declines(x, gate, y) or soc_declines(x.dtype)
+    return CAPS.reason(backend, x, gate, y) or soc_declines(x.dtype)
 
 
-register_kernel("gated_residual", "npu", "torch.addcmul", check=_check)(addcmul_gated_residual)
+register_kernel("gated_residual", "npu", "torch.addcmul", check=_check, caps=CAPS)(addcmul_gated_residual)

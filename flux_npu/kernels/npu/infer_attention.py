@@ -30,10 +30,11 @@ import torch
 
 from ...backends.npu import soc_declines
 from ...ops.registry import register_kernel
-from ._support import prelude, torch_npu
+from ._support import TORCH_NPU, prelude, torch_npu
 
 OP = "npu_fused_infer_attention_score"
 FIA_DTYPES = (torch.float16, torch.bfloat16)
+CAPS = TORCH_NPU.using(vendor_op=OP, dtypes=FIA_DTYPES, dtype_note=f" ({OP} takes float16 and bfloat16)")
 MAX_HEAD_DIM = 512
 MAX_HEADS = 256
 MAX_GROUP = 64
@@ -58,9 +59,9 @@ def _check(backend, q, k, v, mask, scale, layout):
         return why
     if needs_backward(q, k, v):
         return f"a backward is needed ({OP} is inference-only, no backward)"
-    for t in (q, k, v):
-        if t.dtype not in FIA_DTYPES:
-            return f"dtype {t.dtype} ({OP} takes float16 and bfloat16)"
+    why = CAPS.reason(backend, q, k, v)  # after the backward test: a grad-needing call is told that first
+    if why:
+        return why
     if not (q.dtype == k.dtype == v.dtype):
         return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
     if tuple(k.shape) != tuple(v.shape):
@@ -100,7 +101,7 @@ def _infer_mask(mask, Sq, Sk):
     return masked_out.expand(masked_out.shape[0], 1, Sq, Sk).contiguous(), dead
 
 
-@register_kernel("attention", "npu", f"torch_npu.{OP}", check=_check)
+@register_kernel("attention", "npu", f"torch_npu.{OP}", check=_check, caps=CAPS)
 def fused_infer_attention(backend, q, k, v, mask, scale, layout):
     """torch_npu.npu_fused_infer_attention_score in the caller's layout (BNSD / BSND), output [0]."""
     B, Nq, Nkv, Sq, Sk, D = _dims(q, k, layout)

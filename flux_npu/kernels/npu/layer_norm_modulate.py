@@ -10,23 +10,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...backends.npu import soc_declines, torch_npu_or_reason
+from ...backends.npu import soc_declines
 from ...ops.registry import register_kernel
-from .._common import foreign_device
-from ._support import dtype_declines
+from ._support import TORCH_NPU
+
+# torch_npu must import (it provides the aclnn LayerNorm behind F.layer_norm), no vendor op named
+CAPS = TORCH_NPU
 
 
 def _check(backend, x, shift, scale, eps):
-    why = foreign_device(backend, x, shift, scale)
-    if why:
-        return why
-    mod, why = torch_npu_or_reason()
-    if mod is None:
-        return why
-    return dtype_declines(x, shift, scale) or soc_declines(x.dtype)
+    return CAPS.reason(backend, x, shift, scale) or soc_declines(x.dtype)
 
 
-@register_kernel("layer_norm_modulate", "npu", "torch.layer_norm(aclnn)+addcmul", check=_check)
+@register_kernel("layer_norm_modulate", "npu", "torch.layer_norm(aclnn)+addcmul", check=_check, caps=CAPS)
 def layer_norm_modulate(backend, x, shift, scale, eps):
     """F.layer_norm (fused on NPU) + torch.addcmul, float32 inside, one rounding to x.dtype."""
     xf = x if x.dtype == torch.float32 else x.float()

@@ -22,14 +22,13 @@ import torch
 
 from ...backends.npu import soc_declines
 from ...ops.registry import register_kernel
-from ._support import dtype_declines, prelude, torch_npu
+from ._support import TORCH_NPU, torch_npu
+
+CAPS = TORCH_NPU.using(vendor_op="npu_rms_norm")
 
 
 def _check(backend, x, weight, eps, out_dtype):
-    why = prelude(backend, "npu_rms_norm", x, weight)
-    if why:
-        return why
-    why = dtype_declines(x, weight)
+    why = CAPS.reason(backend, x, weight)
     if why:
         return why
     if not 2 <= x.dim() <= 8:
@@ -57,7 +56,7 @@ class _WideGammaGrad(torch.autograd.Function):
         return dy, None, None, dw.to(ctx.weight_dtype)
 
 
-@register_kernel("rms_norm", "npu", "torch_npu.npu_rms_norm", check=_check)
+@register_kernel("rms_norm", "npu", "torch_npu.npu_rms_norm", check=_check, caps=CAPS)
 def rms_norm(backend, x, weight, eps, out_dtype):
     """torch_npu.npu_rms_norm(x, gamma in x's dtype, epsilon=eps)[0], cast to out_dtype; a
     weight wider than x gets its gradient in float32 (see the module docstring)."""
