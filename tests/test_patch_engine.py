@@ -150,8 +150,10 @@ def test_drifted_target_is_skipped_with_a_reason():
     def attention(q, k, v):  # an old signature without `pe`
         return q
 
-    def apply_rope(xq, xk, freqs_cis):
-        return xq, xk
+    def apply_rope(xq, xk, freqs_cis):  # BFL's maths (defined here, so the structural probe runs it)
+        from flux_npu.ops import reference
+
+        return reference.apply_rope(xq, freqs_cis), reference.apply_rope(xk, freqs_cis)
 
     mod.attention, mod.apply_rope = attention, apply_rope  # and no `rope` at all
     sys.modules["legacy.flux.math"] = mod

@@ -99,7 +99,9 @@ def torch_version_tuple(version: str) -> Tuple[int, int]:
 
 def parse_sdpa_backends(spec: str, source: str = SDPA_ENV) -> Tuple[str, ...]:
     """'flash,efficient,math' -> ('flash', 'efficient', 'math'); unknown names are a clear error."""
-    names = tuple(s.strip().lower() for s in spec.split(",") if s.strip())
+    from ..utils.env import parse_list
+
+    names = tuple(s.lower() for s in parse_list(spec) or ())
     unknown = [n for n in names if n not in SDPA_BACKENDS]
     if unknown or not names:
         raise ValueError(
@@ -126,11 +128,23 @@ def sdpa_route(torch_version: str, capability, training: bool, override: Optiona
     given. Otherwise every fact that applies to this torch version, compute capability and mode
     removes its SDPA backend from torch's list (flash, efficient, cudnn, math kept in that order);
     with none applying, torch chooses freely."""
-    if override:
-        chosen = parse_sdpa_backends(override, override_source)
-        return SdpaRoute(chosen, f"SDPA backends {','.join(chosen)} (from {override_source})")
     version = torch_version_tuple(torch_version)
     bad = tuple(f for f in facts if f.applies(version, capability, training))
+    if override:
+        chosen = parse_sdpa_backends(override, override_source)
+        known_bad = [f for f in bad if f.sdpa_backend in chosen]
+        if not known_bad:
+            return SdpaRoute(chosen, f"SDPA backends {','.join(chosen)} (from {override_source})")
+        import warnings
+
+        why = "; ".join(f"{f.what} [{f.sources[0]}]" for f in known_bad)
+        msg = (f"{override_source}={override!r} re-enables SDPA backend(s) "
+               f"{','.join(sorted({f.sdpa_backend for f in known_bad}))} known to be broken for "
+               f"{'training' if training else 'inference'} on torch {version[0]}.{version[1]} / "
+               f"sm_{capability[0]}{capability[1]}: {why}")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return SdpaRoute(chosen, f"SDPA backends {','.join(chosen)} (from {override_source}; WARNING: {msg})",
+                         tuple(known_bad))
     if not bad:
         return SdpaRoute(None, "SDPA backend chosen by torch (no known-bad backend for this torch/device/mode)")
     drop = {f.sdpa_backend for f in bad}

@@ -46,7 +46,10 @@ def register(sub):
 
 def run(args) -> int:
     from ..distributed.launcher import build_launch
+    from ..utils.env import check_environment
     from ..utils.table import format_table
+
+    check_environment()  # FLUX_NPU_OPS=bogus, FLUX_NPU_STRICT=maybe: refused before anything starts
 
     if not args.grace_period >= 0:  # also refuses nan
         raise ValueError(f"--grace-period {args.grace_period} must be a number of seconds >= 0")

@@ -88,7 +88,10 @@ def main(argv=None) -> int:
     import flux_npu
     from flux_npu import ops
 
-    handle = flux_npu.patch(transfer_to_npu=os.environ.get(ENV_TRANSFER) == "1")
+    from flux_npu.utils.env import env_flag, patch_switches
+
+    # the same switches as `import flux_npu.auto` (FLUX_NPU_OPS / _EXCLUDE_OPS / _TARGETS), one parser
+    handle = flux_npu.patch(transfer_to_npu=env_flag(ENV_TRANSFER), **patch_switches())
     if importlib.util.find_spec("accelerate") is not None:
         from .accelerate_fix import install
 

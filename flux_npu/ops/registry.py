@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 import threading
 from collections import Counter
@@ -98,7 +97,9 @@ _STRICT = [False]
 
 
 def _strict_from_env() -> bool:
-    return os.environ.get("FLUX_NPU_STRICT", "") not in ("", "0")
+    from ..utils.env import env_flag
+
+    return env_flag("FLUX_NPU_STRICT")
 
 
 _STRICT[0] = _strict_from_env()

@@ -105,6 +105,17 @@ def build_attention(original, backend, enabled=None):
     comfy_mask = mask_name == "mask"  # ComfyUI's optimized_attention broadcasting (2-D, 3-D = batch)
     known = set(names)
     use_attention = enabled is None or "attention" in enabled
+    # patch(exclude=["apply_rope"]) holds inside this composite too: q and k are rotated by the
+    # module's own apply_rope (BFL's maths, the reference where the module has none)
+    use_rope = enabled is None or "apply_rope" in enabled
+    own_rope = original.__globals__.get("apply_rope") if hasattr(original, "__globals__") else None
+
+    def rotate(q, k, pe):
+        if use_rope:
+            return ops.apply_rope(q, pe, backend=backend), ops.apply_rope(k, pe, backend=backend)
+        if callable(own_rope):
+            return own_rope(q, k, pe)
+        return ops.reference.apply_rope(q, pe), ops.reference.apply_rope(k, pe)
     if not use_attention:
         # patch(exclude=["attention"]): ComfyUI applies RoPE inside its attention, so RoPE is served
         # here and the original attention runs with pe=None, which it must then skip (ComfyUI's
@@ -159,8 +170,7 @@ def build_attention(original, backend, enabled=None):
             elif mask.dim() == 3:  # (B, L, S)
                 mask = mask[:, None]
         if pe is not None:
-            q = ops.apply_rope(q, pe, backend=backend)
-            k = ops.apply_rope(k, pe, backend=backend)
+            q, k = rotate(q, k, pe)
         x = ops.attention(q, k, v, mask=mask, backend=backend)
         return x.transpose(1, 2).flatten(2)  # "B H L D -> B L (H D)"
 

@@ -24,13 +24,34 @@ DEFERRED = "deferred"  # found half-imported; patched when its import finishes
 OP_NAMES = SWITCHABLE
 
 
-def select_ops(ops=None, exclude=None) -> frozenset[str]:
-    """The set of op names to route: `ops` (default all) minus `exclude`; unknown names raise."""
-    chosen = set(OP_NAMES) if ops is None else set([ops] if isinstance(ops, str) else ops)
-    dropped = set() if exclude is None else set([exclude] if isinstance(exclude, str) else exclude)
+def _op_names(value, what):
+    if isinstance(value, str):
+        return {value}
+    try:
+        names = list(value)
+    except TypeError:
+        raise TypeError(f"patch({what}=...) takes an op name or a list of op names, got {type(value).__name__} "
+                        f"{value!r}; known ops: {', '.join(OP_NAMES)}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"patch({what}=...) takes op names (strings), got {bad!r}; known ops: {', '.join(OP_NAMES)}")
+    return set(names)
+
+
+def select_ops(ops=None, exclude=None, warn: bool = True) -> frozenset[str]:
+    """The set of op names to route: `ops` (default all) minus `exclude`; unknown names raise, and
+    an empty result (every chosen op excluded too) warns: nothing would be patched."""
+    chosen = set(OP_NAMES) if ops is None else _op_names(ops, "ops")
+    dropped = set() if exclude is None else _op_names(exclude, "exclude")
     unknown = sorted((chosen | dropped) - set(OP_NAMES))
     if unknown:
         raise ValueError(f"unknown op name(s) {unknown} in patch(ops=/exclude=); known ops: {', '.join(OP_NAMES)}")
+    if warn and not chosen - dropped:
+        import warnings
+
+        warnings.warn(f"patch(ops={sorted(chosen)}, exclude={sorted(dropped)}) leaves no op to route: nothing "
+                      "will be patched" + (f" ({sorted(chosen & dropped)} both chosen and excluded)"
+                                           if chosen & dropped else ""), UserWarning, stacklevel=3)
     return frozenset(chosen - dropped)
 
 

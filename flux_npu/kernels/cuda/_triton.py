@@ -37,11 +37,12 @@ passes on CPU tensors; interpreted kernels are never wrapped.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
 from torch.library import wrap_triton  # torch's own: needs triton only when a kernel is wrapped
+
+from ...utils.env import env_flag
 
 try:  # guarded: without triton, kernels stay plain functions and the checks say why
     import triton
@@ -57,7 +58,7 @@ except Exception as exc:  # ImportError, or a broken install raising anything el
         return fn
 
 
-POISON = os.environ.get("FLUX_NPU_TRITON_POISON", "") not in ("", "0")
+POISON = env_flag("FLUX_NPU_TRITON_POISON")  # the one yes/no parser (utils/env.py)
 
 # Largest row one program holds in registers (Flux's rows are 128 and 3072; T5's 4096). Longer rows
 # would need a split-row kernel, which Flux never needs: they decline (checks mirror this value).
