@@ -271,3 +271,67 @@ def test_report_rows_stay_one_line():
     assert handle.report()[0].reason == "cannot build replacement: ValueError: two lines"
     rows = [ln for ln in handle.report_table().splitlines() if "two" in ln or "lines" in ln]
     assert len(rows) == 1 and rows[0].startswith("some.module") and rows[0].rstrip().endswith("two lines")
+
+
+def _ck_row(handle):
+    return next(c for c in handle.row_counts() if c["target"] == "comfy_kitchen")
+
+
+def test_comfy_kitchen_backend_registered_first_serves_comfyui_route_and_undo_restores(layout_path):
+    """The real comfy-kitchen registry gets a flux_npu_cpu backend at the front of its priority list;
+    ComfyUI's own comfy-kitchen calls (RoPE when the attention is handed back, the last layer's
+    AdaLN) are served by our ops through it, ComfyUI's RoPE functions stay as written, and undo
+    disables the backend and restores the priority list."""
+    import comfy_kitchen
+
+    model = _current(layout_path, training=False)
+    for block in (*model.double_blocks, *model.single_blocks):  # attention handed back: ComfyUI applies RoPE
+        block.comfy_attention.function = __import__("comfy.ldm.modules.attention", fromlist=["x"])._default_attention
+    import comfy.ldm.flux.math as math_
+
+    apply_rope = math_.apply_rope
+    before = list(comfy_kitchen.registry._priority)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "bool")
+    with torch.no_grad():
+        stock = model.forward_orig(**kwargs)
+        with flux_npu.patch("cpu", targets=["bfl"]) as handle:
+            assert comfy_kitchen.registry._priority == ["flux_npu_cpu", *before]
+            rows = {(r.target, r.symbol): r for r in handle.report()}
+            assert rows[("comfy.ldm.flux.math", "apply_rope")].status == "skipped"
+            assert "comfy-kitchen" in rows[("comfy.ldm.flux.math", "apply_rope")].reason
+            assert math_.apply_rope is apply_rope
+            ops.reset_dispatch_stats()
+            patched = model.forward_orig(**kwargs)
+            stats = ops.dispatch_stats()
+            ck = _ck_row(handle)
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert (ck["status"], ck["calls"], ck["served"]) == ("patched", 4 + 1, 4 + 1)  # 4 apply_rope, 1 adaln
+    assert stats["served"][("apply_rope", "cpu", "torch.complex_mul")] == 8
+    assert stats["served"][("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 11
+    assert comfy_kitchen.registry._priority == before
+    assert not comfy_kitchen.registry.is_available("flux_npu_cpu")
+
+
+@pytest.mark.parametrize("where", ["last", None])
+def test_comfy_kitchen_priority_is_the_users(layout_path, where):
+    """comfy_kitchen="last": comfy-kitchen's own backends keep the calls they take; None: nothing is
+    registered and ComfyUI's RoPE functions are replaced as in the older layout."""
+    import comfy_kitchen
+
+    model = _current(layout_path, training=False)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "bool")
+    with torch.no_grad():
+        stock = model.forward_orig(**kwargs)
+        with flux_npu.patch("cpu", targets=["bfl"], comfy_kitchen=where) as handle:
+            rows = {(r.target, r.symbol): r for r in handle.report()}
+            patched = model.forward_orig(**kwargs)
+            ck = _ck_row(handle)
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    if where == "last":
+        assert comfy_kitchen.registry._priority[-1] != "flux_npu_cpu"  # undone
+        assert ck["calls"] == 0  # eager, ahead of us, took the last layer's adaln
+    else:
+        assert ck["status"] == "skipped"
+        assert rows[("comfy.ldm.flux.math", "apply_rope")].status == "patched"

@@ -43,6 +43,7 @@ import types
 import torch
 
 from .. import ops
+from . import comfy_kitchen
 from .registry import register_patch_set
 from .rewrite import build_block_forward
 from .routes import calls_plainly, handback
@@ -189,7 +190,17 @@ def build_rope(original, backend):
     return rope
 
 
+def _keep_comfy_kitchen_route(original) -> None:
+    """A ComfyUI RoPE function that calls comfy-kitchen stays as written while our backend is
+    registered there (comfy_kitchen.py): comfy-kitchen serves it with our kernels."""
+    if comfy_kitchen.route_on() and comfy_kitchen.calls_comfy_kitchen(original):
+        raise KeepsOriginal("it routes through comfy-kitchen (comfy.quant_ops.ck), where the flux_npu backend is "
+                            "registered (patch(comfy_kitchen=None) replaces it instead)")
+
+
 def build_apply_rope(original, backend):
+    _keep_comfy_kitchen_route(original)
+
     def apply_rope(xq, xk, freqs_cis):
         if not (_pe_fits(freqs_cis, xq) and _pe_fits(freqs_cis, xk)):
             handback("apply_rope", backend, "BFL apply_rope: freqs_cis shape does not fit q/k")
@@ -201,6 +212,8 @@ def build_apply_rope(original, backend):
 
 
 def build_apply_rope1(original, backend):
+    _keep_comfy_kitchen_route(original)
+
     def apply_rope1(x, freqs_cis):
         if not _pe_fits(freqs_cis, x):
             handback("apply_rope", backend, "ComfyUI apply_rope1: freqs_cis shape does not fit x")

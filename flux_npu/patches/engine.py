@@ -33,6 +33,7 @@ import types
 
 from ..backends import get_backend
 from . import bfl, diffusers_flux, diffusers_more, transformers_t5, xflux_ip  # noqa: F401  (registration)
+from . import comfy_kitchen as comfy_kitchen_route
 from .handle import PatchHandle
 from .importing import _ImportHook
 from .records import _HANDLES, _LIVE, _LOCK, _build, _build_failure, _guard, _resolve  # noqa: F401
@@ -112,7 +113,7 @@ def _import_target(handle: PatchHandle, modname: str, lazy: bool) -> None:
 
 
 def patch(backend=None, targets=None, model=None, transfer_to_npu: bool = False, ops=None, exclude=None,
-          lazy: bool = False) -> PatchHandle:
+          lazy: bool = False, comfy_kitchen="first") -> PatchHandle:
     """Swap the hot ops of Flux code for the backend's kernels.
 
     backend: a name, a Backend, or None (FLUX_NPU_BACKEND, then auto-detect).
@@ -122,7 +123,11 @@ def patch(backend=None, targets=None, model=None, transfer_to_npu: bool = False,
     ops / exclude: which ops to route (names in OP_NAMES; default all), e.g. exclude=["attention"]
         keeps the stock (or the user's chosen) attention and fuses the rest.
     lazy: do not import target libraries; patch them when the script imports them (import hook).
+    comfy_kitchen: where a flux_npu backend goes in comfy-kitchen's priority list when comfy-kitchen
+        is imported ("first", "last", an index; None: not registered, and ComfyUI's comfy-kitchen
+        RoPE functions are replaced instead); see patches/comfy_kitchen.py.
     """
+    comfy_kitchen_route.set_route(comfy_kitchen)
     enabled = select_ops(ops, exclude)
     b = get_backend(backend)
     names = _select_targets(targets)

@@ -33,6 +33,7 @@ class PatchHandle:
         self._deferred: list[tuple] = []  # (patch set, module) found half-imported, no spec hook
         self._alive = [True]  # read by every replacement (see _guard)
         self._stats: dict[int, RowStats] = {}  # row index -> its replacement's run-time counts
+        self._undo_fns: list = []  # what PatchSet.apply hooks did elsewhere, undone first
         self._active = True
 
     @property
@@ -156,6 +157,10 @@ class PatchHandle:
             self._set(owner, attr, replacement)
             return None
 
+    def on_undo(self, fn) -> None:
+        """Run fn() on undo (before the symbol records are restored), for changes made elsewhere."""
+        self._undo_fns.append(fn)
+
     def undo(self) -> None:
         """Restore every original (identity), newest first. Safe to call twice. A symbol that
         someone else replaced after us keeps their value (warned and reported); our replacement,
@@ -164,6 +169,12 @@ class PatchHandle:
             if not self._active:
                 return
             self._alive[0] = False
+            for fn in reversed(self._undo_fns):
+                try:
+                    fn()
+                except Exception as exc:  # one failing undo must not stop the others
+                    warnings.warn(f"flux_npu undo: {exc}", RuntimeWarning, stacklevel=2)
+            self._undo_fns.clear()
             for rec in reversed(self._records):
                 if _LIVE.get((id(rec.owner), rec.attr)) is self:
                     del _LIVE[(id(rec.owner), rec.attr)]
@@ -214,6 +225,9 @@ class PatchHandle:
                          "module still importing when patch() ran: patched when its import finishes")
             return
         self._seen_modules.add(key)
+        if ps.apply is not None:
+            ps.apply(self, module)
+            return
         for spec in ps.specs:
             self._apply_spec(ps, spec, module)
 

@@ -106,6 +106,9 @@ class PatchSet:
     import_names: Sequence[str] = ()
     describe: str = ""
     recognise: Callable[[types.ModuleType], bool] | None = None
+    # apply(handle, module): a set that does something else than replace symbols (registering a
+    # backend elsewhere); it records its own undo with handle.on_undo
+    apply: Callable[[Any, types.ModuleType], None] | None = None
 
     def applies_to(self, name: str, module) -> bool:
         if self.matches(name):

@@ -2,7 +2,8 @@
 """comfy.ldm.flux.layers layout (late 2025): QKNorm holds `operations.RMSNorm` modules (`weight`,
 eps None = torch's default) and `layers.RMSNorm` is None; blocks wrap q/k/v in
 AttentionTensorContainer and pass their ComfyAttention as `preferred_attention`; the AdaLN
-modulation and gated residuals go through `apply_mod(tensor, m_mult, m_add, modulation_dims)`."""
+modulation and gated residuals go through `apply_mod(tensor, m_mult, m_add, modulation_dims)`; the
+last layer's AdaLN goes through comfy-kitchen outside training."""
 
 import math as _math
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import comfy.model_management
+import comfy.quant_ops
 from comfy.ldm.modules.attention import AttentionTensorContainer, ComfyAttention
 
 from .math import attention, rope
@@ -175,4 +178,6 @@ class LastLayer(nn.Module):
 
     def forward(self, x, vec, modulation_dims=None):
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(apply_mod(self.norm_final(x), (1 + scale), shift, modulation_dims))
+        if comfy.model_management.in_training or modulation_dims is not None:
+            return self.linear(apply_mod(self.norm_final(x), (1 + scale), shift, modulation_dims))
+        return self.linear(comfy.quant_ops.ck.adaln(x, scale, shift, self.norm_final.eps))
