@@ -20,10 +20,13 @@ import torch
 
 from flux_npu import ops
 from flux_npu.ops import catalogue
-from flux_npu.shapes import SHAPES
+from flux_npu.shapes import SHAPES, FluxShape
 from flux_npu.testing import assert_close
 
 BACKENDS = ("cpu", "cuda", "npu")
+# odd sizes next to the named Flux shapes: batch 2, 3 heads of 40, 13 tokens, hidden 48 (no power of two)
+ODD = FluxShape("odd", heads=3, head_dim=40, img=9, txt=4, hidden=48, axes=(8, 16, 16), blocks=False, batch=2)
+SHAPE_IDS = ["tiny", "width", "odd"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -77,11 +80,12 @@ def _outs(o):
 
 
 def check_op(op: str, on, dtype: torch.dtype, shape: str = "tiny", grad_scale: float = 2.0):
-    """Forward and backward of `ops.<op>` on the backend against the float64 reference."""
+    """shape: a name of flux_npu.shapes, or "odd" (ODD)."""
+    # forward and backward of `ops.<op>` on the backend against the float64 reference
     backend, dev = on
     info = catalogue.info(op)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{op}.{shape}.{dtype}".encode()))
-    args = info.sample_inputs(SHAPES[shape], dtype, "cpu", gen)
+    args = info.sample_inputs(ODD if shape == "odd" else SHAPES[shape], dtype, "cpu", gen)
     leaves = _leaves(info, args)
     ours = _to(args, dev, grad_at=leaves)
     ref = _to(args, "cpu", torch.float64, grad_at=leaves)

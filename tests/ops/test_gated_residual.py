@@ -3,10 +3,10 @@ catalogue's float64 reference, forward and backward (tests/op_checks.py)."""
 
 import pytest
 import torch
-from op_checks import check_op, on  # noqa: F401  (the backend fixture)
+from op_checks import SHAPE_IDS, check_op, on  # noqa: F401  (the backend fixture)
 
 
-@pytest.mark.parametrize("shape", ["tiny", "width"])
+@pytest.mark.parametrize("shape", SHAPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gated_residual(on, dtype, shape):  # noqa: F811
     check_op("gated_residual", on, dtype, shape)
