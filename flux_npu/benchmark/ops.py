@@ -4,7 +4,8 @@ For every hot op our patches replace, at Flux shapes, three implementations run 
 the active backend's device:
   stock    the code the patches replace (diffusers' `apply_rotary_emb`, `torch.nn.RMSNorm`, the
            AdaLayerNormZero expression, `dispatch_attention_fn` on (B, S, H, D); the BFL RMSNorm,
-           `apply_rope` and float64 `rope`, re-stated here from the BFL layout);
+           `apply_rope` and float64 `rope`, re-stated from the BFL layout), each with its op in
+           the catalogue (`flux_npu/ops/catalogue/<op>.py`: its `bench` builders make the cases);
   patched  `flux_npu.ops.<op>(..., backend=...)`: what runs after `flux_npu.patch()`;
   compile  `torch.compile` of the stock code (on by default where a GPU runs it; on CPU it costs
            10+ s of compilation per op, so it runs only with --compile).
