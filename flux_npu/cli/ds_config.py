@@ -6,7 +6,9 @@ on success, 1 when the config cannot work there or cannot be read or written, 2 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 
@@ -75,13 +77,35 @@ def check_output(config, output: str, force: bool) -> None:
                          "Choose another path, or pass --force to replace it")
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to stdout meanwhile to stderr: Python-level writes and, because
+    third-party loggers hold the stdout stream they found at import, the file descriptor too."""
+    sys.stdout.flush()
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 / 2 (an embedding host): Python-level redirection only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def run(args) -> int:
     from ..distributed import rewrite
 
     if args.output:
         check_output(args.config, args.output, args.force)
-    result = rewrite(args.config, args.backend, deepspeed_version=args.deepspeed_version, soc=args.soc,
-                     strict=args.strict, world_size=args.world_size)
+    with stdout_to_stderr():  # DeepSpeed logs "Setting accelerator to CPU" to stdout: stdout is JSON only
+        result = rewrite(args.config, args.backend, deepspeed_version=args.deepspeed_version, soc=args.soc,
+                         strict=args.strict, world_size=args.world_size)
     # allow_nan=False: DeepSpeed reads JSON, which has no NaN/Infinity (load_config refuses them too)
     text = json.dumps(result.config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     if args.json:

@@ -114,14 +114,28 @@ def render() -> Dict[str, str]:
 
 
 def write(directory: str) -> list:
+    """Render every file first (nothing is created when rendering fails), then write each
+    atomically (utils.output)."""
+    from ..utils.output import write_output
+
+    files = render()
     os.makedirs(directory, exist_ok=True)
     out = []
-    for name, text in render().items():
+    for name, text in files.items():
         path = os.path.join(directory, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_output(path, text)
         out.append(path)
     return out
+
+
+def _missing_deepspeed() -> str | None:
+    """Why the generator cannot run here: it validates every file with the installed DeepSpeed."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return (f"the generator validates every config with DeepSpeed, which does not import here "
+                f"({type(exc).__name__}: {exc}); pip install 'flux-npu[deepspeed]'")
+    return None
 
 
 def check(directory: str) -> list:
@@ -151,6 +165,10 @@ def main(argv=None) -> int:
     g.add_argument("--write", metavar="DIR", help="write every config into DIR")
     g.add_argument("--check", metavar="DIR", help="exit 1 if a file in DIR differs from what the generator makes")
     args = p.parse_args(argv)
+    why = _missing_deepspeed()
+    if why:
+        print(f"python -m flux_npu.distributed.configs: error: {why}; nothing written", file=sys.stderr)
+        return 1
     if args.write:
         for path in write(args.write):
             print(path)

@@ -43,6 +43,14 @@ def _precision_flags(p) -> Tuple[bool, bool]:
     raise DeepSpeedConfigError(f"deepspeed.precision {p!r} is not one of bf16, fp16 (16), fp32 (32)")
 
 
+def _whole(value, name, lo, hi) -> int:
+    """An integer setting of the YAML, checked (a bool or 2.5 is refused naming the key, not rounded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise DeepSpeedConfigError(f"{name} = {value!r}: expected a whole number {rng}")
+    return value
+
+
 def convert_xflux(section: dict, top: Optional[dict], changes: List[Change]) -> dict:
     """The x-flux / FluxKits `deepspeed:` section (+ the training YAML's top level, when given:
     gradient_accumulation_steps, max_grad_norm, mixed_precision) -> a DeepSpeed dict."""
@@ -64,7 +72,7 @@ def convert_xflux(section: dict, top: Optional[dict], changes: List[Change]) -> 
                           "accelerate fills 'auto' from the prepared DataLoader (accelerate/accelerator.py)"))
     out["zero_optimization"] = zero
     if "stage" in section:
-        put("stage", "zero_optimization.stage", int(section["stage"]))
+        put("stage", "zero_optimization.stage", _whole(section["stage"], "deepspeed.stage", 0, 3))
     if "precision" in section:
         fp16, bf16 = _precision_flags(section["precision"])
         put("precision", "bf16.enabled", bf16)
@@ -93,12 +101,24 @@ def convert_xflux(section: dict, top: Optional[dict], changes: List[Change]) -> 
         else "'auto': accelerate fills it from Accelerator(gradient_accumulation_steps=...)"
     if top:
         if "gradient_accumulation_steps" in top:
-            out["gradient_accumulation_steps"] = int(top["gradient_accumulation_steps"])
+            out["gradient_accumulation_steps"] = _whole(top["gradient_accumulation_steps"],
+                                                        "gradient_accumulation_steps", 1, None)
         if top.get("max_grad_norm") is not None:
-            out["gradient_clipping"] = float(top["max_grad_norm"])
+            mgn = top["max_grad_norm"]
+            if isinstance(mgn, bool) or not isinstance(mgn, (int, float)) or mgn < 0:
+                raise DeepSpeedConfigError(f"max_grad_norm = {mgn!r} in the training YAML: expected a number >= 0")
+            out["gradient_clipping"] = float(mgn)
             changes.append(Change("gradient_clipping", UNSET, out["gradient_clipping"],
                                   "taken from the training YAML's max_grad_norm"))
         mp = top.get("mixed_precision")
+        if mp is not None and "precision" not in section:
+            # accelerate's mixed_precision decides the DeepSpeed precision when the section names
+            # none: carried here so the target's rules (910A: no bf16) see it
+            fp16, bf16 = _precision_flags(mp)
+            for key, on in (("bf16.enabled", bf16), ("fp16.enabled", fp16)):
+                _set(out, key, on)
+                changes.append(Change(key, UNSET, on, f"from the training YAML's mixed_precision={mp!r} (the "
+                                                      "deepspeed: section names no precision)"))
         if mp is not None and "precision" in section:
             want = _precision_flags(mp)
             if want != _precision_flags(section["precision"]):

@@ -36,7 +36,9 @@ from .ds_facts import (  # noqa: F401
     soc_supports_bf16,
 )
 from .ds_load import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES, MAX_STRING, check_structure, load_config  # noqa: F401
+from .ds_facts import _get
 from .ds_rules import RULES, Result, _Ctx
+from .ds_types import check_types
 from .ds_xflux import _DS_TOP_KEYS, convert_xflux, is_xflux_section
 
 logger = logging.getLogger("flux_npu")
@@ -47,6 +49,9 @@ def rewrite(config, backend=None, *, deepspeed_version=None, bf16=None, soc=None
     """The full form of `deepspeed_config`: returns a Result with config, changes, notes, target."""
     data, source = load_config(config)
     changes: List[Change] = []
+    notes: list[str] = []
+    if is_accelerate_config(data):
+        data, source = _from_accelerate(data, source, config, notes)
     if isinstance(data.get("deepspeed"), dict) and not (_DS_TOP_KEYS & set(data)):
         top = {k: v for k, v in data.items() if k != "deepspeed"}
         data = convert_xflux(data["deepspeed"], top, changes)
@@ -54,18 +59,68 @@ def rewrite(config, backend=None, *, deepspeed_version=None, bf16=None, soc=None
     elif is_xflux_section(data):
         data = convert_xflux(data, None, changes)
         source += " (x-flux-style deepspeed section)"
+    check_types(data, source)
     target = Target.resolve(backend, deepspeed_version, bf16, soc, op_builders)
     ctx = _Ctx(data, target, strict)
     for _, rule, _ in RULES:
         rule(ctx)
-    result = Result(ctx.cfg, changes + ctx.changes, ctx.notes, target, source)
+    result = Result(ctx.cfg, changes + ctx.changes, notes + ctx.notes, target, source)
     if validate_result:
         validate(result.config, world_size=world_size)
         unread = unread_top_level_keys(result.config)
+        if unread and strict:
+            raise DeepSpeedConfigError(f"DeepSpeed {installed_deepspeed_version()} does not read top-level key(s) "
+                                       f"{', '.join(unread)} of {source} (strict): a typo? Remove or fix them")
         if unread:
             result.notes.append(f"DeepSpeed {installed_deepspeed_version()} does not read top-level key(s) "
                                 f"{', '.join(unread)} and ignores them: a typo? (kept as written)")
     return result
+
+
+# keys only an accelerate config file (`accelerate config` / `accelerate launch --config_file`) has
+_ACCELERATE_KEYS = {"compute_environment", "distributed_type", "deepspeed_config", "num_processes", "machine_rank",
+                    "main_training_function", "downcast_bf16", "use_cpu", "rdzv_backend"}
+
+
+def is_accelerate_config(data: dict) -> bool:
+    return len(_ACCELERATE_KEYS & set(data)) >= 2 and not (_DS_TOP_KEYS & set(data))
+
+
+def _from_accelerate(data: dict, source: str, config, notes: list[str]):
+    """The DeepSpeed config an accelerate config file points to (its deepspeed_config_file, read
+    relative to the working directory as accelerate does, else to the YAML's directory); an
+    accelerate file without one is refused with the fix."""
+    import os
+
+    ds = data.get("deepspeed_config") if isinstance(data.get("deepspeed_config"), dict) else {}
+    ref = ds.get("deepspeed_config_file")
+    if not isinstance(ref, str) or not ref.strip():
+        raise DeepSpeedConfigError(
+            f"{source} is an accelerate config file (accelerate launch --config_file), not a DeepSpeed config, and "
+            "its deepspeed_config names no deepspeed_config_file: pass the DeepSpeed JSON itself (e.g. "
+            "configs/ds_zero2_bf16_full.json), or add deepspeed_config_file to the accelerate file")
+    candidates = [ref]
+    if isinstance(config, (str, os.PathLike)) and not os.path.isabs(ref):
+        candidates.append(os.path.join(os.path.dirname(os.path.abspath(os.fspath(config))), ref))
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        raise DeepSpeedConfigError(f"{source} is an accelerate config file whose deepspeed_config_file {ref!r} does "
+                                   f"not exist (looked in {', '.join(dict.fromkeys(candidates))}): run from the "
+                                   "directory accelerate would, or pass the DeepSpeed JSON itself")
+    inner, inner_source = load_config(path)
+    if is_accelerate_config(inner):
+        raise DeepSpeedConfigError(f"{inner_source}, named by {source}, is an accelerate config file too")
+    notes.append(f"{source} is an accelerate config file: rewrote the DeepSpeed config it names, {inner_source} "
+                 "(its other settings are accelerate's, kept in that file)")
+    mp = data.get("mixed_precision")
+    if isinstance(mp, str) and mp.lower() in ("bf16", "fp16"):
+        for key in ("bf16", "fp16"):
+            enabled = _get(inner, f"{key}.enabled")
+            if enabled is UNSET or enabled == "auto":
+                notes.append(f"{key}.enabled is {'unset' if enabled is UNSET else 'auto'} in {inner_source}: "
+                             f"accelerate sets it from mixed_precision={mp!r} at launch")
+                break
+    return inner, f"{inner_source} (via accelerate config {source})"
 
 
 def deepspeed_config(config, backend=None, **kwargs) -> Tuple[dict, List[Change]]:
