@@ -38,8 +38,8 @@ def register(sub):
 
 
 def run_ops(args) -> int:
-    """Delegate to flux_npu.benchmark.ops: its add_arguments(parser) builds the options, its
-    run(args) does the work. Imported here, so `flux-npu bench model` never loads it."""
+    """Delegate to flux_npu.cli.bench_ops (options and the run) over flux_npu.benchmark.ops (the
+    cases and timing). Imported here, so `flux-npu bench model` never loads it."""
     try:
         mod = importlib.import_module(OPS_MODULE)
     except ModuleNotFoundError as exc:
@@ -50,6 +50,8 @@ def run_ops(args) -> int:
         return 2
     parser = argparse.ArgumentParser(prog="flux-npu bench ops",
                                      description=(mod.__doc__ or "").split("\n\n")[0] or None)
-    mod.add_arguments(parser)
+    from . import bench_ops
+
+    bench_ops.add_arguments(parser)
     ops_args = parser.parse_args(args.ops_args)
-    return int(mod.run(ops_args) or 0)
+    return int(bench_ops.run(ops_args) or 0)
