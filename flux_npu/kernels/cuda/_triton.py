@@ -11,6 +11,12 @@ its index through up to three leading dims of any stride, so the (B, S, H, D) vi
 a projection (`unflatten` of (B, S, H*D), a chunk of a fused qkv output) are read in place; broadcast
 operands (RoPE frequencies, AdaLN shift/scale) get stride 0 instead of being expanded in memory.
 
+Persistent loops are written `blk = pid; while blk < n_blocks: ...; blk += programs`, not
+`for blk in range(pid, n_blocks, programs)`: triton 3.6's interpreter turns a run-time loop bound into
+an index with int() of a one-element numpy array, which numpy >= 2.4 refuses ("only 0-dimensional
+arrays can be converted to Python scalars"), so every range() loop with a run-time bound fails
+there; a while loop compiles to the same scf loop and runs under every interpreter.
+
 Poisoning. Tests set `POISON = True` (or FLUX_NPU_TRITON_POISON=1): every buffer a launcher
 allocates for a kernel to fill is then NaN instead of uninitialised, so an element a kernel forgets
 to write fails the test instead of passing by luck.

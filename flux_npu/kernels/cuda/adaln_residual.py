@@ -66,7 +66,8 @@ def _adaln_res_bwd(
     dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for blk in range(pid, n_blocks, programs):  # persistent: one partial row per program
+    blk = pid
+    while blk < n_blocks:  # one partial row per program (see _triton.py: a while loop, not range())
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
         h = tl.load(H + dense, mask=mask, other=0.0).to(tl.float32)
@@ -80,6 +81,7 @@ def _adaln_res_bwd(
         tl.store(DY + dense, (dht * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
         y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dg += tl.sum(dht * y, axis=0)
+        blk += programs
     part = (g * programs + pid) * n_cols + cols
     tl.store(DG + part, dg, mask=cmask)
     tl.store(DSH + part, dsh, mask=cmask)

@@ -146,7 +146,8 @@ def _rope_bwd(
             w1 = tl.load(W1 + cols, mask=cmask, other=0.0).to(tl.float32)
     dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for blk in range(pid, n_blocks, programs):  # persistent when there is a dw to reduce
+    blk = pid
+    while blk < n_blocks:  # persistent when there is a dw to reduce (see _triton.py: a while loop, not range())
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_D)
         m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
         dw0 += _unrotate_rows(X0, w0, DY0, DX0, rows, cols, mask, n_cols, n1, n2, a0, a1, a2, eps,
@@ -154,6 +155,7 @@ def _rope_bwd(
         if TWO:
             dw1 += _unrotate_rows(X1, w1, DY1, DX1, rows, cols, mask, n_cols, n1, n2, b0, b1, b2, eps,
                                   m00, m01, m10, m11, NORM, HAS_W, BLOCK_M, BLOCK_D)
+        blk += programs
     if HAS_W:
         tl.store(DW + pid * n_cols + cols, dw0, mask=cmask)
         if TWO:

@@ -93,7 +93,8 @@ def _ln_mod_bwd(
     sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
     dsh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for blk in range(pid, n_blocks, programs):  # persistent: one partial row per program
+    blk = pid
+    while blk < n_blocks:  # one partial row per program (see _triton.py: a while loop, not range())
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
         x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
@@ -103,6 +104,7 @@ def _ln_mod_bwd(
         dsc += tl.sum(dy * xhat, axis=0)
         dx = ln_mod_rows_bwd(dy, xhat, rstd, sc, n_cols)
         tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
+        blk += programs
     part = (g * programs + pid) * n_cols + cols
     tl.store(DSH + part, dsh, mask=cmask)
     tl.store(DSC + part, dsc, mask=cmask)

@@ -51,7 +51,8 @@ def _rms_norm_bwd(
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for blk in range(pid, n_blocks, tl.num_programs(0)):  # persistent: one partial dw row per program
+    blk = pid
+    while blk < n_blocks:  # one partial dw row per program (see _triton.py: a while loop, not range())
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
         xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
         x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -67,6 +68,7 @@ def _rms_norm_bwd(
         c = tl.sum(g * xhat, axis=1) / n_cols
         dx = rstd[:, None] * (g - xhat * c[:, None])
         tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
+        blk += tl.num_programs(0)
     if HAS_W:
         tl.store(DW + pid * n_cols + cols, dw, mask=cmask)
 
