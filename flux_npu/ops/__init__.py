@@ -9,8 +9,6 @@ the catalogue, `flux_npu/ops/catalogue/<op>.py`; this module is the dispatch the
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..backends import Backend
@@ -101,7 +99,7 @@ def _miss(op, b, args, key):
 # -- attention ---------------------------------------------------------------------------------
 
 
-def attention(q, k, v, mask=None, scale: Optional[float] = None, layout: str = "BHSD", *, backend=None):
+def attention(q, k, v, mask=None, scale: float | None = None, layout: str = "BHSD", *, backend=None):
     """Scaled dot-product attention. q, k, v: (B, H, S, D) (`layout="BSHD"`: (B, S, H, D)).
 
     mask: None, bool (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
@@ -129,7 +127,7 @@ def apply_rope(x, freqs, sequence_dim: int = 2, *, backend=None):
 # -- norms -------------------------------------------------------------------------------------
 
 
-def rms_norm(x, weight=None, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None, *, backend=None):
+def rms_norm(x, weight=None, eps: float = 1e-6, out_dtype: torch.dtype | None = None, *, backend=None):
     """RMSNorm over the last dim, float32 accumulation, output dtype `out_dtype` or x.dtype."""
     return _call(_RMS_NORM, backend, (x, weight, eps, out_dtype))
 
