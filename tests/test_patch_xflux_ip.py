@@ -368,3 +368,35 @@ def test_imported_after_patch_is_hooked_by_structure():
         handle.undo()
         sys.path.remove(path)
         _forget()
+
+
+def test_lora_processors_adaln_served_with_report_rows(layout):
+    """x-flux's LoRA processors (`DoubleStreamBlockLoraProcessor.forward`, what its training script
+    and set_lora install): AdaLN and gated residuals fused like the plain processors', LoRA terms
+    kept as written, report rows with served counts, forward and backward as stock."""
+    model = _model(layout, ip=False)
+    layers = layout.modules.layers
+    for block in model.double_blocks:
+        block.set_processor(layers.DoubleStreamBlockLoraProcessor(32, rank=4, lora_weight=0.8))
+    for block in model.single_blocks:
+        block.set_processor(layers.SingleStreamBlockLoraProcessor(32, rank=4, lora_weight=0.8))
+    for p in model.parameters():  # LoRA "up" starts at zero in training; random here so the deltas count
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    inputs = _inputs(seed=5)
+    del inputs["image_proj"]
+    stock = _run(model, inputs)
+    originals = [layers.DoubleStreamBlockLoraProcessor.forward, layers.SingleStreamBlockLoraProcessor.forward]
+    with flux_npu.patch(backend="cpu", targets=["bfl"]) as handle:
+        ops.reset_dispatch_stats()
+        patched = _run(model, inputs)
+        stats = ops.dispatch_stats()
+        rows = {c["symbol"]: c for c in handle.row_counts() if "Lora" in c["symbol"]}
+    _check_fp32(patched, stock)
+    assert not stats["fallback"], stats["fallback"]
+    assert (_served(stats, "layer_norm_modulate"), _served(stats, "gated_residual")) == (ADALN, GATED)
+    assert {s: (r["status"], r["calls"], r["served"]) for s, r in rows.items()} == {
+        "DoubleStreamBlockLoraProcessor.forward": ("patched", DEPTH, DEPTH),
+        "SingleStreamBlockLoraProcessor.forward": ("patched", SINGLE, SINGLE)}
+    assert [layers.DoubleStreamBlockLoraProcessor.forward, layers.SingleStreamBlockLoraProcessor.forward] == originals
+    assert any(n.endswith("proj_lora1.up.weight") for n in patched)  # the LoRA weights got gradients too

@@ -121,7 +121,10 @@ def _scale_first(node) -> bool:
 
 
 def _is_gate(node) -> bool:
-    return "gate" in ast.unparse(node).lower()
+    """A gate: a name, attribute, subscript or call (`mod.gate`, `gate_msa.unsqueeze(1)`) whose text
+    names a gate. Not a product: in x-flux's LoRA form `X + G * A + G * B * w` the last term's
+    `G * B` is not a gate of `w`."""
+    return isinstance(node, (ast.Name, ast.Attribute, ast.Subscript, ast.Call)) and "gate" in ast.unparse(node).lower()
 
 
 def _gated(node):

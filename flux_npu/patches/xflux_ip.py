@@ -31,7 +31,10 @@ defines `DoubleStreamBlockProcessor` with `__call__(self, attn, img, txt, vec, p
 four processors patched, one that defines only `IPDoubleStreamBlockProcessor` (a fork keeping its
 IP processors apart) the IP ones. `patch_module(pkg)` reaches `pkg.modules.layers` too. The rewritten
 function is compiled against the module's live globals, with its file and line numbers.
-`IPSingleStreamBlockProcessor` (defined by some forks, same idea) is served when present.
+`IPSingleStreamBlockProcessor` (defined by some forks, same idea) is served when present. x-flux's
+LoRA processors (`DoubleStreamBlockLoraProcessor` / `SingleStreamBlockLoraProcessor`, nn.Modules
+whose `forward` runs the block with LoRA deltas) get the AdaLN / gated-residual rewrite of their
+`forward` (optional specs: only x-flux versions with LoRA define them).
 """
 
 from __future__ import annotations
@@ -281,10 +284,21 @@ def _specs(names, required):
             for name in names]
 
 
+# x-flux's LoRA processors (its training script and `set_lora` install them): nn.Modules whose
+# `forward(self, attn, ...)` runs the block with LoRA deltas; their AdaLN and gated residuals are
+# rewritten as the other processors' (the LoRA terms stay as written)
+LORA_PROCESSORS = ("DoubleStreamBlockLoraProcessor", "SingleStreamBlockLoraProcessor")
+LORA_SPECS = [Spec(f"{name}.forward", _build(f"x-flux {name}"), "AdaLN + gated residuals -> our ops",
+                   params=DOUBLE_PARAMS if "Double" in name else SINGLE_PARAMS,
+                   ops=("attention", "rms_norm", "layer_norm_modulate", "gated_residual"), optional=True)
+              for name in LORA_PROCESSORS]
+
+
 # by structure only (x-flux's own `flux.modules.layers` is found so too): a name match would also
 # hit the reference BFL layers module, which has no processors
 register_patch_set(PatchSet(target="bfl", matches=lambda name: False, recognise=looks_like_xflux_layers,
-                            describe="x-flux block processors", specs=_specs(PROCESSORS, "DoubleStreamBlockProcessor")))
+                            describe="x-flux block processors",
+                            specs=[*_specs(PROCESSORS, "DoubleStreamBlockProcessor"), *LORA_SPECS]))
 register_patch_set(PatchSet(target="bfl", matches=lambda name: False, recognise=looks_like_ip_only,
                             describe="x-flux IP-adapter processors",
                             # all optional: patch_module() (which ignores recognition) must not apply this

@@ -213,6 +213,69 @@ class IPSingleStreamBlockProcessor(nn.Module):
         return x + mod.gate * output
 
 
+class LoRALinearLayer(nn.Module):
+    def __init__(self, in_features, out_features, rank=4):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class DoubleStreamBlockLoraProcessor(nn.Module):
+    """x-flux's LoRA processor layout: an nn.Module whose `forward` runs the block with LoRA deltas
+    added to the qkv and proj outputs (what its training script and `set_lora` install)."""
+
+    def __init__(self, dim, rank=4, lora_weight=1.0):
+        super().__init__()
+        self.qkv_lora1, self.proj_lora1 = LoRALinearLayer(dim, 3 * dim, rank), LoRALinearLayer(dim, dim, rank)
+        self.qkv_lora2, self.proj_lora2 = LoRALinearLayer(dim, 3 * dim, rank), LoRALinearLayer(dim, dim, rank)
+        self.lora_weight = lora_weight
+
+    def forward(self, attn, img, txt, vec, pe, **attention_kwargs):
+        img_mod1, img_mod2 = attn.img_mod(vec)
+        txt_mod1, txt_mod2 = attn.txt_mod(vec)
+        img_modulated = attn.img_norm1(img)
+        img_modulated = (1 + img_mod1.scale) * img_modulated + img_mod1.shift
+        img_qkv = attn.img_attn.qkv(img_modulated) + self.qkv_lora1(img_modulated) * self.lora_weight
+        img_q, img_k, img_v = heads(img_qkv, attn.num_heads, 3)
+        img_q, img_k = attn.img_attn.norm(img_q, img_k, img_v)
+        txt_modulated = attn.txt_norm1(txt)
+        txt_modulated = (1 + txt_mod1.scale) * txt_modulated + txt_mod1.shift
+        txt_qkv = attn.txt_attn.qkv(txt_modulated) + self.qkv_lora2(txt_modulated) * self.lora_weight
+        txt_q, txt_k, txt_v = heads(txt_qkv, attn.num_heads, 3)
+        txt_q, txt_k = attn.txt_attn.norm(txt_q, txt_k, txt_v)
+        joint = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2),
+                          pe=pe)
+        txt_out, img_out = joint[:, : txt.shape[1]], joint[:, txt.shape[1]:]
+        img = (img + img_mod1.gate * attn.img_attn.proj(img_out)
+               + img_mod1.gate * self.proj_lora1(img_out) * self.lora_weight)
+        img = img + img_mod2.gate * attn.img_mlp((1 + img_mod2.scale) * attn.img_norm2(img) + img_mod2.shift)
+        txt = (txt + txt_mod1.gate * attn.txt_attn.proj(txt_out)
+               + txt_mod1.gate * self.proj_lora2(txt_out) * self.lora_weight)
+        txt = txt + txt_mod2.gate * attn.txt_mlp((1 + txt_mod2.scale) * attn.txt_norm2(txt) + txt_mod2.shift)
+        return img, txt
+
+
+class SingleStreamBlockLoraProcessor(nn.Module):
+    def __init__(self, dim, rank=4, lora_weight=1.0):
+        super().__init__()
+        self.qkv_lora, self.proj_lora = LoRALinearLayer(dim, 3 * dim, rank), LoRALinearLayer(dim, dim, rank)
+        self.lora_weight = lora_weight
+
+    def forward(self, attn, x, vec, pe):
+        mod, _ = attn.modulation(vec)
+        x_mod = (1 + mod.scale) * attn.pre_norm(x) + mod.shift
+        qkv, mlp = torch.split(attn.linear1(x_mod), [3 * attn.hidden_size, attn.mlp_hidden_dim], dim=-1)
+        qkv = qkv + self.qkv_lora(x_mod) * self.lora_weight
+        q, k, v = heads(qkv, attn.num_heads, 3)
+        q, k = attn.norm(q, k, v)
+        out = attention(q, k, v, pe=pe)
+        output = attn.linear2(torch.cat((out, attn.mlp_act(mlp)), 2)) + self.proj_lora(out) * self.lora_weight
+        return x + mod.gate * output
+
+
 class SingleStreamBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=2.0):
         super().__init__()
