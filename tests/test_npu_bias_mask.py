@@ -7,11 +7,11 @@ declines bias masks with the reason."""
 
 import pytest
 import torch
+from npu_emulator import record
 
 from flux_npu import ops
 from flux_npu.kernels.npu import attention as npu_attention
 from flux_npu.testing import rel_err, tolerance
-from npu_emulator import record
 
 B, H, S, D = 2, 3, 7, 16
 
@@ -82,7 +82,7 @@ def test_pse_convention_probed_once_and_unknown_convention_declines(npu_emulated
     q, k, v = (_leaf((B, H, S, D), torch.float32, s) for s in (1, 2, 3))
     npu_attention._PSE.clear()
     ops.attention(q, k, v, mask=_bias("redux_bias"), backend=npu_emulated)
-    assert npu_attention._PSE == {("cpu", torch.float32): "scaled"}  # the emulator follows the formula
+    assert {("cpu", torch.float32): "scaled"} == npu_attention._PSE  # the emulator follows the formula
     monkeypatch.setitem(npu_attention._PSE, ("cpu", torch.float32), "the op's pse probe gave [0.5, 0.5]")
     ops.reset_dispatch_stats()
     out = ops.attention(q, k, v, mask=_bias("redux_bias"), backend=npu_emulated)
@@ -90,3 +90,20 @@ def test_pse_convention_probed_once_and_unknown_convention_declines(npu_emulated
     assert "bias mask" in reason and "probe gave" in reason
     ref = ops.reference.attention(q.double(), k.double(), v.double(), mask=_bias("redux_bias").double())
     assert rel_err(out, ref.float()) <= tolerance(torch.float32)
+
+
+@pytest.mark.emulator
+def test_parity_rows_for_the_bias_case_on_the_emulator(npu_emulated, tmp_path):
+    """The parity case `attention_bias` recorded on cpu and checked on the emulated npu: every row
+    passes, and the npu rows were served by npu_fusion_attention (through pse), not the reference."""
+    from flux_npu import parity
+
+    path = tmp_path / "bias.safetensors"
+    parity.record(path, backend="cpu", shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases=["attention_bias"])
+    ops.reset_dispatch_stats()
+    report = parity.check(path, backend=npu_emulated)
+    assert report.ok, report.table()
+    assert len(report.results) == 6 and all(r.status == "pass" for r in report.results)
+    served = ops.dispatch_stats()["served"]
+    assert served[("attention", "npu", "torch_npu.npu_fusion_attention")] >= 6
+    assert not [k for k in ops.dispatch_stats()["fallback"] if k[0] == "attention"]

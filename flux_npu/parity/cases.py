@@ -127,6 +127,18 @@ def run_attention_masked(t, b, m, stock):
     return {"out": fn(t["q"], t["k"], t["v"], t["mask"], None, "BHSD")}
 
 
+def make_attention_bias(s, g, dt):
+    """An additive bias mask (ComfyUI Redux's attn_bias, ChromaPipeline's 0/1 mask used additively):
+    finite values plus -inf on some keys; served on npu through npu_fusion_attention's pse."""
+    shp = _head_shape(s)
+    t = {n: _randn(g, shp, dt) for n in ("q", "k", "v")}
+    bias = torch.randn(s.batch, 1, s.seq, s.seq, generator=g) * 2
+    bias[..., 1::3] = float("-inf")  # masked keys; key 0 always stays
+    t["mask"] = bias.to(dt)
+    t.update(_cot(g, {"out": (shp, dt)}))
+    return t
+
+
 def make_rope_freqs(s, g, dt):
     return {"pos": _positions(s), "axes": torch.tensor(s.axes, dtype=torch.int64)}
 
@@ -305,6 +317,8 @@ CASES: Dict[str, Case] = {
              doc="SDPA, diffusers layout (B, S, H, D), no mask"),
         Case("attention_masked", "attention", make_attention_masked, run_attention_masked, ("q", "k", "v"),
              doc="SDPA, (B, H, S, D), boolean mask"),
+        Case("attention_bias", "attention", make_attention_bias, run_attention_masked, ("q", "k", "v"),
+             doc="SDPA, (B, H, S, D), additive bias mask with -inf keys (npu: pse)"),
         Case("rope_freqs_cos_sin", "rope_freqs", make_rope_freqs, run_rope_freqs("cos_sin"), float32_only=True,
              doc="RoPE tables, diffusers (cos, sin) form, per axis"),
         Case("rope_freqs_bfl", "rope_freqs", make_rope_freqs, run_rope_freqs("bfl"), float32_only=True,
