@@ -22,14 +22,23 @@ def register(sub):
         description="Run an unchanged script with flux_npu.patch() applied in every process. Options go before "
                     "the script; everything after it is passed to the script.")
     p.add_argument("--backend", help="backend name (default: FLUX_NPU_BACKEND, then auto-detect)")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this node (default 1; at most the usable CPU cores or visible devices)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", "--nproc", dest="nproc", type=int, default=1,
+                   help="processes on this node, as torchrun's (default 1; at most the usable CPU cores or visible "
+                        "devices)")
     p.add_argument("--oversubscribe", action="store_true",
                    help="allow --nproc above the number of usable CPU cores / visible devices")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
-    p.add_argument("--master-port", type=int, help="rendezvous port, 1..65535 (default: a free one, single node only)")
+    p.add_argument("--node-rank", "--node_rank", type=int, default=0, help="this node's rank (default 0)")
+    p.add_argument("--master-addr", "--master_addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
+    p.add_argument("--master-port", "--master_port", type=int,
+                   help="rendezvous port, 1..65535 (default: a free one, single node only)")
+    rdzv = p.add_argument_group("torchrun rendezvous (handed to torchrun as given)")
+    for flag, metavar in (("--rdzv-backend", "BACKEND"), ("--rdzv-endpoint", "HOST:PORT"), ("--rdzv-id", "ID"),
+                          ("--rdzv-conf", "K=V,..."), ("--max-restarts", "N")):
+        rdzv.add_argument(flag, flag.replace("-", "_").replace("__", "--"), metavar=metavar)
+    rdzv.add_argument("--standalone", action="store_true", help="single-node rendezvous on a free port (torchrun's)")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="the script is a module name, run as `python -m` (torchrun's -m)")
     p.add_argument("--ds-config", metavar="JSON|YAML",
                    help="DeepSpeed config (or x-flux-style YAML) to rewrite for the backend and hand to accelerate")
     p.add_argument("--soc", help="Ascend SoC for the precision rules (e.g. 910A, 910B3; default: ask torch_npu)")
@@ -39,7 +48,7 @@ def register(sub):
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="after forwarding SIGTERM/SIGINT to the workers, wait this long before SIGKILL (default 30)")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not run")
-    p.add_argument("script", help="the Python script to run")
+    p.add_argument("script", help="the Python script to run (a module name with -m)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(func=run)
 
@@ -53,11 +62,19 @@ def run(args) -> int:
 
     if not args.grace_period >= 0:  # also refuses nan
         raise ValueError(f"--grace-period {args.grace_period} must be a number of seconds >= 0")
+    rendezvous = []
+    for flag in ("--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--rdzv-conf", "--max-restarts"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            rendezvous += [flag, value]
+    if args.standalone:
+        rendezvous.append("--standalone")
     launch = build_launch(
         args.script, args.script_args, backend=args.backend, nproc=args.nproc, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
         ds_config=args.ds_config, transfer_to_npu=False if args.no_transfer_to_npu else None,
-        report_dir=args.report_dir, soc=args.soc, oversubscribe=args.oversubscribe)
+        report_dir=args.report_dir, soc=args.soc, oversubscribe=args.oversubscribe, module=args.module,
+        rendezvous=rendezvous)
     if launch.ds_result is not None:
         from .ds_config import render_result
 

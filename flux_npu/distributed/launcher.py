@@ -1,6 +1,7 @@
 """Build, run and stop the processes that run an unchanged script under flux-npu.
 
-One process: `python -m flux_npu.distributed.bootstrap script args`. Several (or a DeepSpeed config,
+One process: `python -m flux_npu.distributed.bootstrap script args` (`... bootstrap -m module args` for
+a module, as `python -m` / `torchrun -m`). Several (or a DeepSpeed config,
 since accelerate only starts DeepSpeed when launched with LOCAL_RANK set): `python -m
 flux_npu.distributed.torchrun --nproc-per-node N ... -m flux_npu.distributed.bootstrap script args`,
 torchrun run in-process so that the failing rank's own exit code comes back (distributed.torchrun).
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .bootstrap import ENV_REPORT_DIR, ENV_TRANSFER
 from .env import translate_env
@@ -195,10 +196,18 @@ class Launch:
 def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
                  master_addr: str = "127.0.0.1", master_port: Optional[int] = None, ds_config=None,
                  transfer_to_npu: Optional[bool] = None, report_dir: Optional[str] = None, soc: Optional[str] = None,
-                 base_env=None, oversubscribe: bool = False) -> Launch:
+                 base_env=None, oversubscribe: bool = False, module: bool = False,
+                 rendezvous: Sequence[str] = ()) -> Launch:
+    """`module`: `script` is a module name run like `python -m` (torchrun's `-m`). `rendezvous`:
+    torchrun's own rendezvous options (`--rdzv-backend c10d`, `--rdzv-endpoint host:port`,
+    `--rdzv-id`, `--rdzv-conf`, `--standalone`, `--max-restarts N`), handed to torchrun as given; with
+    an endpoint (or --standalone) no --master-port is needed."""
     from ..backends import get_backend
 
-    if not os.path.isfile(script):
+    if module:
+        if not script or not all(part.isidentifier() for part in script.split(".")):
+            raise ValueError(f"-m {script!r} is not a module name (dotted Python identifiers, as for python -m)")
+    elif not os.path.isfile(script):
         raise FileNotFoundError(f"script {script!r} not found")
     if nproc < 1 or nnodes < 1:
         raise ValueError(f"--nproc ({nproc}) and --nnodes ({nnodes}) must be >= 1")
@@ -246,15 +255,19 @@ def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, n
                       ENV_DS_CONFIG: path})
     env.update(added)
 
-    boot = ["-m", "flux_npu.distributed.bootstrap", script, *script_args]
-    if nproc * nnodes > 1 or ds_config is not None:
+    boot = ["-m", "flux_npu.distributed.bootstrap", *(["-m"] if module else []), script, *script_args]
+    rendezvous = list(rendezvous)
+    own_endpoint = any(a.split("=")[0] in ("--rdzv-endpoint", "--rdzv_endpoint", "--standalone") for a in rendezvous)
+    if nproc * nnodes > 1 or ds_config is not None or rendezvous:
         if master_port is None:
-            if nnodes > 1:
+            if own_endpoint:
+                master_port = 29500  # torchrun's default; unused: the rendezvous endpoint decides
+            elif nnodes > 1:
                 raise ValueError("--master-port is required with --nnodes > 1 (every node must use the same one)")
             master_port = free_port(master_addr)
         launch.argv = [sys.executable, "-m", "flux_npu.distributed.torchrun", "--nproc-per-node", str(nproc),
                        "--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
-                       "--master-port", str(master_port), *boot]
+                       "--master-port", str(master_port), *rendezvous, *boot]
     else:
         launch.argv = [sys.executable, *boot]
     return launch
