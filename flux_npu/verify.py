@@ -28,6 +28,8 @@ import time
 import traceback
 from typing import List, Optional
 
+from .benchmark.stats import CONFIDENCE
+
 PHASES = ("parity", "ops", "model")
 REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
 
@@ -205,7 +207,8 @@ def _ops_bench(report, b, quick):
     on_cpu = b.device_type == "cpu"
     shape = "quick" if quick else ("flux-mini" if on_cpu else "flux-dev")
     dtypes = [d for d in (["bf16"] if quick else ["bf16", "fp32"]) if B.DTYPES[d] in b.dtypes] or ["fp32"]
-    warmup, repeats = (1, 3) if quick else ((2, 7) if on_cpu else (10, 50))
+    # repeats grow (up to the second figure) until each "vs stock" is significant or the budget is spent
+    warmup, repeats, max_repeats = (1, 5, 15) if quick else ((2, 7, 21) if on_cpu else (10, 50, 50))
     device, utils = b.device(), b.utils
     copy_bw = B.copy_bandwidth(device, utils, (16 if quick else 64 if on_cpu else 1024) * 2**20, warmup,
                                max(repeats, 5))
@@ -213,9 +216,11 @@ def _ops_bench(report, b, quick):
     for op in B.OPS:
         for dt in dtypes if op != "rope_freqs/bfl" else dtypes[:1]:
             case = B.build_case(op, shape, dt, b, device)
-            rows.extend(B.run_case(case, utils, warmup, repeats, copy_bw, False, "", b.device_type))
+            rows.extend(B.run_case(case, utils, warmup, repeats, copy_bw, False, "", b.device_type,
+                                   max_repeats=max_repeats))
     entry = report["ops"]
     entry.update(shape=shape, shape_def=B.SHAPES[shape], dtypes=dtypes, warmup=warmup, repeats=repeats,
+                 max_repeats=max_repeats, confidence=CONFIDENCE,
                  environment=B.environment(b, utils, copy_bw), rows=[asdict(r) for r in rows],
                  table=B.format_rows(rows))
     bad = [r for r in rows if r.status in ("MISMATCH", "error") and r.impl not in B.THIRD_PARTY]
@@ -228,12 +233,14 @@ def _model_bench(report, b, quick, isolate, out_dir, ops):
     from .benchmark import model as M
 
     on_cpu = b.device_type == "cpu"
+    # 5 repeats a side: the fewest at which a ratio can be significant at 95 % (benchmark.stats);
+    # with 2 (the old --quick) every verdict was noise
     if quick:
-        cfg = dict(presets=("tiny",), resolutions=(64,), steps=2, train_steps=1, repeats=2)
+        cfg = dict(presets=("tiny",), resolutions=(64,), steps=2, train_steps=1, repeats=5)
     elif on_cpu:
-        cfg = dict(presets=("tiny",), resolutions=(256,), steps=10, train_steps=2, repeats=3)
+        cfg = dict(presets=("tiny",), resolutions=(256,), steps=10, train_steps=2, repeats=5)
     else:
-        cfg = dict(presets=("flux-mini",), resolutions=(512,), steps=10, train_steps=2, repeats=3)
+        cfg = dict(presets=("flux-mini",), resolutions=(512,), steps=10, train_steps=2, repeats=5)
     dtype = "bf16" if M.DTYPES["bf16"] in b.dtypes else "fp32"
     json_path = os.path.join(out_dir, "model.json")
     log_path = M.log_path_for(json_path)
@@ -300,18 +307,33 @@ def _plot_ops(ops_entry, path, report):
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(labels) + 4), 4.8))
     width = 0.8 / max(1, len(impls))
-    for ax, key, title in ((axes[0], "copy_fraction", "device time as % of copy bandwidth"),
-                           (axes[1], "latency_us", "per-call latency (us, host + sync)")):
+
+    def value_and_spread(r, key):
+        # the IQR of the times as error bars; % of copy is inversely proportional to device time
+        if key == "copy_fraction":
+            y = 100 * r[key]
+            return y, y * r["device_us"] / r["device_q3_us"], y * r["device_us"] / r["device_q1_us"]
+        return r[key], r["latency_q1_us"], r["latency_q3_us"]
+
+    for ax, key, title in ((axes[0], "copy_fraction", "device time as % of copy bandwidth (IQR bars; >100: cache)"),
+                           (axes[1], "latency_us", "per-call latency (us, host + sync; IQR bars)")):
         for j, impl in enumerate(impls):
-            xs, ys = [], []
+            xs, ys, err = [], [], [[], []]
             for i, lab in enumerate(labels):
                 r = next((r for r in rows if r["impl"] == impl and f"{r['op']} {r['dtype']}" == lab), None)
                 if r is None or r[key] is None:
                     continue
+                y, lo, hi = value_and_spread(r, key)
                 xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                ys.append(100 * r[key] if key == "copy_fraction" else r[key])
-            bars = ax.bar(xs, ys, width, label=impl)
+                ys.append(y)
+                err[0].append(max(0.0, y - lo))
+                err[1].append(max(0.0, hi - y))
+            bars = ax.bar(xs, ys, width, label=impl, yerr=err, capsize=2)
             ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=6, padding=1)
+        # log axes: one slow or cache-resident case spans orders of magnitude over the others
+        ax.set_yscale("log")
+        if key == "copy_fraction":
+            ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
@@ -406,10 +428,15 @@ def render_markdown(r: dict) -> str:
             out += [f"**phase crashed**: {o['error']} (traceback in verify.log)", ""]
         if "table" in o:
             e = o["environment"]
+            grow = (f", grown up to {o['max_repeats']} until significant" if o.get("max_repeats", 0) > o["repeats"]
+                    else "")
             out += [f"Shape `{o['shape']}` {o['shape_def']}, dtypes {', '.join(o['dtypes'])}, median and IQR of "
-                    f"{o['repeats']} after {o['warmup']} warm-up; copy bandwidth {e['copy_bandwidth_gbps']:.1f} GB/s. "
-                    f"Device time: {e['device_time']}; GB/s, % copy and vs stock come from it. "
-                    f"Latency: {e['latency']}.", "", "```", o["table"], "```", ""]
+                    f"{o['repeats']}{grow} after {o['warmup']} warm-up; copy bandwidth "
+                    f"{e['copy_bandwidth_gbps']:.1f} GB/s. Device time: {e['device_time']}; GB/s, % copy and vs stock "
+                    f"come from it. Latency: {e['latency']}. A \"vs stock\" ratio is a verdict only where it says "
+                    f"faster or slower (Mann-Whitney U at {o.get('confidence', CONFIDENCE):.0%} confidence); "
+                    "\"not significant\" means the runs could not tell the two apart. % copy above 100 is "
+                    "cache-resident, not bandwidth.", "", "```", o["table"], "```", ""]
     m = r.get("model")
     if m:
         out += ["## Whole-model benchmark", ""]

@@ -48,6 +48,7 @@ from ..ops.catalogue.rope_freqs import bfl_rope  # noqa: F401
 from ..shapes import DTYPES
 from ..shapes import SHAPES as SHAPE_TABLE
 from ..testing import rel_err, tolerance
+from .stats import CONFIDENCE, compare, looks_for, quartiles
 
 # the benchmark's shapes, from the one table (flux_npu.shapes); `mini` and `dev` are the names
 # they had before that table (kept so existing command lines run)
@@ -93,7 +94,13 @@ class Row:
     gbps: Optional[float] = None
     copy_fraction: Optional[float] = None
     copy_gbps: Optional[float] = None  # the copy bandwidth copy_fraction is relative to
-    speedup_vs_stock: Optional[float] = None
+    speedup_vs_stock: Optional[float] = None  # median stock device time / this one's
+    vs_stock_low: Optional[float] = None  # its spread from the interquartile ranges (benchmark.stats)
+    vs_stock_high: Optional[float] = None
+    vs_stock_p: Optional[float] = None  # Mann-Whitney p-value against stock
+    vs_stock_significant: Optional[bool] = None
+    vs_stock_note: str = ""  # why not significant
+    cache_resident: bool = False  # faster than a copy of its bytes: caches, not bandwidth, set the time
     rel_err: Optional[float] = None
     status: str = "ok"
     note: str = ""
@@ -132,13 +139,6 @@ def check(fn, ref_out, tol_dtype) -> float:
     if len(got) != len(refs):
         return math.inf
     return max(rel_err(o, r) for o, r in zip(got, refs))
-
-
-def _quartiles(ts: List[float]):
-    if len(ts) < 2:
-        return ts[0], ts[0], ts[0]
-    q = statistics.quantiles(ts, n=4, method="inclusive")
-    return q[0], statistics.median(ts), q[2]
 
 
 def latency_times(fns: Dict[str, Callable], utils, warmup: int, repeats: int) -> Dict[str, List[float]]:
@@ -222,7 +222,12 @@ def copy_bandwidth(device, utils, nbytes: int, warmup: int = 2, repeats: int = 5
 
 
 def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, compile_note: str,
-             device_type: str = "cpu") -> List[Row]:
+             device_type: str = "cpu", max_repeats: Optional[int] = None,
+             confidence: float = CONFIDENCE) -> List[Row]:
+    """Check, then time every implementation. Device time is measured `repeats` times; with
+    `max_repeats`, `repeats` more at a time (up to it) until every implementation differs from stock
+    at `confidence` (benchmark.stats; the looks are counted in). Each row's "vs stock" carries its
+    spread and that verdict."""
     ref_out = case.reference()
     tol = tolerance(case.tol_dtype)
     impls = dict(case.impls)
@@ -246,7 +251,15 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
     for name, why in case.skipped.items():
         rows.append(Row(case.op, case.shape, case.dtype, name, status="skip", note=why))
     lat = latency_times(timed, utils, warmup, repeats) if timed else {}
-    dev = device_times(timed, utils, device_type, repeats) if timed else {}
+    max_repeats = max(repeats, max_repeats or repeats)
+    looks = looks_for(repeats, max_repeats)
+    dev: Dict[str, List[float]] = {}
+    while timed:
+        for name, ts in device_times(timed, utils, device_type, repeats).items():
+            dev.setdefault(name, []).extend(ts)
+        if "stock" not in dev or len(dev["stock"]) >= max_repeats or all(
+                compare(dev["stock"], ts, confidence, looks).significant for k, ts in dev.items() if k != "stock"):
+            break
     stock_dev = statistics.median(dev["stock"]) if "stock" in dev else None
     if device_type == "cpu" and dev:
         # no cache flush on CPU: compare with a copy that moves the same bytes (read + write)
@@ -254,18 +267,48 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
     for row in rows:
         if row.impl not in dev:
             continue
-        row.device_q1_us, t, row.device_q3_us = (x * 1e6 for x in _quartiles(dev[row.impl]))
+        row.device_q1_us, t, row.device_q3_us = (x * 1e6 for x in quartiles(dev[row.impl]))
         row.device_us = t
-        row.latency_q1_us, row.latency_us, row.latency_q3_us = (x * 1e6 for x in _quartiles(lat[row.impl]))
+        row.latency_q1_us, row.latency_us, row.latency_q3_us = (x * 1e6 for x in quartiles(lat[row.impl]))
         row.gbps = case.nbytes / (t / 1e6) / 1e9
         row.copy_fraction = case.nbytes / (t / 1e6) / copy_bw if copy_bw else None
         row.copy_gbps = copy_bw / 1e9 if copy_bw else None
-        if stock_dev:
-            row.speedup_vs_stock = stock_dev * 1e6 / t
+        row.cache_resident = bool(row.copy_fraction and row.copy_fraction > 1)
+        if stock_dev and row.impl != "stock":
+            v = compare(dev["stock"], dev[row.impl], confidence, looks)
+            row.speedup_vs_stock, row.vs_stock_low, row.vs_stock_high = v.ratio, v.low, v.high
+            row.vs_stock_p, row.vs_stock_significant, row.vs_stock_note = v.p_value, v.significant, v.note
+        elif stock_dev:
+            row.speedup_vs_stock = 1.0
     return rows
 
 
 # -- reporting ------------------------------------------------------------------------------
+
+def vs_stock_text(r) -> tuple:
+    """("1.43x", "1.20-1.70x", "faster" | "slower" | "not significant") for a row (a Row or its dict)."""
+    g = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    x = g("speedup_vs_stock")
+    if x is None:
+        return "", "", ""
+    if g("impl") == "stock":
+        return "1.00x", "", "(baseline)"
+    spread = "" if g("vs_stock_low") is None else f"{g('vs_stock_low'):.2f}-{g('vs_stock_high'):.2f}x"
+    if not g("vs_stock_significant"):
+        verdict = "not significant"
+    else:
+        verdict = ("faster" if x > 1 else "slower") + f" (p={g('vs_stock_p'):.2g})"
+    return f"{x:.2f}x", spread, verdict
+
+
+def copy_text(r) -> str:
+    """% of copy bandwidth, or "cache-resident" above 100 % (then it is not a bandwidth)."""
+    g = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    frac = g("copy_fraction")
+    if frac is None:
+        return ""
+    return f"cache-resident ({100 * frac:.0f}%)" if frac > 1 else f"{100 * frac:.0f}%"
+
 
 def environment(backend, utils, copy_bw) -> dict:
     from ..utils.versions import versions
@@ -294,13 +337,12 @@ def format_rows(rows: List[Row]) -> str:
 
     table = [
         (r.op, r.shape, r.dtype, r.impl, f(r.device_us, ".1f"), iqr(r.device_q1_us, r.device_q3_us), f(r.gbps, ".1f"),
-         "" if r.copy_fraction is None else f"{100 * r.copy_fraction:.0f}%",
-         "" if r.speedup_vs_stock is None else f"{r.speedup_vs_stock:.2f}x",
+         copy_text(r), *vs_stock_text(r),
          f(r.latency_us, ".1f"), iqr(r.latency_q1_us, r.latency_q3_us), r.status if r.status != "ok" else "", r.note)
         for r in rows
     ]
     return format_table(("op", "shape", "dtype", "impl", "device us", "IQR", "GB/s", "% copy", "vs stock",
-                         "latency us", "IQR", "status", "note"), table)
+                         "range (IQR)", "verdict", "latency us", "IQR", "status", "note"), table)
 
 
 # -- command line: flux_npu.cli.bench_ops (these names keep `python -m flux_npu.benchmark.ops` working)

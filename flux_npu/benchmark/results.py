@@ -106,9 +106,11 @@ def table(results: List[BenchResult]) -> str:
 
 
 def ratios(results: List[BenchResult]) -> List[dict]:
-    """stock / patched time and memory for each configuration measured both ways; `significant`
-    is False when the two interquartile ranges overlap (or a side ran once): the ratio is then
-    within the noise."""
+    """stock / patched time and memory for each configuration measured both ways, with the spread
+    and the verdict of benchmark.stats.compare on the per-repeat times (a ratio whose samples do not
+    differ at its confidence is flagged "not significant", as is one from a single run)."""
+    from .stats import compare
+
     out = []
     by = {}
     for r in results:
@@ -117,19 +119,19 @@ def ratios(results: List[BenchResult]) -> List[dict]:
         s, p = pair.get("stock"), pair.get("patched")
         if not (s and p and s.status == p.status == "ok" and p.s_per_img):
             continue
-        if s.repeats < 2 or p.repeats < 2:
-            significant, why = False, "single run: no spread"
-        elif s.s_per_img_q3 < p.s_per_img_q1 or p.s_per_img_q3 < s.s_per_img_q1:
-            significant, why = True, ""
-        else:
-            significant, why = False, "IQRs overlap: within noise"
+        v = compare(_samples(s), _samples(p))
         out.append({"model": key[0], "mode": key[1], "res": key[2], "backend": key[3], "compiled": key[4],
                     "speedup": s.s_per_img / p.s_per_img,
-                    "speedup_range": [s.s_per_img_q1 / p.s_per_img_q3, s.s_per_img_q3 / p.s_per_img_q1]
-                    if s.s_per_img_q1 is not None and p.s_per_img_q1 is not None else None,
-                    "significant": significant, "note": why,
+                    "speedup_range": None if v.low is None else [v.low, v.high],
+                    "p_value": v.p_value, "confidence": v.confidence,
+                    "significant": v.significant, "note": v.note,
                     "memory_ratio": (p.peak_mem_gb / s.peak_mem_gb) if s.peak_mem_gb else None})
     return out
+
+
+def _samples(r: BenchResult) -> List[float]:
+    """The per-repeat seconds per image (older rows without them: the median alone, never significant)."""
+    return list(r.s_per_img_all or [r.s_per_img])
 
 
 def ratio_table(rs: List[dict]) -> str:
@@ -137,9 +139,10 @@ def ratio_table(rs: List[dict]) -> str:
              f"{r['speedup']:.3f}x",
              "" if not r["speedup_range"] else f"{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x",
              "" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}",
-             "" if r["significant"] else f"not significant ({r['note']})"] for r in rs]
+             (f"significant (p={r['p_value']:.2g})" if r["significant"]
+              else f"not significant ({r['note']})")] for r in rs]
     return format_table(["model", "mode", "res", "backend", "stock/patched time", "range (IQR)",
-                         "patched/stock memory", "flag"], rows)
+                         "patched/stock memory", "verdict (Mann-Whitney, 95%)"], rows)
 
 
 def to_json(results: List[BenchResult], args: Optional[dict] = None, done: bool = True) -> dict:

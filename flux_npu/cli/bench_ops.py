@@ -22,6 +22,7 @@ from ..benchmark.ops import (
     format_rows,
     run_case,
 )
+from ..benchmark.stats import CONFIDENCE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +82,8 @@ def run(args) -> int:
     dtypes = _split(args.dtypes, DTYPES, "dtypes")
     op_names = _split(args.ops, OPS, "ops")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (2 if on_cpu else 10))
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else (7 if on_cpu else 50))
+    # --quick: 5, the fewest repeats at which a vs-stock ratio can be significant (benchmark.stats)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else (7 if on_cpu else 50))
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be at least 1 and --warmup at least 0")
     use_compile = args.compile if args.compile is not None else not on_cpu
@@ -112,6 +114,9 @@ def run(args) -> int:
           f"torch {env['versions'].get('torch')}, {env['torch_threads']} threads; "
           f"copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s{CPU_COPY_NOTE if on_cpu else ''}; "
           f"median and IQR of {repeats} after {warmup} warm-up", file=out)
+    print(f"vs stock: median stock / median impl, range from the IQRs, verdict by a Mann-Whitney U test at "
+          f"{CONFIDENCE:.0%} confidence (benchmark.stats); % copy above 100 is cache-resident, not bandwidth",
+          file=out)
     print(f"device time: {env['device_time']} (GB/s, % copy and vs stock come from it); "
           f"latency: {env['latency']}", file=out)
     if not use_compile:
