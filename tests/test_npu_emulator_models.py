@@ -102,7 +102,8 @@ def _diffusers_kwargs(inputs, dtype):
     return kw, leaves
 
 
-@pytest.mark.parametrize("preset,resolution,text_len", [("tiny", 128, 8), ("block", 128, 8)])
+@pytest.mark.parametrize("preset,resolution,text_len",
+                         [("tiny", 128, 8), pytest.param("block", 128, 8, marks=pytest.mark.slow)])
 def test_emulator_diffusers_flux_float32_parity(npu_emulated, preset, resolution, text_len):
     cfg, model, inputs = _diffusers_case(preset, resolution, text_len)
     if preset == "block":

@@ -43,7 +43,10 @@ def _assert_fp32_errors(errs):
 WIDTH_RES = {"tiny": 128, "block": 64}
 
 
-@pytest.mark.parametrize("preset", ["tiny", "block"])
+WIDTH = ["tiny", pytest.param("block", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("preset", WIDTH)
 def test_diffusers_flux_float32(preset):
     model, inputs = diffusers_model_and_inputs(preset, res=WIDTH_RES[preset], text_len=8)
     stock = diffusers_run(model, inputs)
@@ -53,7 +56,7 @@ def test_diffusers_flux_float32(preset):
     _assert_fp32_errors(errs)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "block"])
+@pytest.mark.parametrize("preset", WIDTH)
 def test_diffusers_flux_bfloat16(preset):
     model, inputs = diffusers_model_and_inputs(preset, res=WIDTH_RES[preset], text_len=8)
     ref32 = diffusers_run(model, inputs)
