@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -369,26 +368,26 @@ def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps:
                       timeout_s: Optional[float] = None) -> List[BenchResult]:
     """One configuration and variant in a fresh interpreter; a process that dies without a row
     becomes a 'crashed' row carrying its exit status and the end of its output, one that outlives
-    `timeout_s` a 'timeout' row (a hung device must not hang the whole run)."""
+    `timeout_s` a 'timeout' row (a hung device must not hang the whole run). The process runs in a
+    group of its own: stop signals are forwarded to it and a timeout kills all of it (isolate.py)."""
+    from .isolate import run_child
+
     child = dict(spec, preset=job.preset, mode=job.mode, kind=job.kind, res=job.res, variants=[variant])
     cmd = [sys.executable, "-m", "flux_npu.benchmark.model", "--child", json.dumps(child)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stderr or exc.stdout or ""
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
-        tail = "\n".join(out.strip().splitlines()[-40:])
+    returncode, stdout, stderr = run_child(cmd, timeout_s)
+    if returncode is None:
+        tail = "\n".join((stderr or stdout).strip().splitlines()[-40:])
         return _failed_rows(job, b, dt, steps, spec["compile"], "timeout",
-                            f"process killed after {timeout_s:g} s (--timeout-s)",
+                            f"process group killed after {timeout_s:g} s (--timeout-s)",
                             f"$ {' '.join(cmd[:4])} '<spec>'\n{tail}\n", variants=[variant])
-    rows = [BenchResult(**json.loads(line[len(_ROW_TAG):])) for line in proc.stdout.splitlines()
+    rows = [BenchResult(**json.loads(line[len(_ROW_TAG):])) for line in stdout.splitlines()
             if line.startswith(_ROW_TAG)]
     if rows:
         return rows
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-40:])
+    tail = "\n".join((stderr or stdout).strip().splitlines()[-40:])
     last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
     return _failed_rows(job, b, dt, steps, spec["compile"], "crashed",
-                        f"process {_signal_name(proc.returncode)}: {last[:200]}",
+                        f"process {_signal_name(returncode)}: {last[:200]}",
                         f"$ {' '.join(cmd[:4])} '<spec>'\n{tail}\n", variants=[variant])
 
 
@@ -438,8 +437,9 @@ def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), re
                     train_steps=train_steps,
                     warmup=warmup, full_pipeline=full_pipeline, text_len=text_len, seed=seed, limit_gb=limit_gb,
                     repeats=repeats, compile=compile_model)
-        if timeout_s is not None and timeout_s <= 0:
-            raise ValueError("--timeout-s must be positive")
+        from .isolate import check_timeout
+
+        check_timeout(timeout_s)
         for i, job in enumerate(jobs):
             n = steps if job.mode == "infer" else train_steps
             # variants alternate in order from one configuration to the next; within a process

@@ -89,6 +89,9 @@ def run(args) -> int:
         raise ValueError(f"--res takes integers (pixels), got {args.res}") from None
     if args.timeout_s is not None and not args.isolate:
         raise ValueError("--timeout-s needs --isolate (a configuration in this process cannot be killed alone)")
+    from ..benchmark.isolate import check_timeout
+
+    check_timeout(args.timeout_s)  # inf / nan / <= 0 refused before anything runs
     if args.plot:
         require_matplotlib()
     get_backend(args.backend)  # an unknown or unavailable backend fails before anything runs
