@@ -2,13 +2,11 @@
 benchmark.stats.compare; a timer that is pure noise gives "not significant", never a speed-up or
 a slow-down, however many times it is run; repeats grow until significant within a budget."""
 
-import math
 import random
 
 import pytest
 import torch
 
-from flux_npu.backends import get_backend
 from flux_npu.benchmark import ops as B
 from flux_npu.benchmark.results import BenchResult, ratio_table, ratios
 from flux_npu.benchmark.stats import compare, looks_for, until_significant

@@ -16,13 +16,12 @@ import signal
 import subprocess
 import threading
 import time
-from typing import List, Optional, Tuple
 
 GRACE_S = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-def check_timeout(timeout_s: Optional[float]) -> None:
+def check_timeout(timeout_s: float | None) -> None:
     """A timeout is a finite number of seconds > 0 (inf and nan are refused, not run)."""
     if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
                                       and timeout_s > 0):
@@ -62,8 +61,8 @@ def _stop(child: subprocess.Popen, signum, grace: float) -> None:
     _signal_group(child.pid, signal.SIGKILL, [p for p in procs if p.is_running()])
 
 
-def run_child(cmd: List[str], timeout_s: Optional[float] = None, grace: float = GRACE_S
-              ) -> Tuple[Optional[int], str, str]:
+def run_child(cmd: list[str], timeout_s: float | None = None, grace: float = GRACE_S
+              ) -> tuple[int | None, str, str]:
     """Run `cmd` to completion and return (returncode, stdout, stderr); returncode None: it was killed
     after `timeout_s` seconds (with every process under it)."""
     from ..distributed.launcher import _die_with_parent
@@ -83,7 +82,7 @@ def run_child(cmd: List[str], timeout_s: Optional[float] = None, grace: float = 
     try:
         try:
             out, err = child.communicate(timeout=timeout_s)
-            code: Optional[int] = child.returncode
+            code: int | None = child.returncode
         except subprocess.TimeoutExpired:
             _stop(child, signal.SIGKILL, 0.0)
             out, err = child.communicate()

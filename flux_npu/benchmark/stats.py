@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Sequence
 
 CONFIDENCE = 0.95
 
@@ -23,11 +23,11 @@ CONFIDENCE = 0.95
 @dataclass(frozen=True)
 class Verdict:
     ratio: float  # median(baseline) / median(candidate)
-    low: Optional[float]  # spread of the ratio from the interquartile ranges (None: a side ran once)
-    high: Optional[float]
+    low: float | None  # spread of the ratio from the interquartile ranges (None: a side ran once)
+    high: float | None
     n_baseline: int
     n_candidate: int
-    p_value: Optional[float]
+    p_value: float | None
     confidence: float
     significant: bool
     note: str  # why it is not significant ("" when it is)
@@ -87,14 +87,14 @@ def compare(baseline: Sequence[float], candidate: Sequence[float], confidence: f
                    f"p={p:.2g} at n={len(baseline)}/{len(candidate)}, needs < {alpha:.2g}")
 
 
-def until_significant(measure: Callable[[], Dict[str, float]], baseline: str, min_n: int, max_n: int,
-                      confidence: float = CONFIDENCE, step: Optional[int] = None) -> Dict[str, list]:
+def until_significant(measure: Callable[[], dict[str, float]], baseline: str, min_n: int, max_n: int,
+                      confidence: float = CONFIDENCE, step: int | None = None) -> dict[str, list]:
     """Repeat `measure()` (one timing per implementation, round robin: {name: seconds}) at least
     `min_n` and at most `max_n` times, stopping early once every implementation differs from
     `baseline` at `confidence`, with the looks counted in (so stopping early is honest). Returns
     {name: [seconds, ...]}; judge it with `compare(..., looks=looks_for(min_n, max_n, step))`."""
     step = step or min_n
-    times: Dict[str, list] = {}
+    times: dict[str, list] = {}
     looks = looks_for(min_n, max_n, step)
     while True:
         for _ in range(min_n if not times else step):
@@ -106,7 +106,7 @@ def until_significant(measure: Callable[[], Dict[str, float]], baseline: str, mi
             return times
 
 
-def looks_for(min_n: int, max_n: int, step: Optional[int] = None) -> int:
+def looks_for(min_n: int, max_n: int, step: int | None = None) -> int:
     """How many times `until_significant` may test: at min_n, then every `step` up to max_n."""
     step = step or min_n
     if max_n <= min_n:
