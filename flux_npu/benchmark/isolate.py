@@ -10,6 +10,7 @@ The child starts in a process group (a session) of its own, with a parent-death 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -40,15 +41,11 @@ def _descendants(pid: int) -> list:
 def _signal_group(pid: int, signum, procs=()) -> None:
     import psutil
 
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
     for p in procs:  # anything under the child that left its group (setsid) still gets it
-        try:
+        with contextlib.suppress(psutil.Error):
             p.send_signal(signum)
-        except psutil.Error:
-            pass
 
 
 def _stop(child: subprocess.Popen, signum, grace: float) -> None:
