@@ -9,8 +9,10 @@ torch_npu.contrib.transfer_to_npu (npu only; global side effects). Nothing is im
 of the script: diffusers, transformers and BFL-layout code (ComfyUI, kohya, forks found by
 structure) are patched by the import hook when the script imports them, so this line costs little
 more than importing torch. The handle is `flux_npu.auto.HANDLE` (report(), undo());
-FLUX_NPU_REPORT=1 prints its report to stderr when the script exits (then it shows what the import
-hook patched and the run-time hand-backs, not only what was pending).
+FLUX_NPU_REPORT=1 prints a summary of the run to stderr when the script exits (report.run_summary:
+the patched code it called, served / handed back, skips, the layouts it never imported in one line,
+and the kernels that served each op as `flux-npu demo` shows them; no "pending" rows for modules
+the hook patched meanwhile). `HANDLE.report_table()` has every row.
 """
 
 import atexit
@@ -28,7 +30,9 @@ HANDLE = patch(transfer_to_npu=_TRANSFER, lazy=True, **_SWITCHES)
 
 
 def _print_report():
-    print(HANDLE.report_table(), file=sys.stderr)
+    from .report import run_summary
+
+    print(run_summary(HANDLE), file=sys.stderr)
 
 
 if _REPORT:

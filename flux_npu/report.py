@@ -172,3 +172,55 @@ def render(data: Dict) -> str:
             out.append(format_table(("call", "served by", "calls"),
                                     [(r["call"], r["served_by"], str(r["calls"])) for r in rt["routes"]]))
     return "\n".join(out)
+
+
+# -- what a run did (demo, FLUX_NPU_REPORT=1) ----------------------------------------------------
+
+
+def dispatch_tables(stats: Optional[Dict] = None) -> str:
+    """The tables `flux-npu demo` prints after its patched run: the kernels that served each op
+    (calls) and the hand-backs to the reference with their reasons (from `ops.dispatch_stats()`)."""
+    from .ops import dispatch_stats
+
+    stats = dispatch_stats() if stats is None else stats
+    text = "kernels that served the patched run\n" + format_table(
+        ("op", "backend", "kernel", "calls"), [(*k, n) for k, n in sorted(stats["served"].items())])
+    if stats["fallback"]:
+        text += "\n\nfallbacks to the reference\n" + format_table(
+            ("op", "backend", "reason", "calls"), [(*k, n) for k, n in sorted(stats["fallback"].items())])
+    return text
+
+
+def run_summary(handle) -> str:
+    """What `FLUX_NPU_REPORT=1` prints at exit: the patched symbols the run called (served / handed
+    back), skips and refusals for the code the script imported, one line for the layouts it never
+    imported, then `dispatch_tables()`. Rows that only said "pending" for a module the script later
+    imported (the import hook patched it: its own rows follow) and the import bookkeeping rows are
+    left out: they described the start, not the run. `handle.report_table()` keeps every row."""
+    rows = handle.row_counts()
+    resolved = {r["target"] for r in rows if r["status"] not in ("pending", "settled")}
+    never = [r["target"] for r in rows if r["status"] == "pending" and r["target"] not in resolved]
+    called, idle, other = [], 0, []
+    for r in rows:
+        if r["status"] in ("pending", "settled"):
+            continue
+        if r["status"] == "patched":
+            if r["calls"]:
+                calls = f"{r['served']}/{r['calls']} served"
+                if r["handed_back"]:
+                    calls += f", {r['handed_back']} handed back (top: {r['top_reason']})"
+                called.append((r["target"], r["symbol"], calls))
+            else:
+                idle += 1
+            continue
+        other.append((r["target"], r["symbol"], r["status"], r["reason"]))
+    level = "instance" if handle.model is not None else "module/class"
+    text = f"flux_npu run summary (backend {handle.backend.name}, {level} level)\n"
+    text += "patched code the run called\n" + format_table(("target", "symbol", "calls"), called)
+    if idle:
+        text += f"\n({idle} more patched symbol(s) were not called by this run)"
+    if other:
+        text += "\n\nskipped or refused\n" + format_table(("target", "symbol", "status", "reason"), other)
+    if never:
+        text += "\n\nnot imported by the script (nothing patched): " + ", ".join(dict.fromkeys(never))
+    return text + "\n\n" + dispatch_tables()

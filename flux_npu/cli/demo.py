@@ -73,14 +73,9 @@ def check_patched_model(backend, preset="tiny", dtype=torch.float32, res=256, ou
     dtype_name = str(dtype).replace("torch.", "")
     print(f"\ntiny Flux ({preset}, {dtype_name}): patched vs stock, forward and backward", file=out)
     print(format_table(("tensor", "shape", "rel err", "tol", "result"), rows), file=out)
-    served = ops.dispatch_stats()["served"]
-    print("\nkernels that served the patched run", file=out)
-    print(format_table(("op", "backend", "kernel", "calls"), [(*k, n) for k, n in sorted(served.items())]), file=out)
-    fallbacks = ops.dispatch_stats()["fallback"]
-    if fallbacks:
-        print("\nfallbacks to the reference", file=out)
-        fb_rows = [(*k, n) for k, n in sorted(fallbacks.items())]
-        print(format_table(("op", "backend", "reason", "calls"), fb_rows), file=out)
+    from ..report import dispatch_tables
+
+    print("\n" + dispatch_tables(), file=out)  # the same tables FLUX_NPU_REPORT=1 prints at exit
     return ok
 
 
