@@ -121,3 +121,19 @@ def test_reference_means_plain_torch_only():
             for fn in refs:
                 body = ast.get_source_segment(text, fn)
                 assert "ops." not in body and "backend" not in body.split('"""')[-1], (rel, fn.name)
+
+
+def test_kernel_files_are_named_after_their_op_and_all_registered():
+    """kernels/<backend>/<op>.py: every kernel file is named after a catalogue op (npu's
+    infer_attention is a second attention kernel, imported first for its priority), and importing
+    the package registers each file's op on that backend."""
+    from flux_npu.backends import cpu, cuda, npu
+
+    records = {"cpu": cpu.BACKEND, "cuda": cuda.BACKEND, "npu": npu.BACKEND}
+    extra = {("npu", "infer_attention")}
+    for backend in ("cpu", "cuda", "npu"):
+        names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "kernels", backend))
+                 if f.endswith(".py") and not f.startswith("_")}
+        assert names - set(catalogue.OPS) == {n for b, n in extra if b == backend}, backend
+        for op in names & set(catalogue.OPS):
+            assert registry.kernels_for(op, records[backend]), (backend, op)

@@ -4,12 +4,6 @@ attention, and the addcmul gated residual. Importing this package registers them
 "cuda"; where triton does not import, the kernels stay registered and their checks decline with
 the reason."""
 
-from . import (  # noqa: F401
-    adaln_residual,
-    apply_rope,
-    attention,
-    gated_residual,
-    layer_norm_modulate,
-    qk_norm_rope,
-    rms_norm,
-)
+from .. import import_op_files
+
+import_op_files(__name__)

@@ -4,17 +4,10 @@ torch_npu itself is imported only inside the kernels and their checks (through
 `flux_npu.backends.npu.torch_npu_or_reason`), so this package imports on any machine and its
 checks answer "torch_npu not importable: ..." where it is absent."""
 
+from .. import import_op_files
+
 # infer_attention before attention: the first kernel that accepts an input serves it (FIA for no-grad calls)
-from . import infer_attention  # noqa: F401,I001  (registration side effects, in priority order)
-from . import (  # noqa: F401
-    adaln_residual,
-    apply_rope,
-    attention,
-    gated_residual,
-    layer_norm_modulate,
-    qk_norm_rope,
-    rms_norm,
-)
+import_op_files(__name__, first=("infer_attention",))
 
 
 def prepare() -> None:
