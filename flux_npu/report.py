@@ -111,12 +111,15 @@ def patch_runtime() -> Dict[str, list]:
     diffusers attention: ops.attention or the user's dispatch_attention_fn backend). Empty in a
     fresh `flux-npu info`; useful from a script (`flux_npu.report.collect(patches=True)`)."""
     from .ops import dispatch_stats
-    from .patches import routes
+    from .patches import live_handles, routes
 
     fb = dispatch_stats()["fallback"]
+    rows = [dict(c, backend=h.backend.name) for h in live_handles() for c in h.row_counts() if c["calls"]]
     return {
         "handbacks": [{"op": op, "backend": b, "reason": r, "calls": n} for (op, b, r), n in sorted(fb.items())],
         "routes": [{"call": w, "served_by": r, "calls": n} for (w, r), n in sorted(routes().items())],
+        # per row of the live patch handles that ran: calls served / handed back, top hand-back reason
+        "rows": rows,
     }
 
 
@@ -166,6 +169,12 @@ def render(data: Dict) -> str:
             out.append("run-time hand-backs to stock code / reference so far")
             out.append(format_table(("op", "backend", "reason", "calls"),
                                     [(h["op"], h["backend"], h["reason"], str(h["calls"])) for h in rt["handbacks"]]))
+        if rt.get("rows"):
+            out.append("")
+            out.append("patched rows that ran so far (live handles): served / handed back")
+            out.append(format_table(("target", "symbol", "served", "handed back", "top hand-back reason"),
+                                    [(r["target"], r["symbol"], f"{r['served']}/{r['calls']}", str(r["handed_back"]),
+                                      r["top_reason"] or "") for r in rt["rows"]]))
         if rt.get("routes"):
             out.append("")
             out.append("which implementation served patched calls so far")

@@ -335,3 +335,25 @@ def test_comfy_kitchen_priority_is_the_users(layout_path, where):
     else:
         assert ck["status"] == "skipped"
         assert rows[("comfy.ldm.flux.math", "apply_rope")].status == "patched"
+
+
+def test_report_collect_shows_live_rows_after_a_run(layout_path):
+    """flux_npu.report.collect(patches=True) from a script: the live handle's rows with their counts."""
+    from flux_npu import report
+
+    model = _current(layout_path, training=False)
+    inputs = bfl_inputs(model, batch=1, side=4, text_len=3)
+    with torch.no_grad(), flux_npu.patch("cpu", targets=["bfl"]):
+        model.forward_orig(**inputs)
+        data = report.collect(patches=True)
+        text = report.render(data)
+    rows = {(r["target"], r["symbol"]): r for r in data["patch_runtime"]["rows"]}
+    att = rows[("comfy.ldm.flux.math", "attention")]
+    assert (att["calls"], att["served"], att["handed_back"]) == (4, 4, 0)
+    assert "served / handed back" in text
+    import comfy_kitchen
+
+    assert comfy_kitchen.registry.is_available("flux_npu_cpu") is False  # the live handle was undone...
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        report.collect(patches=True)  # ...and info's dry run inside a live handle leaves its backend on
+        assert comfy_kitchen.registry.is_available("flux_npu_cpu")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import types
+import weakref
 
 import torch
 
@@ -31,6 +32,7 @@ from .spec import PATCHED, SKIPPED, PatchSet, exact
 NAME_PREFIX = "flux_npu_"
 FUNCTIONS = ("apply_rope", "apply_rope1", "adaln")
 _ROUTE = {"priority": "first"}  # set by patch(comfy_kitchen=...)
+_OWNERS: dict[str, weakref.ref] = {}  # backend name -> the live handle that registered it
 
 
 def set_route(priority) -> None:
@@ -135,6 +137,11 @@ def register(handle, module) -> None:
         handle.add_row(module.__name__, "registry", SKIPPED, "no comfy-kitchen registry with register/set_priority")
         return
     name = NAME_PREFIX + handle.backend.name
+    owner = _OWNERS.get(name)
+    if owner is not None and owner() is not None and owner().active:
+        handle.add_row(module.__name__, "registry", SKIPPED,
+                       f"{name} already registered by another live flux_npu handle")
+        return
     try:
         caps = _constraints(handle.backend)
     except Exception as exc:  # an older comfy-kitchen without FunctionConstraints / ValidationResult
@@ -149,7 +156,10 @@ def register(handle, module) -> None:
     after = rest[:at] + [name] + rest[at:]
     registry.set_priority(after)
 
+    _OWNERS[name] = weakref.ref(handle)
+
     def undo():
+        _OWNERS.pop(name, None)
         registry.disable(name)
         if list(getattr(registry, "_priority", after)) == after:  # nobody reordered it since
             registry.set_priority(before)
