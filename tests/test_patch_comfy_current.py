@@ -62,7 +62,8 @@ def test_inference_every_op_served_through_containers_and_preferred_attention(la
             # the by-name imports into layers are rows of their own target module
             assert rows["attention"].status == rows["rope"].status == "patched"
             assert "comfy.ldm.flux.math.attention" in rows["attention"].reason
-            assert rows["RMSNorm.forward"].status == "not-found"  # layers.RMSNorm is None now
+            assert rows["RMSNorm.forward"].status == "skipped"  # layers.RMSNorm is None now
+            assert "RMSNorm is None" in rows["RMSNorm.forward"].reason
             ops.reset_dispatch_stats()
             patched = model.forward_orig(**kwargs)
             stats = ops.dispatch_stats()
@@ -357,3 +358,27 @@ def test_report_collect_shows_live_rows_after_a_run(layout_path):
     with flux_npu.patch("cpu", targets=["bfl"]):
         report.collect(patches=True)  # ...and info's dry run inside a live handle leaves its backend on
         assert comfy_kitchen.registry.is_available("flux_npu_cpu")
+
+
+def test_training_bfloat16_no_worse_than_stock(layout_path):
+    """bf16 training step, patched and stock, each against the float32 stock run of the same weights."""
+    from flux_helpers import assert_bf16_no_worse
+
+    model = _current(layout_path, training=True)
+    inputs = bfl_inputs(model, batch=2, side=5, text_len=6)
+    kwargs = _comfy_kwargs(model, inputs, "bool")
+    leaves = {"img": inputs["img"], "txt": inputs["txt"]}
+    ref32 = _run(model, model.forward_orig, kwargs, leaves)
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    k16 = {k: (v.detach().to(torch.bfloat16).requires_grad_(v.requires_grad)
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in ("img_ids", "txt_ids") else v)
+           for k, v in kwargs.items()}
+    l16 = {"img": k16["img"], "txt": k16["txt"]}
+    stock = _run(m16, m16.forward_orig, k16, l16)
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        ops.reset_dispatch_stats()
+        patched = _run(m16, m16.forward_orig, k16, l16)
+        stats = ops.dispatch_stats()
+    assert not stats["fallback"], stats["fallback"]
+    assert _served(stats) == SERVED_PER_FORWARD
+    assert_bf16_no_worse(patched, stock, ref32, keys=["out", "d_img", "d_txt"])

@@ -260,7 +260,11 @@ class PatchHandle:
         try:
             owner, attr, original = _resolve(module, spec.symbol)
         except AttributeError:
-            if not spec.optional:
+            head = spec.symbol.split(".")[0]
+            if "." in spec.symbol and head in vars(module) and vars(module)[head] is None:
+                # e.g. current ComfyUI's `layers.RMSNorm = None` (its norms come from `operations`)
+                self.add_row(name, spec.symbol, SKIPPED, f"{head} is None in this version: nothing to patch")
+            elif not spec.optional:
                 self.add_row(name, spec.symbol, NOT_FOUND, "symbol missing in this version (code drifted): left as is")
             return
         other = _LIVE.get((id(owner), attr))
