@@ -22,14 +22,14 @@ def register(sub):
         description="Run an unchanged script with flux_npu.patch() applied in every process. Options go before "
                     "the script; everything after it is passed to the script.")
     p.add_argument("--backend", help="backend name (default: FLUX_NPU_BACKEND, then auto-detect)")
-    p.add_argument("--nproc-per-node", "--nproc_per_node", "--nproc", dest="nproc", type=int, default=1,
+    p.add_argument("--nproc-per-node", "--nproc_per_node", "--nproc", dest="nproc", type=int, default=None,
                    help="processes on this node, as torchrun's (default 1; at most the usable CPU cores or visible "
                         "devices)")
     p.add_argument("--oversubscribe", action="store_true",
                    help="allow --nproc above the number of usable CPU cores / visible devices")
-    p.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--node-rank", "--node_rank", type=int, default=0, help="this node's rank (default 0)")
-    p.add_argument("--master-addr", "--master_addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
+    p.add_argument("--nnodes", type=int, default=None, help="number of nodes (default 1)")
+    p.add_argument("--node-rank", "--node_rank", type=int, default=None, help="this node's rank (default 0)")
+    p.add_argument("--master-addr", "--master_addr", default=None, help="rendezvous address (default 127.0.0.1)")
     p.add_argument("--master-port", "--master_port", type=int,
                    help="rendezvous port, 1..65535 (default: a free one, single node only)")
     rdzv = p.add_argument_group("torchrun rendezvous (handed to torchrun as given)")
@@ -39,6 +39,10 @@ def register(sub):
     rdzv.add_argument("--standalone", action="store_true", help="single-node rendezvous on a free port (torchrun's)")
     p.add_argument("-m", "--module", action="store_true",
                    help="the script is a module name, run as `python -m` (torchrun's -m)")
+    p.add_argument("--config_file", "--config-file", metavar="YAML",
+                   help="an accelerate config file (as for `accelerate launch --config_file`): its processes, "
+                        "machines, main process address/port, mixed_precision and DeepSpeed config (rewritten for "
+                        "the backend); options given here win")
     p.add_argument("--ds-config", metavar="JSON|YAML",
                    help="DeepSpeed config (or x-flux-style YAML) to rewrite for the backend and hand to accelerate")
     p.add_argument("--soc", help="Ascend SoC for the precision rules (e.g. 910A, 910B3; default: ask torch_npu)")
@@ -69,12 +73,23 @@ def run(args) -> int:
             rendezvous += [flag, value]
     if args.standalone:
         rendezvous.append("--standalone")
+    env_extra = {}
+    if args.config_file:
+        from ..distributed import accelerate_config
+
+        cfg = accelerate_config.read(args.config_file)
+        for note in accelerate_config.merge(args, cfg):
+            print(f"flux-npu run: {note}", file=sys.stderr)
+        env_extra = cfg.env
+    for name, default in (("nproc", 1), ("nnodes", 1), ("node_rank", 0), ("master_addr", "127.0.0.1")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     launch = build_launch(
         args.script, args.script_args, backend=args.backend, nproc=args.nproc, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
         ds_config=args.ds_config, transfer_to_npu=False if args.no_transfer_to_npu else None,
         report_dir=args.report_dir, soc=args.soc, oversubscribe=args.oversubscribe, module=args.module,
-        rendezvous=rendezvous)
+        rendezvous=rendezvous, env_extra=env_extra)
     if launch.ds_result is not None:
         from .ds_config import render_result
 

@@ -197,11 +197,12 @@ def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, n
                  master_addr: str = "127.0.0.1", master_port: Optional[int] = None, ds_config=None,
                  transfer_to_npu: Optional[bool] = None, report_dir: Optional[str] = None, soc: Optional[str] = None,
                  base_env=None, oversubscribe: bool = False, module: bool = False,
-                 rendezvous: Sequence[str] = ()) -> Launch:
+                 rendezvous: Sequence[str] = (), env_extra: Optional[Dict[str, str]] = None) -> Launch:
     """`module`: `script` is a module name run like `python -m` (torchrun's `-m`). `rendezvous`:
     torchrun's own rendezvous options (`--rdzv-backend c10d`, `--rdzv-endpoint host:port`,
     `--rdzv-id`, `--rdzv-conf`, `--standalone`, `--max-restarts N`), handed to torchrun as given; with
-    an endpoint (or --standalone) no --master-port is needed."""
+    an endpoint (or --standalone) no --master-port is needed. `env_extra`: variables to set for the
+    script (an accelerate config file's ACCELERATE_MIXED_PRECISION, ACCELERATE_USE_CPU)."""
     from ..backends import get_backend
 
     if module:
@@ -225,7 +226,7 @@ def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, n
     if report_dir:
         report_dir = _writable_dir(report_dir, "--report-dir")
     env = dict(os.environ if base_env is None else base_env)
-    added: Dict[str, str] = {"FLUX_NPU_BACKEND": b.name}
+    added: Dict[str, str] = {"FLUX_NPU_BACKEND": b.name, **(env_extra or {})}
     if transfer_to_npu is None:
         transfer_to_npu = b.name == "npu"
     if transfer_to_npu and b.name != "npu":
