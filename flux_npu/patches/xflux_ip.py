@@ -48,15 +48,14 @@ from .. import ops
 from .registry import register_patch_set
 from .rewrite import (
     NothingToFuse,
-    _broadcasts_to,
     _call,
     _Expressions,
     _modulated,
-    _plain_ln,
     _single_target,
     compile_rewritten,
     parse_function,
 )
+from .rewrite import make_helpers as block_helpers
 from .routes import calls_plainly, handback, note_route
 from .spec import PatchSet, Spec, signature_drift
 
@@ -163,7 +162,6 @@ def _sdpa_fits(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> s
 def make_helpers(backend, where: str, enabled):
     """The run-time helpers of a rewritten processor; an AdaLN op the user excluded keeps the plain
     expression (the rewrite touches both AdaLN kinds when either is on)."""
-    use_ln, use_gated = "layer_norm_modulate" in enabled, "gated_residual" in enabled
 
     def sdpa(fn, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **extra):
@@ -191,27 +189,9 @@ def make_helpers(backend, where: str, enabled):
                                       "torch.nn.RMSNorm over the head dim")
         return norm(x)
 
-    def lnmod(norm, x, shift, scale):
-        if not use_ln:
-            return (1 + scale) * norm(x) + shift
-        if (
-            isinstance(x, torch.Tensor) and _plain_ln(norm, x) and _broadcasts_to(shift, x) and _broadcasts_to(scale, x)
-            and shift.dtype == scale.dtype == x.dtype
-        ):
-            return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
-        handback("layer_norm_modulate", backend, f"{where}: not a plain LayerNorm + same-dtype modulation")
-        return (1 + scale) * norm(x) + shift
-
-    def gated(x, gate, y):
-        if not use_gated:
-            return x + gate * y
-        if (
-            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(gate, torch.Tensor)
-            and y.shape == x.shape and x.dtype == y.dtype == gate.dtype and _broadcasts_to(gate, x)
-        ):
-            return ops.gated_residual(x, gate, y, backend=backend)
-        handback("gated_residual", backend, f"{where}: shapes or dtypes of x + gate * y differ")
-        return x + gate * y
+    # the AdaLN helpers are the block rewrite's own (one guard for both): the fused op where it
+    # applies, else the expression as written, counted; an excluded op computes it plainly
+    lnmod, gated = block_helpers(backend, where, enabled, None)[:2]
 
     return sdpa, rms, lnmod, gated
 
