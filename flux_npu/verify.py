@@ -26,12 +26,61 @@ import shlex
 import sys
 import time
 import traceback
-from typing import List, Optional
+from typing import List
 
 from .benchmark.stats import CONFIDENCE
 
 PHASES = ("parity", "ops", "model")
 REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
+# written first into every report directory: a directory without it holds the user's files, not ours
+MARKER = ".flux-npu-verify"
+PARTIAL = "partial-"  # a run into a directory holding an earlier report writes here until it is complete
+
+
+class Interrupted(BaseException):
+    """SIGTERM / SIGHUP during verify (SIGINT is KeyboardInterrupt): the partial report is kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def check_out_dir(out_dir: str, force: bool = False) -> None:
+    """Refuse a directory holding files verify did not write (unless `force`): its report.md,
+    report.json and the others would be replaced."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"-o {out_dir} exists and is not a directory: name a new or report directory")
+    entries = os.listdir(out_dir)
+    if not entries or force:
+        return
+    ours = MARKER in entries
+    foreign = sorted(e for e in entries if not (
+        ours and (e in REPORT_FILES or e in (MARKER, "msprobe") or e.startswith(PARTIAL)
+                  or (e.startswith(".") and e.endswith(".tmp")))))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        what = ("it holds files verify did not write" if ours else "it is not a verify report directory")
+        raise ValueError(f"-o {out_dir}: {what} ({listed}); report.md, report.json and the others would replace "
+                         "files of the same name. Name a new directory, or pass --force to write there anyway")
+
+
+def _summary(report) -> str:
+    """'parity: 12 passed, 1 failed; ops: done' for the phases that ran."""
+    parts = []
+    for name in (*PHASES, "msprobe"):
+        e = report.get(name)
+        if not isinstance(e, dict) or not e:
+            continue
+        if name == "parity":
+            done = [g for g in e.get("goldens", []) if "passed" in g]
+            p = sum(g["passed"] for g in done)
+            f = sum(g["total"] - g["passed"] for g in done)
+            parts.append(f"parity: {p} passed, {f} failed")
+        else:
+            parts.append(f"{name}: {e.get('status', 'unfinished')}")
+    return "; ".join(parts) or "no phase finished"
 
 
 def _now() -> str:
@@ -61,7 +110,7 @@ class _Phase:
     def __exit__(self, exc_type, exc, tb):
         entry = self.report.setdefault(self.name, {})
         entry["seconds"] = round(time.perf_counter() - self.t0, 1)
-        if exc_type is None or exc_type is KeyboardInterrupt:
+        if exc_type is None or not issubclass(exc_type, Exception):  # Ctrl-C, Interrupted: the run stops
             return False
         entry["status"] = "error"
         entry["error"] = f"{exc_type.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -71,12 +120,17 @@ class _Phase:
         return True  # the other phases still run
 
 
-def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, isolate: Optional[bool] = None,
-           skip=(), command: Optional[str] = None, msprobe: bool = False) -> dict:
+def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolate: bool | None = None,
+           skip=(), command: str | None = None, msprobe: bool = False, force: bool = False) -> dict:
     """Run the phases on `backend` (a name or a Backend), write the report directory, return
     report.json's content. Never raises for a failed check: see report['verdict']. `msprobe`:
     also dump one patched Flux step with msprobe, flux_npu's ops under their own names
-    (`flux_npu.probe`), into <out_dir>/msprobe/ for an op-by-op compare with another device."""
+    (`flux_npu.probe`), into <out_dir>/msprobe/ for an op-by-op compare with another device.
+
+    The directory: a new one, an earlier verify report (its files are replaced only once the new
+    report is complete: until then the run writes into <out_dir>/partial-<time>/), or with `force`
+    any directory. Interrupted (Ctrl-C, SIGTERM, SIGHUP), the report so far is written with verdict
+    INTERRUPTED and the phase it stopped in, then KeyboardInterrupt / Interrupted is raised again."""
     import torch
 
     from . import ops, parity
@@ -89,13 +143,25 @@ def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, iso
     bad = [p for p in skip if p not in PHASES]
     if bad:
         raise ValueError(f"--skip: unknown phase(s) {bad}; phases: {', '.join(PHASES)}")
+    if set(PHASES) <= set(skip) and not msprobe:
+        raise ValueError(f"--skip {' '.join(PHASES)}: nothing would be checked; leave at least one phase in")
+    check_out_dir(out_dir, force)
     os.makedirs(out_dir, exist_ok=True)
-    for name in REPORT_FILES:  # a reused directory must not mix this run's files with an older run's
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    log_path = os.path.join(out_dir, "verify.log")
+    earlier = any(os.path.exists(os.path.join(out_dir, n)) for n in REPORT_FILES)
+    if not os.path.exists(os.path.join(out_dir, MARKER)):
+        with open(os.path.join(out_dir, MARKER), "w") as f:
+            f.write("written by flux-npu verify: this directory holds its reports\n")
+    # an earlier report stays whole until this one is complete
+    if earlier:
+        import tempfile
+
+        stage = tempfile.mkdtemp(prefix=f"{PARTIAL}{stamp}-", dir=out_dir)
+        os.chmod(stage, 0o777 & ~_umask())
+    else:
+        stage = out_dir
+    log_path = os.path.join(stage, "verify.log")
     with open(log_path, "w") as f:
-        f.write(f"flux-npu verify {_now()}: tracebacks of crashed phases follow (none below: none crashed)\n")
+        f.write(f"flux-npu verify {_now()}: tracebacks of crashed phases follow, then how the run ended\n")
     if isolate is None:
         isolate = b.device_type in ("cuda", "npu")
     report: dict = {
@@ -123,27 +189,113 @@ def verify(backend=None, out_dir: Optional[str] = None, quick: bool = False, iso
     except Exception as exc:  # the info table is context, not a check
         report["environment"]["info"] = f"unavailable ({type(exc).__name__}: {exc})"
 
-    if "parity" not in skip:
-        with _Phase(report, "parity", log_path):
-            _parity(report, b, quick, parity, ops)
-    if msprobe:
-        with _Phase(report, "msprobe", log_path):
-            _msprobe(report, b, out_dir)
-    if "ops" not in skip:
-        with _Phase(report, "ops", log_path):
-            _ops_bench(report, b, quick)
-    if "model" not in skip:
-        with _Phase(report, "model", log_path):
-            _model_bench(report, b, quick, isolate, out_dir, ops)
-    with _Phase(report, "plots", log_path):
-        _plots(report, out_dir)
+    current = ["setup"]
+    with _signals_raise():
+        try:
+            if "parity" not in skip:
+                current[0] = "parity"
+                with _Phase(report, "parity", log_path):
+                    _parity(report, b, quick, parity, ops)
+            if msprobe:
+                current[0] = "msprobe"
+                with _Phase(report, "msprobe", log_path):
+                    _msprobe(report, b, stage)
+            if "ops" not in skip:
+                current[0] = "ops"
+                with _Phase(report, "ops", log_path):
+                    _ops_bench(report, b, quick)
+            if "model" not in skip:
+                current[0] = "model"
+                with _Phase(report, "model", log_path):
+                    _model_bench(report, b, quick, isolate, stage, ops)
+            current[0] = "plots"
+            with _Phase(report, "plots", log_path):
+                _plots(report, stage)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"signal {exc.signum}"
+            report.get("model", {}).pop("_results", None)
+            report["verdict"] = "INTERRUPTED"
+            report["interrupted"] = {"phase": current[0], "by": how,
+                                     "summary": f"interrupted during {current[0]} ({how}); {_summary(report)}"}
+            report["failures"].append(report["interrupted"]["summary"])
+            report["dir"] = os.path.abspath(stage)
+            report["send_back"] = _send_back(stage, report["command"])
+            _write_report(report, stage, log_path, f"interrupted during {current[0]} ({how})")
+            exc.flux_npu_report = os.path.join(stage, "report.md")
+            raise
+    crashed = sum(1 for n in (*PHASES, "msprobe", "plots")
+                  if isinstance(report.get(n), dict) and report[n].get("status") == "error")
     report["verdict"] = "FAIL" if report["failures"] else "PASS"
     report["send_back"] = _send_back(out_dir, report["command"])
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(render_markdown(report))
+    _write_report(report, stage, log_path, f"complete: {crashed} phase(s) crashed")
+    if stage != out_dir:
+        _promote(stage, out_dir)
     return report
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_report(report, where, log_path, ending):
+    from .utils.output import write_output
+
+    with open(log_path, "a") as f:
+        f.write(f"=== {_now()} {ending}\n")
+    write_output(os.path.join(where, "report.json"), json.dumps(report, indent=2, default=str))
+    write_output(os.path.join(where, "report.md"), render_markdown(report))
+
+
+def _promote(stage, out_dir):
+    """Move a complete report from its staging directory over the earlier one, then drop the earlier
+    report's files this run did not make (a plot it no longer draws)."""
+    import shutil
+
+    made = set(os.listdir(stage))
+    for name in sorted(made):
+        dst = os.path.join(out_dir, name)
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(stage, name), dst)
+    for name in (*REPORT_FILES, "msprobe"):
+        if name not in made:
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.rmdir(stage)
+
+
+class _signals_raise:
+    """While verify runs (main thread only): SIGTERM and SIGHUP raise Interrupted, so the report so
+    far is written before the process ends (SIGINT already raises KeyboardInterrupt)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.saved = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def handler(signum, frame):
+            raise Interrupted(signum)
+
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.saved[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+        return False
 
 
 # -- phases -----------------------------------------------------------------------------------
@@ -382,13 +534,15 @@ def _kernels_md(k) -> str:
 
 def render_markdown(r: dict) -> str:
     env, v = r["environment"], r["environment"]["versions"]
-    out = [f"# flux-npu verify: {r['verdict']}", "",
-           f"- backend `{env['backend']}` on {env['device']} (device type {env['device_type']})",
-           f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
-           "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-           f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads", ""]
+    out = [f"# flux-npu verify: {r['verdict']}", ""]
+    if r.get("interrupted"):
+        out += [f"**{r['interrupted']['summary']}**: a partial report; the phases after it did not run.", ""]
     if env.get("note"):
-        out[2:2] = [f"- **{env['note']}**"]
+        out.append(f"- **{env['note']}**")
+    out += [f"- backend `{env['backend']}` on {env['device']} (device type {env['device_type']})",
+            f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
+            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+            f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads", ""]
     if r["failures"]:
         out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
     p = r.get("parity")
@@ -397,6 +551,9 @@ def render_markdown(r: dict) -> str:
         if p.get("status") == "error":
             out += [f"**phase crashed**: {p['error']} (traceback in verify.log)", ""]
         for g in p.get("goldens", []):
+            if "status" not in g:  # interrupted while this golden was being checked
+                out += [f"### {g['golden']}: unfinished (interrupted)", ""]
+                continue
             if g["status"] == "golden error":
                 out += [f"### {g['golden']}: golden error", "", f"```\n{g['error']}\n```", ""]
                 continue

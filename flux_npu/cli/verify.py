@@ -37,6 +37,8 @@ def register(sub):
     p.add_argument("--msprobe", action="store_true",
                    help="also dump one patched Flux step with msprobe (pip install mindstudio-probe), flux_npu's ops "
                         "named flux_npu.<op> on every device, into <report>/msprobe/ for `msprobe compare`")
+    p.add_argument("--force", action="store_true",
+                   help="write into -o even when it holds files verify did not write (same-named ones are replaced)")
     p.add_argument("--json", action="store_true", help="also print report.json to stdout")
     p.set_defaults(func=run)
 
@@ -58,6 +60,8 @@ def command_line(args) -> List[str]:
         cmd += ["--skip", *args.skip]
     if getattr(args, "msprobe", False):
         cmd.append("--msprobe")
+    if getattr(args, "force", False):
+        cmd.append("--force")
     if args.output:
         cmd += ["-o", args.output]
     return cmd
@@ -65,13 +69,21 @@ def command_line(args) -> List[str]:
 
 def run(args) -> int:
     from ..backends import get_backend
-    from ..verify import verify
+    from ..verify import Interrupted, verify
     from .parity import names
 
     b = get_backend(args.backend)  # an unknown or unavailable backend fails before anything runs
     command = " ".join(shlex.quote(a) for a in command_line(args))
-    report = verify(b, out_dir=args.output, quick=args.quick, isolate=False if args.no_isolate else None,
-                    skip=names(args.skip) or (), command=command, msprobe=args.msprobe)
+    try:
+        report = verify(b, out_dir=args.output, quick=args.quick, isolate=False if args.no_isolate else None,
+                        skip=names(args.skip) or (), command=command, msprobe=args.msprobe,
+                        force=getattr(args, "force", False))
+    except (KeyboardInterrupt, Interrupted) as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
+        where = getattr(exc, "flux_npu_report", None)
+        print(f"flux-npu verify: interrupted; partial report: {where or 'not written (interrupted before it)'}",
+              file=sys.stderr)
+        return code
     text = sys.stderr if args.json else sys.stdout
     print(f"flux-npu verify: {report['verdict']} on backend {report['environment']['backend']} "
           f"({report['environment']['device']})", file=text)
