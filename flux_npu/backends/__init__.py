@@ -89,6 +89,9 @@ def get_backend(name: Union[str, Backend, None] = None) -> Backend:
     """
     if isinstance(name, Backend):
         return name
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"backend must be a backend name (str), a Backend or None, got {type(name).__name__} "
+                        f"{name!r}; registered backends: {', '.join(b.name for b in registered_backends())}")
     how = "explicit"
     if name is None and os.environ.get(ENV_VAR):
         name, how = os.environ[ENV_VAR].strip(), f"env {ENV_VAR}"

@@ -31,6 +31,8 @@ import importlib.util
 import sys
 import types
 
+import torch
+
 from ..backends import get_backend
 from . import bfl, diffusers_flux, diffusers_more, transformers_t5, xflux_ip  # noqa: F401  (registration)
 from . import comfy_kitchen as comfy_kitchen_route
@@ -127,6 +129,9 @@ def patch(backend=None, targets=None, model=None, transfer_to_npu: bool = False,
         is imported ("first", "last", an index; None: not registered, and ComfyUI's comfy-kitchen
         RoPE functions are replaced instead); see patches/comfy_kitchen.py.
     """
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patch(model=...) takes a torch.nn.Module (the model to patch), got {type(model).__name__} "
+                        f"{model!r}; leave it out to patch the modules and classes")
     comfy_kitchen_route.set_route(comfy_kitchen)
     enabled = select_ops(ops, exclude)
     b = get_backend(backend)
@@ -225,6 +230,9 @@ def _instances_of(model, cls) -> list:
 def patch_module(module, backend=None, targets=("bfl",), ops=None, exclude=None) -> PatchHandle:
     """Patch a BFL-layout package imported under another name: `module` (or its `math` and
     `modules.layers` submodules) gets the BFL patch sets regardless of its name."""
+    if not isinstance(module, types.ModuleType):
+        raise TypeError(f"patch_module() takes an imported module (e.g. `import myfork; patch_module(myfork)`), got "
+                        f"{type(module).__name__} {module!r}")
     enabled = select_ops(ops, exclude)
     b = get_backend(backend)
     names = _select_targets(list(targets))

@@ -65,6 +65,9 @@ def validate(q, k, v, mask, scale, layout):
         raise ValueError(
             f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or sequence ({layout})"
         )
+    if k.shape[h] == 0 or q.shape[h] == 0:
+        raise ValueError(f"attention: q {tuple(q.shape)} / k {tuple(k.shape)} have 0 heads ({layout}): nothing to "
+                         "attend with; check the head split")
     if q.shape[h] % k.shape[h]:
         raise ValueError(f"attention: q has {q.shape[h]} heads, not a multiple of k/v's {k.shape[h]} ({layout})")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
@@ -78,6 +81,11 @@ def validate(q, k, v, mask, scale, layout):
             )
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"attention: mask must be bool (True = attend) or an additive float mask, got {mask.dtype}")
+        if mask.dtype not in (torch.bool, torch.float32, q.dtype):
+            # torch's SDPA (the cpu and cuda kernels' base) takes bool, float32 or q's dtype and refuses
+            # others (a float64 mask with float32 q) with a message naming no fix
+            raise TypeError(f"attention: an additive float mask must be float32 or q's dtype {q.dtype}, got "
+                            f"{mask.dtype}; pass mask.to(q.dtype) (or a bool mask, True = attend)")
     same_device("attention", q=q, k=k, v=v, mask=mask)
 
 
