@@ -285,6 +285,10 @@ def _rewrite(src, dst, meta_edit=None, drop=()):
         tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
     if meta_edit:
         meta_edit(meta)
+        if "meta_sha256" in meta:  # sealed again: these tests reach the checks behind the metadata checksum
+            from flux_npu.parity.golden import meta_sha256
+
+            meta["meta_sha256"] = meta_sha256(meta)
     save_file(tensors, str(dst), metadata=meta)
     return dst
 

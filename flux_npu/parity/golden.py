@@ -48,11 +48,12 @@ class Golden:
         return int(self.meta["seed"])
 
     def tensor(self, name: str) -> torch.Tensor:
+        # the tensors were read into memory once and checked there: the file is not read again
+        # (a memory map would serve bytes changed on disk after the check)
         try:
-            return self._handle.get_tensor(name)
-        except Exception as exc:
-            raise GoldenError(f"{self.path}: cannot read tensor {name!r} ({exc}); the file is corrupted, "
-                              f"re-record it") from None
+            return self._handle[name]
+        except KeyError:
+            raise GoldenError(f"{self.path}: no tensor {name!r} in the golden; re-record it") from None
 
     def group(self, case_id: str, kind: str) -> dict[str, torch.Tensor]:
         prefix = f"{case_id}/{kind}/"
@@ -65,10 +66,34 @@ class Golden:
     def describe(self) -> str:
         v = json.loads(self.meta.get("versions", "{}"))
         sdpa = json.loads(self.meta.get("sdpa", "{}")).get("allowed", "default")
+        meta_note = ("metadata checksum verified" if META_SUM in self.meta
+                     else "metadata unchecked: recorded before metadata checksums, re-record to cover it")
         return (f"golden {self.path}: backend {self.meta.get('backend')} on {self.meta.get('device')}, "
                 f"recorded {self.meta.get('created')}, torch {v.get('torch')}, diffusers {v.get('diffusers')}, "
                 f"seed {self.meta.get('seed')}, {len(self.entries)} case(s), SDPA backends "
-                f"{'torch default' if sdpa == 'default' else ','.join(sdpa)}, checksums verified")
+                f"{'torch default' if sdpa == 'default' else ','.join(sdpa)}, checksums verified, {meta_note}")
+
+
+META_SUM = "meta_sha256"
+
+
+def meta_sha256(meta: dict) -> str:
+    """sha256 over every other metadata field (sorted, JSON): `backward=0` with gradient entries
+    dropped, or a case removed from the list, is caught like a flipped tensor bit."""
+    body = {k: v for k, v in meta.items() if k != META_SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _header_metadata(raw: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or 8 + n > len(raw):
+        raise ValueError(f"header length {n} does not fit a {len(raw)}-byte file")
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("metadata is not a mapping of strings")
+    return meta
 
 
 def _rerecord(path):
@@ -77,7 +102,7 @@ def _rerecord(path):
 
 def load_golden(path) -> Golden:
     """Open and validate a golden's structure (not yet its numbers)."""
-    from safetensors import safe_open
+    from safetensors.torch import load as safetensors_load
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -88,12 +113,18 @@ def load_golden(path) -> Golden:
         raise GoldenError(f"{path}: file is {os.path.getsize(path)} bytes, too short for safetensors (truncated?); "
                           f"{_rerecord(path)}")
     try:
-        handle = safe_open(path, framework="pt")
-        keys = set(handle.keys())
-        meta = handle.metadata() or {}
+        # one read of the whole file: metadata, tensors and checksums all come from the same bytes
+        with open(path, "rb") as f:
+            raw = f.read()
+        meta = _header_metadata(raw)
+        handle = safetensors_load(raw)
+        keys = set(handle)
     except Exception as exc:
         raise GoldenError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
                           f"the file is truncated or corrupted: {_rerecord(path)}") from None
+    if META_SUM in meta and meta[META_SUM] != meta_sha256(meta):
+        raise GoldenCorrupted(f"golden corrupted: its metadata (cases, flags, shapes, checksums) does not match "
+                              f"its recorded sha256 ({path}): it was edited after recording; {_rerecord(path)}")
     if meta.get("format") != FORMAT:
         if "format" not in meta:
             raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); "
@@ -211,11 +242,7 @@ def _verify_checksums(path, handle, keys, checksums: dict) -> None:
                               f"{len(unlisted)} such tensor(s)): the file was altered after recording; "
                               f"{_rerecord(path)}")
     for name in sorted(keys):
-        try:
-            t = handle.get_tensor(name)
-        except Exception as exc:
-            raise GoldenCorrupted(f"golden corrupted: tensor {name} cannot be read ({exc}); {path}: "
-                                  f"{_rerecord(path)}") from None
+        t = handle[name]
         if tensor_sha256(t) != checksums[name]:
             raise GoldenCorrupted(f"golden corrupted: tensor {name} does not match its recorded sha256 ({path}): "
                                   f"the file changed after recording (disk, transfer or edit); fetch it again or "

@@ -33,7 +33,8 @@ from ..backends import Backend, get_backend
 from ..testing import max_abs_err, rel_err, tolerance
 from ..utils.versions import versions
 from . import cases as C
-from .golden import FORMAT, GOLDEN_FILES, Golden, GoldenError, _rerecord, load_golden, tensor_sha256
+from .golden import (FORMAT, GOLDEN_FILES, META_SUM, Golden, GoldenError, _rerecord, load_golden, meta_sha256,
+                     tensor_sha256)
 
 # -- where the shipped goldens are --------------------------------------------------------------
 
@@ -230,6 +231,7 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
         "sdpa": json.dumps(sdpa_meta),
         "checksums": json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())}),
     }
+    meta[META_SUM] = meta_sha256(meta)  # the metadata itself is covered too
     # utils.output: a regular file atomically (never a half-written golden under the final name, mode
     # from the umask: a golden is meant to be shared), a device or FIFO in place
     write_output(path, save(tensors, metadata=meta))
