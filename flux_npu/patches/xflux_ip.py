@@ -56,7 +56,7 @@ from .rewrite import (
     parse_function,
 )
 from .rewrite import make_helpers as block_helpers
-from .routes import calls_plainly, handback, note_route
+from .routes import calls_plainly, handback, note_route, plain_rms_norm
 from .spec import PatchSet, Spec, signature_drift
 
 RMS_EPS = 1e-6  # the BFL RMSNorm's hard-coded epsilon
@@ -182,7 +182,7 @@ def make_helpers(backend, where: str, enabled):
             if _bfl_rms_scale(norm, x):
                 out = torch.promote_types(x.dtype, norm.scale.dtype)
                 return ops.rms_norm(x, norm.scale, RMS_EPS, out_dtype=out, backend=backend)
-            if type(norm) is torch.nn.RMSNorm and tuple(norm.normalized_shape) == (x.shape[-1],):
+            if plain_rms_norm(norm, x):  # a torch.nn.RMSNorm over the head dim, weight on x's device
                 eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
                 return ops.rms_norm(x, norm.weight, eps, backend=backend)
         handback("rms_norm", backend, f"{where} IP QK norm: neither a BFL RMSNorm (1-D scale) nor a "
