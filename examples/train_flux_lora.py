@@ -106,8 +106,11 @@ def save_checkpoint(accelerator, output_dir, step):
         os.kill(os.getpid(), signal.SIGKILL)
     accelerator.wait_for_everyone()  # all parts written before the folder counts as complete
     if accelerator.is_main_process:
+        # the marker lists every file with its size: a resume checks them before loading anything
+        files = {os.path.relpath(os.path.join(d, n), partial): os.path.getsize(os.path.join(d, n))
+                 for d, _, names in os.walk(partial) for n in names}
         with open(os.path.join(partial, MARKER), "w") as f:
-            json.dump({"step": step, "num_processes": accelerator.num_processes}, f)
+            json.dump({"step": step, "num_processes": accelerator.num_processes, "files": files}, f)
         if os.path.exists(final):
             shutil.rmtree(final)  # an older save of the same step (a rerun): replaced by this one
         os.replace(partial, final)
@@ -115,28 +118,61 @@ def save_checkpoint(accelerator, output_dir, step):
     return final
 
 
+def checkpoint_problem(path):
+    """None when `path` is a complete checkpoint: a readable COMPLETE marker naming its step and
+    process count, and every file it lists present with its recorded size; else why not."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return f"incomplete (no {MARKER} marker: its save was interrupted, or an older version wrote it)"
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        return f"its {MARKER} marker is unreadable ({exc})"
+    m = CHECKPOINT.match(os.path.basename(os.path.normpath(path)))
+    if not isinstance(info, dict) or not m or info.get("step") != int(m.group(1)) \
+            or not isinstance(info.get("num_processes"), int):
+        return f"its {MARKER} marker does not describe this checkpoint (step and process count): {str(info)[:80]}"
+    for rel, size in (info.get("files") or {}).items():
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f) or os.path.getsize(f) != size:
+            return f"{rel} is missing or not the size it was saved with ({size} bytes): the copy is damaged"
+    return None
+
+
 def find_latest_checkpoint(output_dir, log=print):
-    """The newest complete checkpoint-<step> in output_dir, or None; incomplete ones are skipped with a message."""
+    """The newest complete checkpoint-<step> in output_dir, or None; others are skipped with the reason."""
     if not os.path.isdir(output_dir):
         return None
     found = sorted(((int(m.group(1)), d) for d in os.listdir(output_dir) if (m := CHECKPOINT.match(d))), reverse=True)
     for _, name in found:
         path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, MARKER)):
+        why = checkpoint_problem(path)
+        if why is None:
             return path
-        log(f"skipping {path}: incomplete (no {MARKER} marker: its save was interrupted, or an older "
-            "version wrote it)")
+        log(f"skipping {path}: {why}")
     return None
 
 
-def resolve_checkpoint(arg, output_dir, log=print):
-    """--resume_from_checkpoint: 'latest' -> the newest complete one (or None); a folder must be complete."""
+def resolve_checkpoint(arg, output_dir, log=print, num_processes=None):
+    """--resume_from_checkpoint: 'latest' -> the newest complete one (or None); a folder must be complete.
+    num_processes (given for sharded DeepSpeed states): the checkpoint must have been saved by as many."""
     if arg == "latest":
-        return find_latest_checkpoint(output_dir, log)
-    if not os.path.isfile(os.path.join(arg, MARKER)):
-        raise SystemExit(f"--resume_from_checkpoint {arg}: not a complete checkpoint (no {MARKER} marker); "
-                         "pass 'latest' to take the newest complete one")
-    return arg
+        path = find_latest_checkpoint(output_dir, log)
+    else:
+        why = checkpoint_problem(arg)
+        if why is not None:
+            raise SystemExit(f"--resume_from_checkpoint {arg}: not a complete checkpoint: {why}; "
+                             "pass 'latest' to take the newest complete one")
+        path = arg
+    if path is not None and num_processes is not None:
+        with open(os.path.join(path, MARKER)) as f:
+            saved = json.load(f)["num_processes"]
+        if saved != num_processes:
+            raise SystemExit(f"{path} was saved by {saved} processes and this run has {num_processes}: DeepSpeed "
+                             f"ZeRO states are sharded per process; resume with {saved} processes (e.g. flux-npu run "
+                             f"--nproc {saved}), or start a new run")
+    return path
 
 
 def main(argv=None):
@@ -171,7 +207,9 @@ def main(argv=None):
                              "distributed_type": str(accelerator.distributed_type)})
     global_step = 0
     if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
+        sharded = accelerator.state.deepspeed_plugin is not None  # ZeRO: one shard per process
+        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print,
+                                  accelerator.num_processes if sharded else None)
         if path is None:
             accelerator.print("no complete checkpoint found: starting a new run")
         else:

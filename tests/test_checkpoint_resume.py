@@ -102,7 +102,7 @@ def test_resolve_checkpoint_takes_only_complete_ones(tmp_path):
     for step, complete in [(2, True), (10, True), (11, False), (12, False)]:
         (tmp_path / f"checkpoint-{step}").mkdir()
         if complete:
-            (tmp_path / f"checkpoint-{step}" / ex.MARKER).write_text("{}")
+            (tmp_path / f"checkpoint-{step}" / ex.MARKER).write_text(json.dumps({"step": step, "num_processes": 2}))
     (tmp_path / "checkpoint-13.partial").mkdir()  # a save in progress (or killed) never counts
     (tmp_path / "checkpoint-x").mkdir()
     messages = []
@@ -114,3 +114,27 @@ def test_resolve_checkpoint_takes_only_complete_ones(tmp_path):
     # naming an incomplete checkpoint is an error that says so, not a DeepSpeed assertion later
     with pytest.raises(SystemExit, match="not a complete checkpoint"):
         ex.resolve_checkpoint(str(tmp_path / "checkpoint-12"), str(tmp_path))
+
+
+def test_resume_reads_the_marker_and_the_files_it_lists(tmp_path):
+    """A garbage marker, a marker of another step, a truncated model file: each is named, none is
+    loaded into a raw zip error; another process count is refused before DeepSpeed starts."""
+    ex = _example()
+    ck = tmp_path / "checkpoint-4"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"x" * 100)
+    good = {"step": 4, "num_processes": 2, "files": {"model.safetensors": 100}}
+    (ck / ex.MARKER).write_text(json.dumps(good))
+    assert ex.resolve_checkpoint(str(ck), str(tmp_path)) == str(ck)
+    with pytest.raises(SystemExit, match="saved by 2 processes and this run has 4.*--nproc 2"):
+        ex.resolve_checkpoint("latest", str(tmp_path), num_processes=4)
+    (ck / "model.safetensors").write_bytes(b"x" * 60)  # truncated
+    with pytest.raises(SystemExit, match="model.safetensors is missing or not the size"):
+        ex.resolve_checkpoint(str(ck), str(tmp_path))
+    (ck / ex.MARKER).write_text("\x00garbage")
+    with pytest.raises(SystemExit, match="marker is unreadable"):
+        ex.resolve_checkpoint(str(ck), str(tmp_path))
+    (ck / ex.MARKER).write_text(json.dumps({**good, "step": 9}))
+    messages = []
+    assert ex.resolve_checkpoint("latest", str(tmp_path), messages.append) is None
+    assert "does not describe this checkpoint" in messages[0]
