@@ -137,15 +137,13 @@ def rms_module(norm, x, backend, where: str, use: bool = True):
 
     if not use:
         return norm(x)
-
-    def fused():
+    if plain_rms_norm(norm, x):  # called inline, not through fused_or_stock: the launch stays <= 5 frames away
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         return ops.rms_norm(x, norm.weight, eps, backend=backend)
-
-    why = None if plain_rms_norm(norm, x) else (
+    handback("rms_norm", backend, (
         f"{where}: QK norm is not a torch.nn.RMSNorm over the head dim called plainly (hooks such as "
-        "offloading or layerwise casting, an instance forward, or weights on another device)")
-    return fused_or_stock("rms_norm", backend, why, fused, lambda: norm(x))
+        "offloading or layerwise casting, an instance forward, or weights on another device)"))
+    return norm(x)
 
 
 def key_padding_mask(mask):

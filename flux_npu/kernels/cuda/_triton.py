@@ -121,9 +121,9 @@ def block_sizes(n_cols: int, n_rows: int, tile: int = TILE):
     return block_m, block_n
 
 
-def row_blocks(n_cols: int, n_rows: int):
+def row_blocks(n_cols: int, n_rows: int, tile: int = TILE):
     """(BLOCK_M, BLOCK_N, number of row blocks) of the row kernels."""
-    bm, bn = block_sizes(n_cols, n_rows)
+    bm, bn = block_sizes(n_cols, n_rows, tile)
     return bm, bn, cdiv(n_rows, bm)
 
 
@@ -135,6 +135,24 @@ def num_warps_for(block_elems: int) -> int:
     return 2
 
 
+# Backward kernels hold about twice the float32 values per element of a forward (x, dy, the
+# normalised x, the gradient) plus the next block's prefetched loads, so their register budget, not
+# their grid, limited how much memory traffic an SM keeps in flight (one 8-warp program per SM at
+# 150-250 registers a thread, spilling in places, compiled for sm_90). They take half-size tiles of
+# short rows (D=128: 16 rows) and spread a single long row (D=3072: BLOCK_N 4096) over 16 warps, which
+# halves the registers per thread (tests/test_triton_compile.py asserts the counts and no spills).
+BWD_TILE = 2048
+
+
+def bwd_warps(block_elems: int) -> int:
+    """num_warps of a backward kernel's tile (see BWD_TILE)."""
+    if block_elems >= 4096:
+        return 16
+    if block_elems >= 2048:
+        return 8
+    return num_warps_for(block_elems)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -144,12 +162,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Programs per SM of a persistent backward grid. Two: where registers allow two resident programs
+# (the D=128 backwards on triton 3.9), both run at once and keep twice the loads in flight; where
+# they do not, the second runs as a second wave of equal share (no tail, same total work). Each
+# program also prefetches its next block (rms_norm, layer_norm_modulate). The float32 partial rows
+# double (~3 MB per gradient at D=3072 on an H100): small against the activations read.
+PROGRAMS_PER_SM = 2
+
+
 def persistent_programs(device: torch.device, n_blocks: int) -> int:
     """Programs of a backward grid that loops over row blocks and writes one float32 partial row
-    per program: about one per SM on CUDA (so the partial buffers stay a few MB at Flux-dev shapes
-    instead of one row per block), a small fixed number under the interpreter."""
+    per program: PROGRAMS_PER_SM per SM on CUDA (so the partial buffers stay a few MB at Flux-dev
+    shapes instead of one row per block), a small fixed number under the interpreter."""
     if device.type == "cuda":
-        n = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        n = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         n = INTERPRETER_PROGRAMS
     return max(1, min(n, n_blocks))

@@ -70,16 +70,17 @@ def _adaln_res_bwd(
     while blk < n_blocks:  # one partial row per program (see _triton.py: a while loop, not range())
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
+        # all four loads issued before any reduction: one DRAM round trip per row block, not three
         h = tl.load(H + dense, mask=mask, other=0.0).to(tl.float32)
         dn = tl.load(DN + dense, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DH + dense, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         hhat, rstd = ln_rows(h, mask, n_cols, eps)
         dsh += tl.sum(dn, axis=0)
         dsc += tl.sum(dn * hhat, axis=0)
-        dht = ln_mod_rows_bwd(dn, hhat, rstd, sc, n_cols)
-        dht += tl.load(DH + dense, mask=mask, other=0.0).to(tl.float32)
+        dht = ln_mod_rows_bwd(dn, hhat, rstd, sc, n_cols) + dh
         tl.store(DX + dense, dht.to(DX.dtype.element_ty), mask=mask)
         tl.store(DY + dense, (dht * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
-        y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dg += tl.sum(dht * y, axis=0)
         blk += programs
     part = (g * programs + pid) * n_cols + cols
@@ -142,7 +143,7 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dgate, dy, dshift, dscale) in the dtypes of x (= h), gate, y, shift, scale."""
     Gn, L, N = h.shape
-    bm, bn, nb = T.row_blocks(N, L)
+    bm, bn, nb = T.row_blocks(N, L, T.BWD_TILE)
     programs = T.persistent_programs(h.device, nb)
     dx = T.empty((Gn, L, N), h.dtype, h.device)
     dy = T.empty((Gn, L, N), y.dtype, h.device)
@@ -150,7 +151,7 @@ def _bwd(
     T.launch(_adaln_res_bwd)[(Gn, programs)](
         h, y, gate, scale, dh.contiguous(), dn.contiguous(), dx, dy, dg, dsh, dsc, L, N, nb,
         y.stride(0), y.stride(1), gate.stride(0), scale.stride(0), eps,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.bwd_warps(bm * bn),
     )
     return dx, dg.sum(1).to(gate.dtype), dy, dsh.sum(1).to(shift.dtype), dsc.sum(1).to(scale.dtype)
 

@@ -185,10 +185,10 @@ def freq_operands(shape4, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence
     return c, s, (c.stride(0), c.stride(1), c.stride(2)), True
 
 
-def _sizes(shape4):
+def _sizes(shape4, tile=T.TILE):
     n_cols = shape4[-1]
     n_rows = shape4[0] * shape4[1] * shape4[2]
-    bm, bd = T.block_sizes(n_cols, n_rows)
+    bm, bd = T.block_sizes(n_cols, n_rows, tile)
     return n_rows, n_cols, bm, bd, T.cdiv(n_rows, bm)
 
 
@@ -215,7 +215,7 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
     """(dxs, dws) for fwd_launch's inputs; dws are float32 sums (None without weights)."""
     x = xs[0]
     F0, F1, fstrides, cos_sin = freq_operands(x.shape, f0, f1, sequence_dim)
-    n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape)
+    n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape, T.BWD_TILE)
     has_w = norm and weights[0] is not None
     programs = T.persistent_programs(x.device, n_blocks) if has_w else n_blocks
     dxs = [T.empty(t.shape, t.dtype, t.device) for t in xs]
@@ -227,7 +227,7 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
         F0, F1, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
         *T.row_args(a), *T.row_args(b), *fstrides, eps,
         COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, TWO=len(xs) == 2, BLOCK_M=bm, BLOCK_D=bd,
-        num_warps=T.num_warps_for(bm * bd * (2 if cos_sin else 3)),
+        num_warps=T.bwd_warps(bm * bd),
     )
     return dxs, ([dw_part[i].sum(0) for i in range(len(xs))] if has_w else None)
 

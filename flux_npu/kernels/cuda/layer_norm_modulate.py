@@ -81,6 +81,15 @@ def _ln_mod_fwd(
 
 
 @jit
+def _ln_bwd_block(X, DY, g, blk, cols, n_rows, n_cols, xsg, xsl, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x (strided rows) and dy (dense) of row block `blk` of group g, in their own dtypes."""
+    rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + (g * n_rows + rows[:, None]) * n_cols + cols[None, :], mask=mask, other=0.0)
+    return x, dy
+
+
+@jit
 def _ln_mod_bwd(
     X, SC, DY, DX, DSH, DSC, n_rows, n_cols, n_blocks, xsg, xsl, scg, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -93,12 +102,17 @@ def _ln_mod_bwd(
     sc = tl.load(SC + g * scg + cols, mask=cmask, other=0.0).to(tl.float32)
     dsh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # software prefetch, as rms_norm's backward: the next block's x and dy are in flight (in their
+    # own dtype) while this block is reduced
     blk = pid
+    x_raw, dy_raw = _ln_bwd_block(X, DY, g, blk, cols, n_rows, n_cols, xsg, xsl, BLOCK_M, BLOCK_N)
     while blk < n_blocks:  # one partial row per program (see _triton.py: a while loop, not range())
+        x_next, dy_next = _ln_bwd_block(X, DY, g, blk + programs, cols, n_rows, n_cols, xsg, xsl, BLOCK_M, BLOCK_N)
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
-        x = tl.load(X + g * xsg + rows[:, None] * xsl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
-        dy = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
+        x = x_raw.to(tl.float32)
+        dy = dy_raw.to(tl.float32)
+        x_raw, dy_raw = x_next, dy_next
         xhat, rstd = ln_rows(x, mask, n_cols, eps)
         dsh += tl.sum(dy, axis=0)
         dsc += tl.sum(dy * xhat, axis=0)
@@ -155,14 +169,14 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dshift, dscale), the latter two (G, N) in shift's / scale's dtypes."""
     G, L, N = x.shape
-    bm, bn, nb = T.row_blocks(N, L)
+    bm, bn, nb = T.row_blocks(N, L, T.BWD_TILE)
     programs = T.persistent_programs(x.device, nb)
     dx = T.empty((G, L, N), x.dtype, x.device)
     dsh = T.empty((G, programs, N), torch.float32, x.device)
     dsc = T.empty((G, programs, N), torch.float32, x.device)
     T.launch(_ln_mod_bwd)[(G, programs)](
         x, scale, dy.contiguous(), dx, dsh, dsc, L, N, nb, x.stride(0), x.stride(1), scale.stride(0), eps,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=T.bwd_warps(bm * bn),
     )
     return dx, dsh.sum(1).to(shift.dtype), dsc.sum(1).to(scale.dtype)
 

@@ -41,6 +41,16 @@ def _rms_norm_fwd(
 
 
 @jit
+def _load_block(X, DY, blk, cols, n_rows, n_cols, n1, n2, xs0, xs1, xs2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x (strided rows) and dy (dense) of row block `blk`, in their own dtypes; zeros past the end."""
+    rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
+    x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    return x, dy
+
+
+@jit
 def _rms_norm_bwd(
     X, W, DY, DX, DW, n_rows, n_cols, n_blocks, n1, n2, xs0, xs1, xs2, eps,
     HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -51,13 +61,18 @@ def _rms_norm_bwd(
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    programs = tl.num_programs(0)
+    # software prefetch: the next row block's x and dy are loaded (in their own dtype, half the
+    # registers of float32) before this block's reductions, so each program keeps two blocks of
+    # loads in flight instead of waiting a full DRAM latency per block
     blk = pid
+    x_raw, dy_raw = _load_block(X, DY, blk, cols, n_rows, n_cols, n1, n2, xs0, xs1, xs2, BLOCK_M, BLOCK_N)
     while blk < n_blocks:  # one partial dw row per program (see _triton.py: a while loop, not range())
+        x_next, dy_next = _load_block(X, DY, blk + programs, cols, n_rows, n_cols, n1, n2, xs0, xs1, xs2,
+                                      BLOCK_M, BLOCK_N)
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
-        xoff = row_offsets(rows, n1, n2, xs0, xs1, xs2)
-        x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dense = rows[:, None] * n_cols + cols[None, :]
-        dy = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
+        x = x_raw.to(tl.float32)
+        dy = dy_raw.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         xhat = x * rstd[:, None]
         if HAS_W:
@@ -67,16 +82,17 @@ def _rms_norm_bwd(
             g = dy
         c = tl.sum(g * xhat, axis=1) / n_cols
         dx = rstd[:, None] * (g - xhat * c[:, None])
-        tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
-        blk += tl.num_programs(0)
+        tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        x_raw, dy_raw = x_next, dy_next
+        blk += programs
     if HAS_W:
         tl.store(DW + pid * n_cols + cols, dw, mask=cmask)
 
 
-def _sizes(x4):
+def _sizes(x4, tile=T.TILE):
     n_cols = x4.shape[-1]
     n_rows = x4.numel() // n_cols
-    bm, bn = T.block_sizes(n_cols, n_rows)
+    bm, bn = T.block_sizes(n_cols, n_rows, tile)
     return n_rows, n_cols, bm, bn, T.cdiv(n_rows, bm)
 
 
@@ -121,7 +137,7 @@ def _bwd(
     x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx dense in x's dtype, dw in weight's dtype or an empty placeholder without weight)."""
-    n_rows, n_cols, bm, bn, n_blocks = _sizes(x)
+    n_rows, n_cols, bm, bn, n_blocks = _sizes(x, T.BWD_TILE)
     has_w = weight is not None
     programs = T.persistent_programs(x.device, n_blocks) if has_w else n_blocks
     dx = T.empty(x.shape, x.dtype, x.device)
@@ -129,7 +145,7 @@ def _bwd(
     T.launch(_rms_norm_bwd)[(programs,)](
         x, weight if has_w else x, dy.contiguous(), dx, dw_part, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
         *T.row_args(x), eps,
-        HAS_W=has_w, BLOCK_M=bm, BLOCK_N=bn, num_warps=T.num_warps_for(bm * bn),
+        HAS_W=has_w, BLOCK_M=bm, BLOCK_N=bn, num_warps=T.bwd_warps(bm * bn),
     )
     dw = dw_part.sum(0).to(weight.dtype) if has_w else T.no_grad_placeholder(x)
     return dx, dw
