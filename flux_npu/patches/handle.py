@@ -314,6 +314,29 @@ class PatchHandle:
                     places.append(f"{mname}.{k}")
         return places
 
+    def has_seen(self, name: str) -> bool:
+        return self._active and any(k[1] == name for k in self._seen_modules)
+
+    def on_reexec(self, module) -> None:
+        """Import hook callback for a module this handle patched that ran again (importlib.reload,
+        or a fresh import after `del sys.modules[name]`): its classes and functions are new, stock
+        objects, so it is patched again, with rows saying so."""
+        if not self._active:
+            return
+        name = module.__name__
+        with _LOCK:
+            self._seen_modules = {k for k in self._seen_modules if k[1] != name}
+            # names of this module object were rebound to fresh originals by the re-run: their old
+            # records would only warn on undo; the re-patch records them anew
+            stale = [r for r in self._records if r.owner is module]
+            for r in stale:
+                self._records.remove(r)
+                if _LIVE.get((id(module), r.attr)) is self:
+                    del _LIVE[(id(module), r.attr)]
+        self.add_row(name, "*", "reloaded", "module executed again (importlib.reload or a fresh import): "
+                                            "its new classes and functions are patched again (rows below)")
+        self.on_import(module)
+
     def on_import(self, module) -> None:
         """Import hook callback: patch a newly imported module and rebind names it imported."""
         if not self._active:

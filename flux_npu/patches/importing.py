@@ -92,9 +92,11 @@ class _HookedLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        name = getattr(module, "__name__", "")
+        again = [h for h in _HANDLES if h.has_seen(name)]  # a reload, or a re-import after del sys.modules
         self._loader.exec_module(module)
-        for h in _HANDLES:
+        for h in list(_HANDLES):
             try:
-                h.on_import(module)
+                h.on_reexec(module) if h in again else h.on_import(module)
             except Exception as exc:  # never break the user's import
                 logger.warning("flux_npu: patching %s on import failed: %s", module.__name__, exc)
