@@ -48,7 +48,9 @@ def kernel_capability_rows(backend) -> List[list]:
 
 
 def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
-    data = {"versions": versions(), "backends": [], "selection": None}
+    from .utils.versions import environment
+
+    data = {"versions": versions(), "environment": environment(), "backends": [], "selection": None}
     for b in _backends.registered_backends():
         reason = b.unavailable_reason()
         entry = {
@@ -124,9 +126,10 @@ def patch_runtime() -> Dict[str, list]:
 
 
 def render(data: Dict) -> str:
-    out = ["flux-npu environment", ""]
-    out.append(format_table(("package", "version"), sorted(data["versions"].items())))
-    out.append("")
+    from .utils.versions import render_environment
+
+    out = [render_environment(data["environment"]) if "environment" in data else
+           format_table(("package", "version"), sorted(data["versions"].items())), ""]
     rows = []
     for b in data["backends"]:
         rows.append((

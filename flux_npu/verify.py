@@ -29,6 +29,7 @@ import traceback
 from typing import List
 
 from .benchmark.stats import CONFIDENCE
+from .utils.versions import environment
 
 PHASES = ("parity", "ops", "model")
 REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
@@ -174,6 +175,9 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
             "backend": b.name, "device_type": b.device_type, "device": b.utils.device_name(),
             "versions": versions(), "python": platform.python_version(), "platform": platform.platform(),
             "torch_threads": torch.get_num_threads(),
+            # `flux-npu info`'s environment list: CANN / NPU driver versions on npu, the host's load
+            # at the start (a loaded host widens every spread), RAM, cores
+            "system": environment(),
         },
         "failures": [],
         "files": {"report": "report.md", "json": "report.json", "log": "verify.log"},
@@ -542,7 +546,13 @@ def render_markdown(r: dict) -> str:
     out += [f"- backend `{env['backend']}` on {env['device']} (device type {env['device_type']})",
             f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-            f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads", ""]
+            f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads"]
+    sysenv = env.get("system") or {}
+    extra = [f"{k} {sysenv[k]}" for k in ("CANN version", "NPU driver version", "NPU type", "GPU type",
+                                          "Host load (1/5/15 min)", "System RAM") if k in sysenv]
+    if extra:
+        out.append("- " + "; ".join(extra) + " (at the start)")
+    out.append("")
     if r["failures"]:
         out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
     p = r.get("parity")
