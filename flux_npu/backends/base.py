@@ -82,14 +82,15 @@ class _WallTimer(Timer):
 
 
 class CPUDeviceUtils(DeviceUtils):
-    """CPU: nothing to synchronize, wall-clock timing, and peak memory as the process's resident
-    set size (torch has no CPU allocator statistics). "Reset" records the current RSS so that a
-    benchmark can report the growth over a baseline; the peak is sampled, so it is a lower bound."""
+    """CPU: nothing to synchronize, wall-clock timing, and peak memory from the kernel (torch has no
+    CPU allocator statistics): the process's resident-set high-water mark, VmHWM, which Linux resets
+    to the current RSS when "5" is written to /proc/self/clear_refs. So a peak is exact, not sampled
+    (no sampling thread). Elsewhere, `resource.getrusage`'s ru_maxrss: the peak since the process
+    started, which cannot be reset (`peak_is_since_start` says so)."""
 
     def __init__(self):
         super().__init__("cpu")
-        self._baseline = 0
-        self._peak = 0
+        self.peak_is_since_start = False
 
     def synchronize(self) -> None:
         return None
@@ -98,21 +99,34 @@ class CPUDeviceUtils(DeviceUtils):
         return _WallTimer()
 
     @staticmethod
-    def _rss() -> int:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
+    def _hwm_bytes():
+        """VmHWM of this process (Linux), else None."""
+        try:
+            with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024  # kB
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
 
     def reset_peak_memory(self) -> None:
-        self._baseline = self._rss()
-        self._peak = self._baseline
-
-    def sample(self) -> None:
-        self._peak = max(self._peak, self._rss())
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+            self.peak_is_since_start = self._hwm_bytes() is None
+        except OSError:
+            self.peak_is_since_start = True
 
     def peak_memory_bytes(self) -> int:
-        self.sample()
-        return self._peak
+        hwm = None if self.peak_is_since_start else self._hwm_bytes()
+        if hwm is not None:
+            return hwm
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, kB elsewhere
 
     def device_name(self) -> str:
         """The CPU model (from /proc/cpuinfo where there is one) and the cores visible."""

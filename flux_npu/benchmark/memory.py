@@ -1,11 +1,10 @@
-"""Memory for `flux-npu bench model`: out-of-memory recognition, the peak sampler (CPU has no
-allocator peak) and the per-configuration memory limit."""
+"""Memory for `flux-npu bench model`: out-of-memory recognition and the per-configuration memory
+limit (the CPU peak is the kernel's: backends.base.CPUDeviceUtils)."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 from typing import Optional
 
 import torch
@@ -34,31 +33,6 @@ def oom_message(exc: BaseException) -> str:
         return f"tried to allocate {m.group(1)} ({type(exc).__name__})"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return (lines[0][:160] if lines else type(exc).__name__)
-
-
-class _PeakSampler:
-    """Calls `utils.sample()` every `interval` seconds (CPU: RSS has no allocator peak)."""
-
-    def __init__(self, utils, interval=0.01):
-        self.utils, self.interval = utils, interval
-        self._stop = threading.Event()
-        self._thread = None
-
-    def __enter__(self):
-        if hasattr(self.utils, "sample"):
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
-        return self
-
-    def _loop(self):
-        while not self._stop.wait(self.interval):
-            self.utils.sample()
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        return False
 
 
 @contextlib.contextmanager

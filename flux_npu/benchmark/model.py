@@ -17,9 +17,10 @@ Timing: untimed warm-up (`--warmup`, one denoising step / optimizer step by defa
 wall time of the timed work after `synchronize()`, divided by the images made. Each configuration
 is measured `--repeats` times (default 5) with the variants interleaved round by round (so that
 load from elsewhere hits both alike); the median is reported with the spread (interquartile range
-and min/max), and a stock/patched ratio whose interquartile ranges overlap is flagged as not
-significant. Peak memory: the device allocator's peak on GPU/NPU; on CPU the process's resident
-set size, sampled every 10 ms by a thread (a lower bound, and it includes the Python runtime).
+and min/max), and each stock/patched ratio carries the verdict of benchmark.stats (Mann-Whitney U
+at 95 %: "not significant" when the repeats cannot tell the two apart). Peak memory: the device
+allocator's peak on GPU/NPU; on CPU the process's resident-set high-water mark (VmHWM, reset by
+the kernel per measurement: exact, and it includes the Python runtime).
 
 Nothing is lost: a configuration that runs out of memory is an OOM row and one that raises is an
 error row (its traceback goes to the log file next to the JSON); rows are printed and the JSON is
@@ -50,7 +51,6 @@ from ..shapes import DTYPES, SHAPES
 from .memory import (  # noqa: F401
     MIN_LIMIT_GB,
     _free,
-    _PeakSampler,
     check_memory_limit,
     is_oom,
     memory_limit,
@@ -190,7 +190,7 @@ def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res:
         params=sum(p.numel() for n, p in setup.transformer.named_parameters() if "lora_" not in n),
         text_len=setup.text_len,
         full_pipeline=setup.parts is not None and mode == "infer",
-        memory_kind="process RSS peak (sampled)" if backend.device_type == "cpu" else "allocator peak",
+        memory_kind="process RSS high-water mark (VmHWM)" if backend.device_type == "cpu" else "allocator peak",
         compiled=setup.compile,
     )
     setup.use(variant)
@@ -201,8 +201,7 @@ def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res:
 
     opt = None
     try:
-        # the sampler thread starts before the limit: its stack is address space too
-        with _PeakSampler(utils), memory_limit(backend, limit_gb), _variant_ctx(variant, backend):
+        with memory_limit(backend, limit_gb), _variant_ctx(variant, backend):
             if mode == "infer":
                 setup.transformer.eval()
                 with torch.no_grad():  # as diffusers' pipelines (inference_mode would differ from real use)
