@@ -35,6 +35,7 @@ import datetime
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -164,7 +165,9 @@ def device_times(fns: Dict[str, Callable], utils, device_type: str, repeats: int
                  min_loop_s: float = 0.02) -> Dict[str, List[float]]:
     """Seconds per call when calls are issued back to back: per repeat, a loop of n calls between
     two synchronisations, divided by n (n sized so that a loop lasts about `min_loop_s`), round
-    robin over the implementations. On CUDA with Triton, `triton.testing.do_bench` instead."""
+    robin over the implementations. On CPU the loop is `torch.utils.benchmark.Timer.timeit(n)` (its
+    thread setting and clock; `utils.clock` replaces the clock where a caller gives one); on CUDA with
+    Triton, `triton.testing.do_bench` instead; on NPU the backend's event timer around the loop."""
     if device_type == "cuda":
         try:
             from triton.testing import do_bench
@@ -183,6 +186,16 @@ def device_times(fns: Dict[str, Callable], utils, device_type: str, repeats: int
             one = max(timer.stop(), 1e-7)
             counts[name] = max(1, min(1000, math.ceil(min_loop_s / one)))
         times: Dict[str, List[float]] = {name: [] for name in fns}
+        if device_type == "cpu":
+            from torch.utils.benchmark import Timer
+
+            clock = getattr(utils, "clock", None) or time.perf_counter
+            timers = {name: Timer(stmt="fn()", globals={"fn": fn}, timer=clock, num_threads=torch.get_num_threads())
+                      for name, fn in fns.items()}
+            for _ in range(repeats):
+                for name, t in timers.items():
+                    times[name].append(t.timeit(counts[name]).mean)
+            return times
         for _ in range(repeats):
             for name, fn in fns.items():
                 n = counts[name]
@@ -203,6 +216,8 @@ def device_time_method(device_type: str) -> str:
             return "triton.testing.do_bench (L2 flushed between calls)"
         except ImportError:
             pass
+    if device_type == "cpu":
+        return "torch.utils.benchmark.Timer.timeit over a loop of back-to-back calls, divided by the count"
     return "loop of back-to-back calls between two synchronisations, divided by the count"
 
 
