@@ -227,6 +227,9 @@ def plot(results: List[BenchResult], path: str, meta: Optional[dict] = None) -> 
             ax.set_title(f"{gname}: {title}", fontsize=9)
             ax.legend(fontsize=8)
             ax.margins(y=0.15)
+            drawn = [getattr(r, attr) for r in rs if r.status == "ok" and getattr(r, attr)]
+            if drawn and max(drawn) > 10 * min(drawn):  # orders of magnitude apart: a linear axis hides the small
+                ax.set_yscale("log")
     r0 = results[0]
     v = meta.get("versions") or versions()
     steps = sorted({r.steps for r in results if r.mode == "infer"})
