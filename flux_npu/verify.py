@@ -29,7 +29,7 @@ import traceback
 from typing import List
 
 from .benchmark.stats import CONFIDENCE
-from .utils.versions import environment
+from .utils.versions import environment, system_line
 
 PHASES = ("parity", "ops", "model")
 REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
@@ -547,11 +547,7 @@ def render_markdown(r: dict) -> str:
             f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
             f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads"]
-    sysenv = env.get("system") or {}
-    extra = [f"{k} {sysenv[k]}" for k in ("CANN version", "NPU driver version", "NPU type", "GPU type",
-                                          "Host load (1/5/15 min)", "System RAM") if k in sysenv]
-    if extra:
-        out.append("- " + "; ".join(extra) + " (at the start)")
+    out += [f"- {system_line(env['system'])} (at the start)"] if env.get("system") else []
     out.append("")
     if r["failures"]:
         out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]

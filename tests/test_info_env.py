@@ -36,6 +36,8 @@ def test_cann_and_driver_versions_from_the_install_files(tmp_path, monkeypatch):
     env = versions.environment()
     assert env["CANN version"] == "8.3.RC1" and env["NPU driver version"] == "25.2.0"
     assert "- CANN version: 8.3.RC1" in versions.render_environment(env)
+    line = versions.system_line(env)  # what verify's report.md adds under the versions
+    assert "CANN version 8.3.RC1" in line and "NPU driver version 25.2.0" in line and "Host load" in line
     # nothing installed: no lines at all, not "unknown" ones
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "none"))
     monkeypatch.setattr(versions, "DRIVER_INFO", str(tmp_path / "none.info"))

@@ -120,3 +120,9 @@ def environment() -> dict:
 def render_environment(env: dict) -> str:
     return "\n".join(["Copy-and-paste the text below in your GitHub issue", ""]
                      + [f"- {k}: {v}" for k, v in env.items()])
+
+
+def system_line(env: dict) -> str:
+    """One line of what `environment()` found that versions alone do not say (verify's report)."""
+    keys = ("CANN version", "NPU driver version", "NPU type", "GPU type", "Host load (1/5/15 min)", "System RAM")
+    return "; ".join(f"{k} {env[k]}" for k in keys if k in env)
