@@ -248,3 +248,31 @@ def test_diffusers_norm2_pre_hooks_run_in_patched_blocks():
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_comfy_apply_mod_operands_keep_their_order(load):
+    m = load("rw_apply_mod", """
+        def apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
+            if m_add is not None:
+                return torch.addcmul(m_add, tensor, m_mult)
+            return tensor * m_mult
+
+        class B(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norm = nn.LayerNorm(8, elementwise_affine=False)
+
+            def gate(self, it):
+                return next(it)
+
+            def forward(self, x, it):
+                x = x + apply_mod(next(it), self.gate(it), None, None)
+                return apply_mod(self.norm(x), (1 + next(it)), next(it), None)
+    """)
+    b = m.B()
+    x = _t(2, 3, 8, seed=1)
+    values = [_t(2, 3, 8, seed=30), _t(2, 1, 8, seed=31), _t(2, 1, 8, seed=32), _t(2, 1, 8, seed=33)]
+    ref = m.B.forward(b, x, iter(values))
+    new = _rewrite(m.B.forward)
+    assert "LayerNorm+modulate" in new.__flux_npu_what__
+    assert _rel(new(b, x, iter(values)), ref) < 1e-12

@@ -245,8 +245,10 @@ class _ApplyMod(ast.NodeTransformer):
             call = _self_call(hit[0])
             if scale is not None and call is not None and not _is_none(hit[2]):
                 self.ln += 1
+                # keywords in the order apply_mod(self.N(X), 1 + S, T, D) evaluates them
                 return ast.copy_location(
-                    _call(LN_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), call[0], call[1], hit[2], scale, hit[3]),
+                    _kwcall(LN_MOD, ("apply_mod", ast.Name(id=APPLY_MOD, ctx=ast.Load())), ("norm", call[0]),
+                            ("x", call[1]), ("scale", scale), ("shift", hit[2]), ("dims", hit[3])),
                     node)
         return node
 
@@ -256,8 +258,8 @@ class _ApplyMod(ast.NodeTransformer):
         if isinstance(node.op, ast.Add) and isinstance(node.target, ast.Name) and hit is not None:
             self.gated += 1
             x = ast.Name(id=node.target.id, ctx=ast.Load())
-            value = _call(GATED_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), x, hit[1], hit[0], hit[3],
-                          ast.Constant(value=True))
+            value = _kwcall(GATED_MOD, ("apply_mod", ast.Name(id=APPLY_MOD, ctx=ast.Load())), ("x", x),
+                            ("y", hit[0]), ("gate", hit[1]), ("dims", hit[3]), ("inplace", ast.Constant(value=True)))
             return ast.copy_location(ast.Assign(targets=[ast.Name(id=node.target.id, ctx=ast.Store())],
                                                 value=value), node)
         return node
@@ -267,8 +269,9 @@ class _ApplyMod(ast.NodeTransformer):
         hit = self._gate_call(node.right) if isinstance(node.op, ast.Add) else None
         if hit is not None:
             self.gated += 1
-            return ast.copy_location(_call(GATED_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), node.left, hit[1],
-                                           hit[0], hit[3], ast.Constant(value=False)), node)
+            return ast.copy_location(_kwcall(GATED_MOD, ("apply_mod", ast.Name(id=APPLY_MOD, ctx=ast.Load())),
+                                             ("x", node.left), ("y", hit[0]), ("gate", hit[1]), ("dims", hit[3]),
+                                             ("inplace", ast.Constant(value=False))), node)
         return node
 
 
@@ -288,9 +291,9 @@ def _merge_apply_mod_pairs(body, counts):
             hit is not None and isinstance(hit[0], ast.Name) and hit[0].id == v and not _is_none(hit[2])
             and _is_one_plus(hit[1]) is not None and not _loads([hit[1], hit[2], hit[3]], v)
         ):
-            new = ast.Assign(targets=nxt.targets, value=_call(
-                LN_MOD, ast.Name(id=APPLY_MOD, ctx=ast.Load()), call[0], call[1], hit[2], _is_one_plus(hit[1]),
-                hit[3]))
+            new = ast.Assign(targets=nxt.targets, value=_kwcall(
+                LN_MOD, ("apply_mod", ast.Name(id=APPLY_MOD, ctx=ast.Load())), ("norm", call[0]), ("x", call[1]),
+                ("scale", _is_one_plus(hit[1])), ("shift", hit[2]), ("dims", hit[3])))
             out.append(ast.copy_location(new, s))
             counts["ln"] += 1
             i += 2
