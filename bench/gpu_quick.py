@@ -483,8 +483,13 @@ def ensure_diffusers():
     if not os.path.isdir(wheels) or not any(f.startswith("diffusers-") for f in os.listdir(wheels)):
         sys.exit("gpu_quick.py: diffusers is not installed and there is no diffusers wheel in wheels/; on a machine "
                  "with network: pip download diffusers==0.42.1 importlib_metadata==8.7.0 --no-deps -d wheels")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "diffusers",
-                    "importlib_metadata"], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels]
+    if subprocess.run([*pip, "diffusers", "importlib_metadata"]).returncode != 0:
+        # a dependency without a wheel here (the image's transformers brings most of diffusers' own):
+        # the two wheels alone, then let the import say what is still missing
+        print("gpu_quick.py: installing diffusers from wheels/ with its dependencies failed; retrying --no-deps")
+        subprocess.run([*pip, "--no-deps", "diffusers", "importlib_metadata"], check=True)
+    import diffusers  # noqa: F401  (an ImportError here names the missing dependency)
 
 
 def summary(out: Out) -> str:

@@ -60,7 +60,9 @@ def _rms_norm_bwd(
     cmask = cols < n_cols
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # dw accumulates per element of the tile and is reduced over rows once, after the loop: a sum
+    # over rows each iteration would be a cross-warp reduction (shared memory, a barrier) per block
+    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     programs = tl.num_programs(0)
     # software prefetch: the next row block's x and dy are loaded (in their own dtype, half the
     # registers of float32) before this block's reductions, so each program keeps two blocks of
@@ -77,7 +79,7 @@ def _rms_norm_bwd(
         xhat = x * rstd[:, None]
         if HAS_W:
             g = dy * w[None, :]
-            dw += tl.sum(dy * xhat, axis=0)
+            dw += dy * xhat
         else:
             g = dy
         c = tl.sum(g * xhat, axis=1) / n_cols
@@ -86,7 +88,7 @@ def _rms_norm_bwd(
         x_raw, dy_raw = x_next, dy_next
         blk += programs
     if HAS_W:
-        tl.store(DW + pid * n_cols + cols, dw, mask=cmask)
+        tl.store(DW + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
 def _sizes(x4, tile=T.TILE):
