@@ -9,7 +9,7 @@ import torch
 
 from flux_npu.benchmark import ops as B
 from flux_npu.benchmark.results import BenchResult, ratio_table, ratios
-from flux_npu.benchmark.stats import compare, looks_for, until_significant
+from flux_npu.benchmark.stats import compare, looks_for
 
 
 def test_compare_verdicts():
@@ -29,27 +29,6 @@ def test_compare_verdicts():
         with pytest.raises(ValueError):
             compare(bad, [1.0, 1.0])
     assert looks_for(5, 15) == 3 and looks_for(5, 5) == 1 and looks_for(7, 21, 7) == 3
-
-
-def test_until_significant_stops_early_or_spends_the_budget():
-    rng = random.Random(0)
-    calls = []
-
-    def clear():
-        calls.append(1)
-        return {"stock": 2 + rng.random() * 0.1, "patched": 1 + rng.random() * 0.1}
-
-    times = until_significant(clear, "stock", min_n=5, max_n=15)
-    assert len(times["stock"]) == len(calls) == 5  # significant at the first look
-    assert compare(times["stock"], times["patched"], looks=looks_for(5, 15)).significant
-    calls.clear()
-
-    def noise():
-        calls.append(1)
-        return {"stock": rng.lognormvariate(0, 0.5), "patched": rng.lognormvariate(0, 0.5)}
-
-    times = until_significant(noise, "stock", min_n=5, max_n=15)
-    assert len(times["patched"]) == 15  # never decided: the whole budget, then "not significant"
 
 
 CALLS = [0]  # calls of the implementations under test, read by the noisy timer
@@ -110,6 +89,7 @@ def test_noisy_timer_gives_not_significant_in_bench_ops(seed):
     rows = B.run_case(_same_kernel_case(), _NoisyUtils(seed), 0, 5, 1e9, False, "", "cpu", max_repeats=15)
     (r,) = [r for r in rows if r.impl == "patched"]
     assert r.status == "ok" and r.vs_stock_significant is False, (r.speedup_vs_stock, r.vs_stock_p)
+    assert r.device_n == 15  # never decided: the whole budget, then "not significant"
     assert r.vs_stock_low <= r.speedup_vs_stock <= r.vs_stock_high
     assert B.vs_stock_text(r)[2] == "not significant"
     table = B.format_rows(rows)
@@ -131,6 +111,7 @@ def test_a_real_difference_is_found_and_stops_early():
     rows = B.run_case(case, _NoisyUtils(0), 0, 5, 1e9, False, "", "cpu", max_repeats=15)
     (r,) = [r for r in rows if r.impl == "patched"]
     assert r.vs_stock_significant is True and r.speedup_vs_stock > 1.5
+    assert r.device_n == 5  # significant at the first look: no more repeats spent
     assert B.vs_stock_text(r)[2].startswith("faster (p=")
 
 

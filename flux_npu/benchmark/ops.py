@@ -89,6 +89,7 @@ class Row:
     device_us: Optional[float] = None  # median device time per call (back-to-back calls)
     device_q1_us: Optional[float] = None
     device_q3_us: Optional[float] = None
+    device_n: Optional[int] = None  # device-time measurements taken (repeats grow until significant)
     latency_us: Optional[float] = None  # median host latency of one call with a sync
     latency_q1_us: Optional[float] = None
     latency_q3_us: Optional[float] = None
@@ -284,6 +285,7 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
             continue
         row.device_q1_us, t, row.device_q3_us = (x * 1e6 for x in quartiles(dev[row.impl]))
         row.device_us = t
+        row.device_n = len(dev[row.impl])
         row.latency_q1_us, row.latency_us, row.latency_q3_us = (x * 1e6 for x in quartiles(lat[row.impl]))
         row.gbps = case.nbytes / (t / 1e6) / 1e9
         row.copy_fraction = case.nbytes / (t / 1e6) / copy_bw if copy_bw else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 CONFIDENCE = 0.95
@@ -87,27 +87,9 @@ def compare(baseline: Sequence[float], candidate: Sequence[float], confidence: f
                    f"p={p:.2g} at n={len(baseline)}/{len(candidate)}, needs < {alpha:.2g}")
 
 
-def until_significant(measure: Callable[[], dict[str, float]], baseline: str, min_n: int, max_n: int,
-                      confidence: float = CONFIDENCE, step: int | None = None) -> dict[str, list]:
-    """Repeat `measure()` (one timing per implementation, round robin: {name: seconds}) at least
-    `min_n` and at most `max_n` times, stopping early once every implementation differs from
-    `baseline` at `confidence`, with the looks counted in (so stopping early is honest). Returns
-    {name: [seconds, ...]}; judge it with `compare(..., looks=looks_for(min_n, max_n, step))`."""
-    step = step or min_n
-    times: dict[str, list] = {}
-    looks = looks_for(min_n, max_n, step)
-    while True:
-        for _ in range(min_n if not times else step):
-            for name, t in measure().items():
-                times.setdefault(name, []).append(t)
-        n = len(times[baseline])
-        others = [k for k in times if k != baseline]
-        if n >= max_n or all(compare(times[baseline], times[k], confidence, looks).significant for k in others):
-            return times
-
-
 def looks_for(min_n: int, max_n: int, step: int | None = None) -> int:
-    """How many times `until_significant` may test: at min_n, then every `step` up to max_n."""
+    """How many times a caller growing a sample may test it: at min_n, then every `step` up to max_n
+    (bench ops' run_case grows its repeats this way)."""
     step = step or min_n
     if max_n <= min_n:
         return 1
