@@ -26,62 +26,23 @@ import shlex
 import sys
 import time
 import traceback
-from typing import List
 
 from .benchmark.stats import CONFIDENCE
-from .utils.versions import environment, system_line
+from .utils.versions import environment
+from .verify_dir import (  # noqa: F401  (re-exported: the report directory's names)
+    MARKER,
+    PARTIAL,
+    REPORT_FILES,
+    Interrupted,
+    _promote,
+    _signals_raise,
+    _summary,
+    check_out_dir,
+    stage_dir,
+)
+from .verify_report import render_markdown
 
 PHASES = ("parity", "ops", "model")
-REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
-# written first into every report directory: a directory without it holds the user's files, not ours
-MARKER = ".flux-npu-verify"
-PARTIAL = "partial-"  # a run into a directory holding an earlier report writes here until it is complete
-
-
-class Interrupted(BaseException):
-    """SIGTERM / SIGHUP during verify (SIGINT is KeyboardInterrupt): the partial report is kept."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def check_out_dir(out_dir: str, force: bool = False) -> None:
-    """Refuse a directory holding files verify did not write (unless `force`): its report.md,
-    report.json and the others would be replaced."""
-    if not os.path.exists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"-o {out_dir} exists and is not a directory: name a new or report directory")
-    entries = os.listdir(out_dir)
-    if not entries or force:
-        return
-    ours = MARKER in entries
-    foreign = sorted(e for e in entries if not (
-        ours and (e in REPORT_FILES or e in (MARKER, "msprobe") or e.startswith(PARTIAL)
-                  or (e.startswith(".") and e.endswith(".tmp")))))
-    if foreign:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        what = ("it holds files verify did not write" if ours else "it is not a verify report directory")
-        raise ValueError(f"-o {out_dir}: {what} ({listed}); report.md, report.json and the others would replace "
-                         "files of the same name. Name a new directory, or pass --force to write there anyway")
-
-
-def _summary(report) -> str:
-    """'parity: 12 passed, 1 failed; ops: done' for the phases that ran."""
-    parts = []
-    for name in (*PHASES, "msprobe"):
-        e = report.get(name)
-        if not isinstance(e, dict) or not e:
-            continue
-        if name == "parity":
-            done = [g for g in e.get("goldens", []) if "passed" in g]
-            p = sum(g["passed"] for g in done)
-            f = sum(g["total"] - g["passed"] for g in done)
-            parts.append(f"parity: {p} passed, {f} failed")
-        else:
-            parts.append(f"{name}: {e.get('status', 'unfinished')}")
-    return "; ".join(parts) or "no phase finished"
 
 
 def _now() -> str:
@@ -147,19 +108,7 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
     if set(PHASES) <= set(skip) and not msprobe:
         raise ValueError(f"--skip {' '.join(PHASES)}: nothing would be checked; leave at least one phase in")
     check_out_dir(out_dir, force)
-    os.makedirs(out_dir, exist_ok=True)
-    earlier = any(os.path.exists(os.path.join(out_dir, n)) for n in REPORT_FILES)
-    if not os.path.exists(os.path.join(out_dir, MARKER)):
-        with open(os.path.join(out_dir, MARKER), "w") as f:
-            f.write("written by flux-npu verify: this directory holds its reports\n")
-    # an earlier report stays whole until this one is complete
-    if earlier:
-        import tempfile
-
-        stage = tempfile.mkdtemp(prefix=f"{PARTIAL}{stamp}-", dir=out_dir)
-        os.chmod(stage, 0o777 & ~_umask())
-    else:
-        stage = out_dir
+    stage = stage_dir(out_dir, stamp)  # out_dir, or partial-*/ in it while an earlier report stays whole
     log_path = os.path.join(stage, "verify.log")
     with open(log_path, "w") as f:
         f.write(f"flux-npu verify {_now()}: tracebacks of crashed phases follow, then how the run ended\n")
@@ -220,7 +169,8 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
             report.get("model", {}).pop("_results", None)
             report["verdict"] = "INTERRUPTED"
             report["interrupted"] = {"phase": current[0], "by": how,
-                                     "summary": f"interrupted during {current[0]} ({how}); {_summary(report)}"}
+                                     "summary": f"interrupted during {current[0]} ({how}); "
+                                                f"{_summary(report, PHASES)}"}
             report["failures"].append(report["interrupted"]["summary"])
             report["dir"] = os.path.abspath(stage)
             report["send_back"] = _send_back(stage, report["command"])
@@ -237,12 +187,6 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
     return report
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_report(report, where, log_path, ending):
     from .utils.output import write_output
 
@@ -250,56 +194,6 @@ def _write_report(report, where, log_path, ending):
         f.write(f"=== {_now()} {ending}\n")
     write_output(os.path.join(where, "report.json"), json.dumps(report, indent=2, default=str))
     write_output(os.path.join(where, "report.md"), render_markdown(report))
-
-
-def _promote(stage, out_dir):
-    """Move a complete report from its staging directory over the earlier one, then drop the earlier
-    report's files this run did not make (a plot it no longer draws)."""
-    import shutil
-
-    made = set(os.listdir(stage))
-    for name in sorted(made):
-        dst = os.path.join(out_dir, name)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(stage, name), dst)
-    for name in (*REPORT_FILES, "msprobe"):
-        if name not in made:
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.rmdir(stage)
-
-
-class _signals_raise:
-    """While verify runs (main thread only): SIGTERM and SIGHUP raise Interrupted, so the report so
-    far is written before the process ends (SIGINT already raises KeyboardInterrupt)."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.saved = {}
-        if threading.current_thread() is not threading.main_thread():
-            return self
-
-        def handler(signum, frame):
-            raise Interrupted(signum)
-
-        for name in ("SIGTERM", "SIGHUP"):
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self.saved[sig] = signal.signal(sig, handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, old in self.saved.items():
-            signal.signal(sig, old)
-        return False
 
 
 # -- phases -----------------------------------------------------------------------------------
@@ -509,124 +403,3 @@ def _send_back(out_dir: str, command: str) -> dict:
     return {"tar": f"tar czf {shlex.quote(tarball)} -C {shlex.quote(os.path.dirname(d))} "
                    f"{shlex.quote(os.path.basename(d))}",
             "tarball": tarball, "command": command}
-
-
-# -- report.md --------------------------------------------------------------------------------
-
-
-def _md_table(head: List[str], rows: List[list]) -> str:
-    def cell(v):
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _kernels_md(k) -> str:
-    if not isinstance(k, dict):
-        return f"_{k}_"
-    out = [_md_table(["op", "backend", "kernel", "calls"],
-                     [[s["op"], s["backend"], s["kernel"], s["calls"]] for s in k["served"]]) if k["served"]
-           else "_no op was dispatched_"]
-    if k["fallback"]:
-        out.append("\nFallbacks to the plain-torch reference or stock code:\n")
-        out.append(_md_table(["op", "backend", "reason", "calls"],
-                             [[s["op"], s["backend"], s["reason"], s["calls"]] for s in k["fallback"]]))
-    return "\n".join(out)
-
-
-def render_markdown(r: dict) -> str:
-    env, v = r["environment"], r["environment"]["versions"]
-    out = [f"# flux-npu verify: {r['verdict']}", ""]
-    if r.get("interrupted"):
-        out += [f"**{r['interrupted']['summary']}**: a partial report; the phases after it did not run.", ""]
-    if env.get("note"):
-        out.append(f"- **{env['note']}**")
-    out += [f"- backend `{env['backend']}` on {env['device']} (device type {env['device_type']})",
-            f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
-            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-            f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads"]
-    out += [f"- {system_line(env['system'])} (at the start)"] if env.get("system") else []
-    out.append("")
-    if r["failures"]:
-        out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
-    p = r.get("parity")
-    if p:
-        out += ["## Parity against the shipped goldens", ""]
-        if p.get("status") == "error":
-            out += [f"**phase crashed**: {p['error']} (traceback in verify.log)", ""]
-        for g in p.get("goldens", []):
-            if "status" not in g:  # interrupted while this golden was being checked
-                out += [f"### {g['golden']}: unfinished (interrupted)", ""]
-                continue
-            if g["status"] == "golden error":
-                out += [f"### {g['golden']}: golden error", "", f"```\n{g['error']}\n```", ""]
-                continue
-            out += [f"### {g['golden']}: {g['status']}, {g['passed']}/{g['total']} cases pass", "",
-                    g.get("describe", ""), ""]
-            rows = []
-            for c in g["results"]:
-                w = c["worst"] or {}
-                rows.append([c["id"], c["dtype"], w.get("name", ""), _num(w.get("rel")), _num(w.get("tol")),
-                             c["status"] + (f": {c['message']}" if c["message"] else "")])
-            out += [_md_table(["case", "dtype", "worst tensor", "rel err", "tolerance", "result"], rows), ""]
-        if "kernels" in p:
-            out += ["### What served each op during parity", "", _kernels_md(p["kernels"]), ""]
-    mp = r.get("msprobe")
-    if mp:
-        out += ["## msprobe dump (op names shared by every device)", ""]
-        if mp.get("status") == "error":
-            out += [f"**phase crashed**: {mp['error']} (traceback in verify.log)", ""]
-        if "dump_json" in mp:
-            ours = sorted({e.rsplit(".", 2)[0] for e in mp["flux_npu_entries"]})
-            out += [f"One patched Flux step (forward and backward) dumped by msprobe: `{mp['dump_json']}`. "
-                    f"flux_npu's ops appear as {', '.join(f'`{n}`' for n in ours) or 'nothing'} "
-                    f"({len(mp['flux_npu_entries'])} forward/backward entries). Compare with the same command's "
-                    "dump from another device (e.g. the GPU run as golden):", "", "```", mp["compare"], "```", ""]
-    o = r.get("ops")
-    if o:
-        out += ["## Op benchmarks", ""]
-        if o.get("status") == "error":
-            out += [f"**phase crashed**: {o['error']} (traceback in verify.log)", ""]
-        if "table" in o:
-            e = o["environment"]
-            grow = (f", grown up to {o['max_repeats']} until significant" if o.get("max_repeats", 0) > o["repeats"]
-                    else "")
-            out += [f"Shape `{o['shape']}` {o['shape_def']}, dtypes {', '.join(o['dtypes'])}, median and IQR of "
-                    f"{o['repeats']}{grow} after {o['warmup']} warm-up; copy bandwidth "
-                    f"{e['copy_bandwidth_gbps']:.1f} GB/s. Device time: {e['device_time']}; GB/s, % copy and vs stock "
-                    f"come from it. Latency: {e['latency']}. A \"vs stock\" ratio is a verdict only where it says "
-                    f"faster or slower (Mann-Whitney U at {o.get('confidence', CONFIDENCE):.0%} confidence); "
-                    "\"not significant\" means the runs could not tell the two apart. % copy above 100 is "
-                    "cache-resident, not bandwidth.", "", "```", o["table"], "```", ""]
-    m = r.get("model")
-    if m:
-        out += ["## Whole-model benchmark", ""]
-        if m.get("status") == "error":
-            out += [f"**phase crashed**: {m['error']} (traceback in verify.log)", ""]
-        if "table" in m:
-            out += [f"Configuration: {m['config']}; rows in `model.json`, tracebacks (if any) in `model.log`.", "",
-                    "```", m["table"], "```", ""]
-            if m.get("ratio_table"):
-                out += ["```", m["ratio_table"], "```", ""]
-            out += ["### What served each op during the model benchmark", "", _kernels_md(m["kernels"]), ""]
-    pl = r.get("plots", {})
-    out += ["## Plots", "", (", ".join(f"`{f}`" for f in pl.get("files", [])) or "none") if "files" in pl
-            else pl.get("skipped", pl.get("error", "none")), ""]
-    sb = r["send_back"]
-    out += ["## What to send back", ""]
-    if r["failures"]:
-        out += ["Something failed. Please send, to the flux-npu issue tracker or to whoever asked you to run this:", "",
-                "1. this report directory as a tarball:", "", "```", sb["tar"], "```", "",
-                f"2. the command line you ran: `{sb['command']}`", "",
-                "3. anything the terminal printed that is not in the report (warnings from the driver, CANN or "
-                "CUDA).", ""]
-    else:
-        out += ["Every check passed. To share the figures anyway:", "", "```", sb["tar"], "```", "",
-                f"(command line: `{sb['command']}`)", ""]
-    return "\n".join(out)
-
-
-def _num(v) -> str:
-    return "" if v is None else f"{v:.3e}"

@@ -1,0 +1,125 @@
+"""report.md of `flux-npu verify`, rendered from report.json's content (the orchestration is
+`flux_npu.verify`)."""
+
+from __future__ import annotations
+
+from .benchmark.stats import CONFIDENCE
+from .utils.versions import system_line
+
+
+def _md_table(head: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _kernels_md(k) -> str:
+    if not isinstance(k, dict):
+        return f"_{k}_"
+    out = [_md_table(["op", "backend", "kernel", "calls"],
+                     [[s["op"], s["backend"], s["kernel"], s["calls"]] for s in k["served"]]) if k["served"]
+           else "_no op was dispatched_"]
+    if k["fallback"]:
+        out.append("\nFallbacks to the plain-torch reference or stock code:\n")
+        out.append(_md_table(["op", "backend", "reason", "calls"],
+                             [[s["op"], s["backend"], s["reason"], s["calls"]] for s in k["fallback"]]))
+    return "\n".join(out)
+
+
+def render_markdown(r: dict) -> str:
+    env, v = r["environment"], r["environment"]["versions"]
+    out = [f"# flux-npu verify: {r['verdict']}", ""]
+    if r.get("interrupted"):
+        out += [f"**{r['interrupted']['summary']}**: a partial report; the phases after it did not run.", ""]
+    if env.get("note"):
+        out.append(f"- **{env['note']}**")
+    out += [f"- backend `{env['backend']}` on {env['device']} (device type {env['device_type']})",
+            f"- date {r['date']}; command `{r['command']}`" + (" (--quick)" if r["quick"] else ""),
+            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+            f"- Python {env['python']} on {env['platform']}, {env['torch_threads']} torch threads"]
+    out += [f"- {system_line(env['system'])} (at the start)"] if env.get("system") else []
+    out.append("")
+    if r["failures"]:
+        out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
+    p = r.get("parity")
+    if p:
+        out += ["## Parity against the shipped goldens", ""]
+        if p.get("status") == "error":
+            out += [f"**phase crashed**: {p['error']} (traceback in verify.log)", ""]
+        for g in p.get("goldens", []):
+            if "status" not in g:  # interrupted while this golden was being checked
+                out += [f"### {g['golden']}: unfinished (interrupted)", ""]
+                continue
+            if g["status"] == "golden error":
+                out += [f"### {g['golden']}: golden error", "", f"```\n{g['error']}\n```", ""]
+                continue
+            out += [f"### {g['golden']}: {g['status']}, {g['passed']}/{g['total']} cases pass", "",
+                    g.get("describe", ""), ""]
+            rows = []
+            for c in g["results"]:
+                w = c["worst"] or {}
+                rows.append([c["id"], c["dtype"], w.get("name", ""), _num(w.get("rel")), _num(w.get("tol")),
+                             c["status"] + (f": {c['message']}" if c["message"] else "")])
+            out += [_md_table(["case", "dtype", "worst tensor", "rel err", "tolerance", "result"], rows), ""]
+        if "kernels" in p:
+            out += ["### What served each op during parity", "", _kernels_md(p["kernels"]), ""]
+    mp = r.get("msprobe")
+    if mp:
+        out += ["## msprobe dump (op names shared by every device)", ""]
+        if mp.get("status") == "error":
+            out += [f"**phase crashed**: {mp['error']} (traceback in verify.log)", ""]
+        if "dump_json" in mp:
+            ours = sorted({e.rsplit(".", 2)[0] for e in mp["flux_npu_entries"]})
+            out += [f"One patched Flux step (forward and backward) dumped by msprobe: `{mp['dump_json']}`. "
+                    f"flux_npu's ops appear as {', '.join(f'`{n}`' for n in ours) or 'nothing'} "
+                    f"({len(mp['flux_npu_entries'])} forward/backward entries). Compare with the same command's "
+                    "dump from another device (e.g. the GPU run as golden):", "", "```", mp["compare"], "```", ""]
+    o = r.get("ops")
+    if o:
+        out += ["## Op benchmarks", ""]
+        if o.get("status") == "error":
+            out += [f"**phase crashed**: {o['error']} (traceback in verify.log)", ""]
+        if "table" in o:
+            e = o["environment"]
+            grow = (f", grown up to {o['max_repeats']} until significant" if o.get("max_repeats", 0) > o["repeats"]
+                    else "")
+            out += [f"Shape `{o['shape']}` {o['shape_def']}, dtypes {', '.join(o['dtypes'])}, median and IQR of "
+                    f"{o['repeats']}{grow} after {o['warmup']} warm-up; copy bandwidth "
+                    f"{e['copy_bandwidth_gbps']:.1f} GB/s. Device time: {e['device_time']}; GB/s, % copy and vs stock "
+                    f"come from it. Latency: {e['latency']}. A \"vs stock\" ratio is a verdict only where it says "
+                    f"faster or slower (Mann-Whitney U at {o.get('confidence', CONFIDENCE):.0%} confidence); "
+                    "\"not significant\" means the runs could not tell the two apart. % copy above 100 is "
+                    "cache-resident, not bandwidth.", "", "```", o["table"], "```", ""]
+    m = r.get("model")
+    if m:
+        out += ["## Whole-model benchmark", ""]
+        if m.get("status") == "error":
+            out += [f"**phase crashed**: {m['error']} (traceback in verify.log)", ""]
+        if "table" in m:
+            out += [f"Configuration: {m['config']}; rows in `model.json`, tracebacks (if any) in `model.log`.", "",
+                    "```", m["table"], "```", ""]
+            if m.get("ratio_table"):
+                out += ["```", m["ratio_table"], "```", ""]
+            out += ["### What served each op during the model benchmark", "", _kernels_md(m["kernels"]), ""]
+    pl = r.get("plots", {})
+    out += ["## Plots", "", (", ".join(f"`{f}`" for f in pl.get("files", [])) or "none") if "files" in pl
+            else pl.get("skipped", pl.get("error", "none")), ""]
+    sb = r["send_back"]
+    out += ["## What to send back", ""]
+    if r["failures"]:
+        out += ["Something failed. Please send, to the flux-npu issue tracker or to whoever asked you to run this:", "",
+                "1. this report directory as a tarball:", "", "```", sb["tar"], "```", "",
+                f"2. the command line you ran: `{sb['command']}`", "",
+                "3. anything the terminal printed that is not in the report (warnings from the driver, CANN or "
+                "CUDA).", ""]
+    else:
+        out += ["Every check passed. To share the figures anyway:", "", "```", sb["tar"], "```", "",
+                f"(command line: `{sb['command']}`)", ""]
+    return "\n".join(out)
+
+
+def _num(v) -> str:
+    return "" if v is None else f"{v:.3e}"
