@@ -14,8 +14,6 @@ from flux_npu.ops import catalogue, reference, registry
 ROOT = os.path.dirname(flux_npu.__file__)
 TESTS = os.path.dirname(__file__)
 MAX_LINES = 500
-# files whose split belongs to another change (issue 16 leaves patches/ to issue 15's work)
-OVER_LIMIT_ELSEWHERE = ("patches/",)
 
 
 def _modules():
@@ -50,8 +48,7 @@ def _imports(path, package):
 
 
 def test_no_module_over_500_lines():
-    over = {rel: n for rel, path in _modules()
-            if (n := len(_read(path).splitlines())) > MAX_LINES and not rel.startswith(OVER_LIMIT_ELSEWHERE)}
+    over = {rel: n for rel, path in _modules() if (n := len(_read(path).splitlines())) > MAX_LINES}
     assert not over, over
 
 
