@@ -258,7 +258,7 @@ def _ops_bench(report, b, quick):
     shape = "quick" if quick else ("flux-mini" if on_cpu else "flux-dev")
     dtypes = [d for d in (["bf16"] if quick else ["bf16", "fp32"]) if B.DTYPES[d] in b.dtypes] or ["fp32"]
     # repeats grow (up to the second figure) until each "vs stock" is significant or the budget is spent
-    warmup, repeats, max_repeats = (1, 5, 15) if quick else ((2, 7, 21) if on_cpu else (10, 50, 50))
+    warmup, repeats, max_repeats = (1, 5, 10) if quick else ((2, 7, 21) if on_cpu else (10, 50, 50))
     device, utils = b.device(), b.utils
     copy_bw = B.copy_bandwidth(device, utils, (16 if quick else 64 if on_cpu else 1024) * 2**20, warmup,
                                max(repeats, 5))
