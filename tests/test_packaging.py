@@ -66,7 +66,18 @@ def test_package_data_covers_the_configs_and_the_golden(project):
     shipped = {os.path.join("data", "configs", name) for name in gen.render()}
     assert shipped <= covered
     assert os.path.join("data", "golden", "parity_cpu.safetensors") in covered
+    assert "py.typed" in covered  # PEP 561: type checkers read the package's annotations
     # the packaged golden is the tests' golden (a link: one file, two paths), never a stale copy
     assert os.path.samefile(os.path.join(pkg, "data", "golden", "parity_cpu.safetensors"),
                             os.path.join(REPO, "tests", "golden", "parity_cpu.safetensors"))
     assert os.path.samefile(os.path.join(REPO, "configs"), gen.SHIPPED)
+
+
+def test_readme_installs_from_a_checkout_or_a_wheel():
+    """flux-npu is on no package index: the README must not send users to one (issue 19 item 5)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "pip install flux-npu" not in text and '"flux-npu[' not in text
+    assert 'pip install -e ".[diffusers]"' in text and "pip wheel" in text
+    for extra in ("diffusers", "deepspeed", "triton", "plot", "npu", "test", "all"):
+        assert f"| `[{extra}]` |" in text  # what each extra brings
