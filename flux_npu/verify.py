@@ -4,7 +4,10 @@
     flux-npu verify --backend npu -o verify-910b --quick
 
 On the chosen backend it runs, offline:
-1. parity: every shipped golden (`flux_npu.parity.shipped_goldens()`), pass/fail per case;
+1. parity: every shipped golden (`flux_npu.parity.shipped_goldens()`), pass/fail per case, and
+   Ascend's 2x rule against each golden's float64 reference; then a training trajectory (a short
+   LoRA and full fine-tune) against the shipped reference curve (`flux_npu.trajectory`), and on
+   npu the open device questions (`flux_npu.device_questions`);
 2. op benchmarks: device time and per-call latency, stock vs patched (`flux-npu bench ops`);
 3. a short whole-model benchmark, stock vs patched, inference and LoRA training;
 and writes one report directory: report.md (for people), report.json (everything), plots when
@@ -41,8 +44,9 @@ from .verify_dir import (  # noqa: F401  (re-exported: the report directory's na
     stage_dir,
 )
 from .verify_report import render_markdown
+from .verify_sections import device_questions, msprobe_dump, parity_rule, plot_trajectory, trajectory
 
-PHASES = ("parity", "ops", "model")
+PHASES = ("parity", "trajectory", "ops", "model")
 
 
 def _now() -> str:
@@ -149,10 +153,18 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
                 current[0] = "parity"
                 with _Phase(report, "parity", log_path):
                     _parity(report, b, quick, parity, ops)
+            if b.name == "npu":
+                current[0] = "device_questions"
+                with _Phase(report, "device_questions", log_path):
+                    device_questions(report, b)
+            if "trajectory" not in skip:
+                current[0] = "trajectory"
+                with _Phase(report, "trajectory", log_path):
+                    trajectory(report, b, quick)
             if msprobe:
                 current[0] = "msprobe"
                 with _Phase(report, "msprobe", log_path):
-                    _msprobe(report, b, stage)
+                    msprobe_dump(report, b, stage)
             if "ops" not in skip:
                 current[0] = "ops"
                 with _Phase(report, "ops", log_path):
@@ -177,7 +189,7 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
             _write_report(report, stage, log_path, f"interrupted during {current[0]} ({how})")
             exc.flux_npu_report = os.path.join(stage, "report.md")
             raise
-    crashed = sum(1 for n in (*PHASES, "msprobe", "plots")
+    crashed = sum(1 for n in (*PHASES, "device_questions", "msprobe", "plots")
                   if isinstance(report.get(n), dict) and report[n].get("status") == "error")
     report["verdict"] = "FAIL" if report["failures"] else "PASS"
     report["send_back"] = _send_back(out_dir, report["command"])
@@ -223,30 +235,9 @@ def _parity(report, b, quick, parity, ops):
         for r in rep.failed:
             report["failures"].append(f"parity {g['golden']}: {r.id} {r.status}"
                                       + (f" ({r.message})" if r.message else ""))
+        g["rule"] = parity_rule(rep)  # Ascend's rule against the golden's float64 reference
     entry["kernels"] = _served(ops.dispatch_stats())
     entry["status"] = "pass" if all(g["status"] == "pass" for g in entry["goldens"]) else "FAIL"
-
-
-def _msprobe(report, b, out_dir):
-    import shutil
-
-    from . import probe
-
-    dump_dir = os.path.join(out_dir, "msprobe")
-    if os.path.isdir(dump_dir):  # a reused report directory: this run's dump only
-        shutil.rmtree(dump_dir)
-    res = probe.dump_flux_step(b, dump_dir)
-    entry = report["msprobe"]
-    rel = os.path.relpath(res["dump_json"], out_dir)
-    entry.update(dump_json=rel, stack_json=res["stack_json"] and os.path.relpath(res["stack_json"], out_dir),
-                 flux_npu_entries=res["flux_npu_entries"], kernels=res["kernels"],
-                 compare=(f"msprobe compare -tp {shlex.quote(rel)} -gp <the other device's report>/{rel} "
-                          "-o msprobe-compare"))
-    missing = [op for op in ("attention", "rms_norm") if not any(e.startswith(f"{probe.PREFIX}.{op}.")
-                                                                 for e in res["flux_npu_entries"])]
-    if missing:
-        report["failures"].append(f"msprobe: the dump has no {', '.join(missing)} entries under {probe.PREFIX}.*")
-    entry["status"] = "FAIL" if missing else "pass"
 
 
 def _ops_bench(report, b, quick):
@@ -343,6 +334,8 @@ def _plots(report, out_dir):
     if report.get("ops", {}).get("rows"):
         _plot_ops(report["ops"], os.path.join(out_dir, "ops.png"), report)
         made.append("ops.png")
+    if report.get("trajectory", {}).get("modes"):
+        made.append(plot_trajectory(report, out_dir))
     report["plots"] = {"files": made}
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png")
+REPORT_FILES = ("report.md", "report.json", "verify.log", "model.json", "model.log", "model.png", "ops.png",
+                "trajectory.png")
 # written first into every report directory: a directory without it holds the user's files, not ours
 MARKER = ".flux-npu-verify"
 PARTIAL = "partial-"  # a run into a directory holding an earlier report writes here until it is complete

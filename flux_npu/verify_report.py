@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .benchmark.stats import CONFIDENCE
 from .utils.versions import system_line
+from .verify_sections import parity_markdown, sections_markdown
 
 
 def _md_table(head: list[str], rows: list[list]) -> str:
@@ -58,25 +59,10 @@ def render_markdown(r: dict) -> str:
                 continue
             out += [f"### {g['golden']}: {g['status']}, {g['passed']}/{g['total']} cases pass", "",
                     g.get("describe", ""), ""]
-            rows = []
-            for c in g["results"]:
-                w = c["worst"] or {}
-                rows.append([c["id"], c["dtype"], w.get("name", ""), _num(w.get("rel")), _num(w.get("tol")),
-                             c["status"] + (f": {c['message']}" if c["message"] else "")])
-            out += [_md_table(["case", "dtype", "worst tensor", "rel err", "tolerance", "result"], rows), ""]
+            out += parity_markdown(g, _md_table, _num)
         if "kernels" in p:
             out += ["### What served each op during parity", "", _kernels_md(p["kernels"]), ""]
-    mp = r.get("msprobe")
-    if mp:
-        out += ["## msprobe dump (op names shared by every device)", ""]
-        if mp.get("status") == "error":
-            out += [f"**phase crashed**: {mp['error']} (traceback in verify.log)", ""]
-        if "dump_json" in mp:
-            ours = sorted({e.rsplit(".", 2)[0] for e in mp["flux_npu_entries"]})
-            out += [f"One patched Flux step (forward and backward) dumped by msprobe: `{mp['dump_json']}`. "
-                    f"flux_npu's ops appear as {', '.join(f'`{n}`' for n in ours) or 'nothing'} "
-                    f"({len(mp['flux_npu_entries'])} forward/backward entries). Compare with the same command's "
-                    "dump from another device (e.g. the GPU run as golden):", "", "```", mp["compare"], "```", ""]
+    out += sections_markdown(r, _md_table)
     o = r.get("ops")
     if o:
         out += ["## Op benchmarks", ""]

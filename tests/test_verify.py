@@ -56,12 +56,18 @@ def test_verify_quick_on_cpu_writes_the_full_report(tmp_path, capsys):
     except ImportError:
         assert "matplotlib is not installed" in data["plots"]["skipped"]
     else:
-        assert data["plots"]["files"] == ["model.png", "ops.png"]
+        assert data["plots"]["files"] == ["model.png", "ops.png", "trajectory.png"]
         assert (out / "model.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    # the training trajectory (issue 17): --quick runs LoRA against the shipped reference, and passes
+    assert data["trajectory"]["status"] == "pass" and list(data["trajectory"]["modes"]) == ["lora"]
+    # Ascend's rule against the golden's float64 reference, next to the fixed-tolerance check
+    assert g["rule"]["rated"] > 10 and g["rule"]["passed"] == g["rule"]["rated"]
     md = (out / "report.md").read_text()
     for text in ("# flux-npu verify: PASS", "## Parity against the shipped goldens", "tiny.single_block.bf16",
                  "What served each op during parity", "## Op benchmarks", "## Whole-model benchmark",
-                 "## What to send back", f"tar czf {out}.tar.gz"):
+                 "## What to send back", f"tar czf {out}.tar.gz", "## Training trajectory", "2x rule",
+                 "low-precision cases pass"):
         assert text in md
 
 

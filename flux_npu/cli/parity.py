@@ -54,6 +54,10 @@ def register(sub):
     c.add_argument("--allow-cudnn-sdpa", action="store_true", help="CUDA: let SDPA use cuDNN attention (see record)")
     c.add_argument("--all-tensors", action="store_true",
                    help="one row per compared tensor instead of the worst per case")
+    c.add_argument("--ascend-rule", action="store_true",
+                   help="also fail (exit 1) on a case that breaks Ascend's rule against the golden's float64 "
+                        "reference (error <= 2x the golden device's, max relative error <= 10x); it is always "
+                        "reported in the table")
     c.add_argument("-o", "--output", help="also write the results as JSON to this file")
     c.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     c.set_defaults(func=run_check)
@@ -98,9 +102,15 @@ def run_check(args) -> int:
         from ..utils.output import write_output
 
         write_output(args.output, json.dumps(report.as_dict(), indent=2) + "\n")
+    for r in report.rule_failed:
+        print(f"Ascend's rule broken: {r.id}: {r.rule_message}", file=sys.stderr)
     if not report.ok:
         bad = ", ".join(r.id for r in report.failed) or "no case was run"
         print(f"flux-npu parity check: FAILED: {bad}", file=sys.stderr)
+        return 1
+    if args.ascend_rule and report.rule_failed:
+        print(f"flux-npu parity check: FAILED Ascend's rule: {', '.join(r.id for r in report.rule_failed)}",
+              file=sys.stderr)
         return 1
     return 0
 

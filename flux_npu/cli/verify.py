@@ -4,7 +4,9 @@
     flux-npu verify --backend npu -o verify-910b --quick
 
 On the chosen backend it runs, offline:
-1. parity: every shipped golden (`flux_npu.parity.shipped_goldens()`), pass/fail per case;
+1. parity: every shipped golden (`flux_npu.parity.shipped_goldens()`), pass/fail per case, and
+   Ascend's 2x rule against each golden's float64 reference; then a training trajectory (a short
+   LoRA and full fine-tune) against the shipped reference curve (`flux_npu.trajectory`);
 2. op benchmarks: device time and per-call latency, stock vs patched (`flux-npu bench ops`);
 3. a short whole-model benchmark, stock vs patched, inference and LoRA training;
 and writes one report directory: report.md (for people), report.json (everything), plots when
@@ -33,7 +35,7 @@ def register(sub):
     p.add_argument("--no-isolate", action="store_true",
                    help="run the model benchmark in this process (default on a GPU/NPU: one process per "
                         "configuration, so a device fault costs one row)")
-    p.add_argument("--skip", nargs="+", default=[], help="phases to leave out: parity, ops, model")
+    p.add_argument("--skip", nargs="+", default=[], help="phases to leave out: parity, trajectory, ops, model")
     p.add_argument("--msprobe", action="store_true",
                    help="also dump one patched Flux step with msprobe (pip install mindstudio-probe), flux_npu's ops "
                         "named flux_npu.<op> on every device, into <report>/msprobe/ for `msprobe compare`")

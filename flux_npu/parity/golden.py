@@ -15,7 +15,11 @@ import torch
 from . import cases as C
 
 # /2: per-tensor sha256 checksums and the SDPA policy in the metadata (goldens of /1 had neither)
-FORMAT = "flux-npu-parity/2"
+# /3: a float64 reference (`ref/`) of every output and gradient of each bfloat16/float16 case, so
+#     a check can apply Ascend's rule (this device's error against float64 at most 2x the recording
+#     device's; 10x for the maximum relative error). /2 goldens are still read (the rule is n/a).
+FORMAT = "flux-npu-parity/3"
+READ_FORMATS = ("flux-npu-parity/2", FORMAT)
 GOLDEN_FILES = "parity_*.safetensors"
 
 
@@ -125,12 +129,12 @@ def load_golden(path) -> Golden:
     if META_SUM in meta and meta[META_SUM] != meta_sha256(meta):
         raise GoldenCorrupted(f"golden corrupted: its metadata (cases, flags, shapes, checksums) does not match "
                               f"its recorded sha256 ({path}): it was edited after recording; {_rerecord(path)}")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READ_FORMATS:
         if "format" not in meta:
             raise GoldenError(f"{path}: a safetensors file but not a flux-npu parity golden (no 'format' metadata); "
                               f"{_rerecord(path)}")
-        raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads {FORMAT!r}; "
-                          f"{_rerecord(path)}")
+        raise GoldenError(f"{path}: golden format {meta['format']!r}, this flux-npu reads "
+                          f"{' and '.join(map(repr, READ_FORMATS))}; {_rerecord(path)}")
     entries, recorded_sets, checksums = _parse_meta(path, meta)
     problems = []
     for name, rec in recorded_sets.items():
@@ -152,6 +156,9 @@ def load_golden(path) -> Golden:
         for n in e["outputs"]:
             if f"{e['id']}/{n}" not in keys:
                 problems.append(f"case {e['id']}: {n!r} is listed but missing from the file")
+        for n in e.get("references", ()):
+            if f"{e['id']}/ref/{n}" not in keys:
+                problems.append(f"case {e['id']}: float64 reference {n!r} is listed but missing from the file")
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise GoldenError(f"{path} does not match this version's parity catalogue:\n  {shown}\n{_rerecord(path)}")
@@ -230,6 +237,9 @@ def _parse_meta(path, meta: dict):
                 raise _bad_meta(path, f"{where}: output {n!r} is not out/, grad/ or pgrad/<name>")
         if "checksum" in e and not isinstance(e["checksum"], str):
             raise _bad_meta(path, f"{where}: parameter checksum is not a string")
+        refs = e.get("references", [])
+        if not isinstance(refs, list) or any(not isinstance(n, str) or n not in e["outputs"] for n in refs):
+            raise _bad_meta(path, f"{where}: 'references' must list some of the case's outputs")
     return entries, recorded_sets, checksums
 
 

@@ -12,7 +12,9 @@ listed tensor present and matching its checksum, shapes equal to what this versi
 defines), recomputes every case on the chosen
 backend from the golden's own inputs, through `flux_npu.ops` / `flux_npu.patch(model=block)`,
 and compares each output and gradient with the golden: relative error ||out - golden|| / ||golden||
-against `flux_npu.testing.tolerance(dtype)` (times `BLOCK_FACTOR` for whole blocks).
+against `flux_npu.testing.tolerance(dtype)` (times `BLOCK_FACTOR` for whole blocks). Format /3
+also stores (kind `ref`) a float64 reference of each bfloat16/float16 case's outputs and gradients;
+`check` then reports Ascend's rule per case next to that (see RATIO_LIMIT).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from ..backends import Backend, get_backend
 from ..testing import max_abs_err, rel_err, tolerance
 from ..utils.versions import versions
 from . import cases as C
-from .golden import (FORMAT, GOLDEN_FILES, META_SUM, Golden, GoldenError, _rerecord, load_golden, meta_sha256,
-                     tensor_sha256)
+from .golden import (FORMAT, GOLDEN_FILES, META_SUM, READ_FORMATS, Golden, GoldenError, _rerecord, load_golden,
+                     meta_sha256, tensor_sha256)
+from .rule import LOW_PRECISION, MAX_REL_RATIO_LIMIT, RATIO_LIMIT, rate, reference64
 
 # -- where the shipped goldens are --------------------------------------------------------------
 
@@ -168,10 +171,13 @@ def _progress(items, desc, show):
 
 
 def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases=None, seed: int = 0,
-           backward: bool = True, stock: bool = False, progress: bool = False, allow_cudnn: bool = False) -> dict:
+           backward: bool = True, stock: bool = False, progress: bool = False, allow_cudnn: bool = False,
+           references: bool = True) -> dict:
     """Compute every selected case on `backend` and write the golden to `path`.
     Returns the metadata written. allow_cudnn: let SDPA use cuDNN attention on CUDA (off by
-    default: see PARITY_SDPA)."""
+    default: see PARITY_SDPA). references: store, for each bfloat16/float16 case, the float64
+    reference of every output and gradient (computed on the CPU, stored as float32: 6e-8 relative,
+    four orders below the errors it measures); False writes the previous format (/2)."""
     from safetensors.torch import save
 
     from ..utils.output import output_kind, write_output
@@ -216,9 +222,19 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
                 tensors[f"{spec.id}/{kind}/{n}"] = v
         groups = (("out", res.outputs), ("grad", res.grads), ("pgrad", res.param_grads))
         entry["outputs"] = {f"{kind}/{n}": list(v.shape) for kind, group in groups for n, v in group.items()}
+        if references and spec.dtype in LOW_PRECISION:
+            ref = reference64(spec, inputs, module, backward,
+                              _param_grad_filter(module) if module is not None else None)
+            refs = (("out", ref.outputs), ("grad", ref.grads), ("pgrad", ref.param_grads))
+            entry["references"] = []
+            for kind, group in refs:
+                for n, v in group.items():
+                    if f"{kind}/{n}" in entry["outputs"]:
+                        tensors[f"{spec.id}/ref/{kind}/{n}"] = v.float().contiguous()
+                        entry["references"].append(f"{kind}/{n}")
         entries.append(entry)
     meta = {
-        "format": FORMAT,
+        "format": FORMAT if references else READ_FORMATS[0],
         "backend": b.name,
         "device": b.utils.device_name(),
         "stock": "1" if stock else "0",
@@ -247,10 +263,25 @@ class TensorResult:
     max_abs: float
     rel: float
     tol: float
+    # Ascend's rule, against the golden's float64 reference (None: the golden has none)
+    ref_rel: Optional[float] = None  # this device's rel. error vs float64
+    golden_ref_rel: Optional[float] = None  # the recording device's rel. error vs float64
+    ratio: Optional[float] = None  # ref_rel / golden_ref_rel (limit RATIO_LIMIT)
+    max_rel: Optional[float] = None  # this device's max elementwise rel. error vs float64 (`max_rel_err`)
+    golden_max_rel: Optional[float] = None
+    max_rel_ratio: Optional[float] = None  # max_rel / max(golden_max_rel, MINIMUM_ERROR) (limit MAX_REL_RATIO_LIMIT)
 
     @property
     def passed(self) -> bool:
         return self.rel <= self.tol  # inf and NaN never pass
+
+    @property
+    def rule(self) -> Optional[str]:
+        """'pass' / 'FAIL' by Ascend's 2x (10x max-rel) rule; None without a float64 reference."""
+        if self.ratio is None:
+            return None
+        ok = self.ratio <= RATIO_LIMIT and self.max_rel_ratio <= MAX_REL_RATIO_LIMIT
+        return "pass" if ok else "FAIL"
 
 
 @dataclass
@@ -264,6 +295,30 @@ class CaseResult:
     message: str = ""
 
     @property
+    def rule(self) -> Optional[str]:
+        """The case's verdict by Ascend's 2x rule: 'pass', 'FAIL' (a tensor breaks it) or None
+        (no float64 reference: a float32 case, or a golden of format /2)."""
+        rules = [t.rule for t in self.tensors if t.rule is not None]
+        if not rules:
+            return None
+        return "FAIL" if "FAIL" in rules else "pass"
+
+    @property
+    def rule_message(self) -> str:
+        if (w := self.worst_ratio) is None:
+            return ""
+        return (f"{w.name}: error vs float64 {w.ref_rel:.2e} = {w.ratio:.2f}x the golden device's "
+                f"{w.golden_ref_rel:.2e} (limit {RATIO_LIMIT:g}x); max rel. error {w.max_rel:.2e} = "
+                f"{w.max_rel_ratio:.1f}x (limit {MAX_REL_RATIO_LIMIT:g}x)")
+
+    @property
+    def worst_ratio(self) -> Optional[TensorResult]:
+        rated = [t for t in self.tensors if t.ratio is not None]
+        if not rated:
+            return None
+        return max(rated, key=lambda t: max(t.ratio / RATIO_LIMIT, t.max_rel_ratio / MAX_REL_RATIO_LIMIT))
+
+    @property
     def worst(self) -> Optional[TensorResult]:
         if not self.tensors:
             return None
@@ -272,8 +327,13 @@ class CaseResult:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        for t, td in zip(self.tensors, d["tensors"], strict=True):
+            td["rule"] = t.rule
         w = self.worst
         d["worst"] = dataclasses.asdict(w) if w else None
+        wr = self.worst_ratio
+        d["rule"] = self.rule
+        d["worst_ratio"] = dict(dataclasses.asdict(wr), rule=wr.rule) if wr else None
         return d
 
 
@@ -294,28 +354,51 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.failed and any(r.status == "pass" for r in self.results)
 
+    @property
+    def rule_failed(self) -> List[CaseResult]:
+        """Cases that break Ascend's 2x (10x max-rel) rule against the golden's float64 reference
+        (reported next to `failed`, today's fixed-tolerance check)."""
+        return [r for r in self.results if r.rule == "FAIL"]
+
     def table(self, all_tensors: bool = False) -> str:
         from ..utils.table import format_table
 
         rows = []
+
+        def rule_cells(t):
+            if t is None or t.ratio is None:
+                return ["", "", "n/a"]
+            return [f"{t.ref_rel:.2e} / {t.golden_ref_rel:.2e}", f"{t.ratio:.2f} ({t.max_rel_ratio:.1f})",
+                    t.rule]
+
         for r in self.results:
             items = r.tensors if all_tensors else ([r.worst] if r.worst else [])
             if not items:
-                rows.append([r.id, r.dtype, "", "", "", "", r.status + (f": {r.message}" if r.message else "")])
+                rows.append([r.id, r.dtype, "", "", "", "", r.status + (f": {r.message}" if r.message else ""),
+                             "", "", ""])
             for t in items:
+                rated = t if all_tensors else r.worst_ratio
                 rows.append([r.id, r.dtype, t.name, f"{t.max_abs:.3e}", f"{t.rel:.3e}", f"{t.tol:.1e}",
-                             ("pass" if t.passed else "FAIL") if all_tensors else r.status])
+                             ("pass" if t.passed else "FAIL") if all_tensors else r.status, *rule_cells(rated)])
         head = ["case", "dtype", "worst tensor" if not all_tensors else "tensor", "max abs err", "rel err",
-                "tolerance", "result"]
+                "tolerance", "result", "vs f64: this / golden", "ratio (max-rel)", "2x rule"]
         n_pass = sum(r.status == "pass" for r in self.results)
+        rated = [r for r in self.results if r.rule is not None]
+        rule = (f"; Ascend's rule (error vs float64 <= {RATIO_LIMIT:g}x the golden device's, max-rel "
+                f"<= {MAX_REL_RATIO_LIMIT:g}x): {sum(r.rule == 'pass' for r in rated)}/{len(rated)} "
+                "low-precision cases pass" if rated else
+                "; Ascend's 2x rule: n/a (no float64 reference in this golden: format "
+                f"{self.golden_meta.get('format')}, or no bf16/fp16 case)")
         summary = (f"{n_pass}/{len(self.results)} cases pass on backend {self.backend} ({self.device})"
                    f"{' [stock references]' if self.stock else ''}; golden from {self.golden_meta.get('backend')} "
-                   f"({self.golden_meta.get('device')})")
+                   f"({self.golden_meta.get('device')}){rule}")
         return format_table(head, rows, max_width=60) + "\n" + summary
 
     def as_dict(self) -> dict:
         return {"golden": self.golden, "golden_meta": {k: v for k, v in self.golden_meta.items() if k != "cases"},
                 "backend": self.backend, "device": self.device, "stock": self.stock, "ok": self.ok,
+                "rule_limits": {"ratio": RATIO_LIMIT, "max_rel_ratio": MAX_REL_RATIO_LIMIT},
+                "rule_failed": [r.id for r in self.rule_failed],
                 "results": [r.as_dict() for r in self.results]}
 
 
@@ -394,7 +477,10 @@ def _check_one(golden: Golden, e: dict, b: Backend, backward: bool, stock: bool)
             res.tensors.append(TensorResult(key, math.inf, math.inf, tol))
             res.message = f"{key}: shape {tuple(out.shape)} vs golden {tuple(ref.shape)}"
             continue
-        res.tensors.append(TensorResult(key, max_abs_err(out, ref), rel_err(out, ref), tol))
+        tr = TensorResult(key, max_abs_err(out, ref), rel_err(out, ref), tol)
+        if key in e.get("references", ()):  # Ascend's rule against the golden's float64 reference
+            rate(tr, out, ref, golden.tensor(f"{e['id']}/ref/{key}").double(), spec.dtype)
+        res.tensors.append(tr)
     produced = {f"{kind}/{n}" for kind, group in computed.items() for n in group}
     unlisted = sorted(produced - set(e["outputs"]))
     if not res.tensors:
