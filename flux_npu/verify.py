@@ -372,7 +372,7 @@ def _plot_ops(ops_entry, path, report):
                 err[0].append(max(0.0, y - lo))
                 err[1].append(max(0.0, hi - y))
             bars = ax.bar(xs, ys, width, label=impl, yerr=err, capsize=2)
-            ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=6, padding=1)
+            ax.bar_label(bars, labels=[f"{y:.2g}" if y < 10 else f"{y:.0f}" for y in ys], fontsize=6, padding=1)
         # log axes: one slow or cache-resident case spans orders of magnitude over the others
         ax.set_yscale("log")
         if key == "copy_fraction":
@@ -382,9 +382,9 @@ def _plot_ops(ops_entry, path, report):
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     env, v = report["environment"], report["environment"]["versions"]
+    n = f"{ops_entry['repeats']}-{ops_entry.get('max_repeats', ops_entry['repeats'])}"
     fig.suptitle(f"flux-npu bench ops: {env['backend']} on {env['device']}, shape {ops_entry['shape']}, "
-                 f"median of {ops_entry['repeats']}; torch {v.get('torch')}, flux_npu {v.get('flux_npu')}; "
-                 f"{report['date']}", fontsize=9)
+                 f"median of {n}; torch {v.get('torch')}, flux_npu {v.get('flux_npu')}; {report['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
