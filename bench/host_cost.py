@@ -89,7 +89,7 @@ def _close(a, b):
 
     a = a if isinstance(a, (tuple, list)) else (a,)
     b = b if isinstance(b, (tuple, list)) else (b,)
-    return max(rel_err(x.float(), y.float()) for x, y in zip(a, b))
+    return max(rel_err(x.float(), y.float()) for x, y in zip(a, b, strict=False))
 
 
 def measure(backend, rounds: int = 41, calls: int = 200):
@@ -114,7 +114,7 @@ def measure(backend, rounds: int = 41, calls: int = 200):
                     samples[op][which].append((time.perf_counter() - t0) / calls * 1e6)
     rows = []
     for op, (st, pa) in samples.items():
-        ratios = sorted(p / s for s, p in zip(st, pa))
+        ratios = sorted(p / s for s, p in zip(st, pa, strict=False))
         rows.append(dict(op=op, stock_us=statistics.median(st), patched_us=statistics.median(pa),
                          ratio=statistics.median(ratios), ratio_q1=_q(ratios, 0.25), ratio_q3=_q(ratios, 0.75),
                          stock_iqr=_q(sorted(st), 0.75) - _q(sorted(st), 0.25),

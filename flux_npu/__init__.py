@@ -11,6 +11,7 @@ or `import flux_npu.auto` at the top of a script. Backends: `flux_npu.get_backen
 `flux_npu.available_backends()`; ops: `flux_npu.ops.<name>`.
 """
 
+from . import ops
 from .backends import (
     Backend,
     BackendError,
@@ -20,7 +21,6 @@ from .backends import (
     registered_backends,
     selection_report,
 )
-from . import ops
 from .patches import PatchHandle, patch, patch_module
 
 __version__ = "0.1.0"

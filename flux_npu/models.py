@@ -10,7 +10,6 @@ Presets (diffusers `FluxTransformer2DModel` configs):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 
@@ -23,7 +22,7 @@ _FLUX_DEV = dict(
     guidance_embeds=True, axes_dims_rope=SHAPES["flux-dev"].axes,
 )
 
-PRESETS: Dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     "flux-dev": _FLUX_DEV,
     "flux-mini": {**_FLUX_DEV, "num_layers": 5, "num_single_layers": 10},
     # one block of each kind at Flux width; narrow text/pooled inputs keep the embedders small
@@ -94,7 +93,7 @@ class FluxInputs:
     timestep: torch.Tensor
     img_ids: torch.Tensor
     txt_ids: torch.Tensor
-    guidance: Optional[torch.Tensor]
+    guidance: torch.Tensor | None
 
     def as_kwargs(self) -> dict:
         d = dict(self.__dict__)
@@ -143,7 +142,7 @@ def make_inputs(config: dict, resolution: int = 256, text_len: int = 16, batch: 
 
 # -- the other Flux-family models of diffusers (random init; for tests and benchmarks) -----------
 
-FLUX2_PRESETS: Dict[str, dict] = {
+FLUX2_PRESETS: dict[str, dict] = {
     # FLUX.2 [dev]: 8 double + 48 single blocks, 48 heads x 128, Mistral-width text input
     "flux2-dev": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
                       num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
@@ -153,7 +152,7 @@ FLUX2_PRESETS: Dict[str, dict] = {
                  axes_dims_rope=(4, 4, 4, 4)),
 }
 
-CHROMA_PRESETS: Dict[str, dict] = {
+CHROMA_PRESETS: dict[str, dict] = {
     "chroma": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                    num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56)),
     "tiny": dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -162,7 +161,7 @@ CHROMA_PRESETS: Dict[str, dict] = {
 }
 
 
-def _build_random(cls_name: str, presets: Dict[str, dict], preset: str, dtype, device, seed: int, overrides):
+def _build_random(cls_name: str, presets: dict[str, dict], preset: str, dtype, device, seed: int, overrides):
     import diffusers
     from diffusers.utils import logging as dlogging
 

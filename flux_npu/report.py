@@ -4,8 +4,6 @@ kernel would serve it and why others decline (computed on meta tensors: nothing 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import torch
 
 from . import backends as _backends
@@ -23,7 +21,7 @@ def sample_inputs(op: str, shape, dtype=torch.bfloat16, device="meta"):
     return catalogue.info(op).sample_inputs(SHAPES[shape] if isinstance(shape, str) else shape, dtype, device)
 
 
-def op_routing(backend, dtype=torch.bfloat16) -> List[tuple]:
+def op_routing(backend, dtype=torch.bfloat16) -> list[tuple]:
     """Rows (op, preset, kernel or 'reference', reasons) for the backend at Flux shapes."""
     meta_backend = backend.with_device_type("meta")
     rows = []
@@ -38,7 +36,7 @@ def op_routing(backend, dtype=torch.bfloat16) -> List[tuple]:
     return rows
 
 
-def kernel_capability_rows(backend) -> List[list]:
+def kernel_capability_rows(backend) -> list[list]:
     """One row per kernel that declares its capabilities (kernels.caps): what it takes, as data."""
     try:
         return [[f"{op}: {k.name}", k.caps.describe()] for op in catalogue.OPS
@@ -47,7 +45,7 @@ def kernel_capability_rows(backend) -> List[list]:
         return [["kernels", f"error: {type(exc).__name__}: {exc}"]]
 
 
-def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
+def collect(backend: str | None = None, patches: bool = False) -> dict:
     from .utils.versions import environment
 
     data = {"versions": versions(), "environment": environment(), "backends": [], "selection": None}
@@ -96,7 +94,7 @@ def collect(backend: Optional[str] = None, patches: bool = False) -> Dict:
     return data
 
 
-def dry_run_patches() -> List[dict]:
+def dry_run_patches() -> list[dict]:
     """What patch() would do here: apply it, read the report, undo it."""
     from .patches import patch
 
@@ -107,7 +105,7 @@ def dry_run_patches() -> List[dict]:
         handle.undo()
 
 
-def patch_runtime() -> Dict[str, list]:
+def patch_runtime() -> dict[str, list]:
     """What patched code did so far in this process: run-time hand-backs to stock code (and kernel
     declines) per op and reason, and which implementation served calls that have a choice (e.g.
     diffusers attention: ops.attention or the user's dispatch_attention_fn backend). Empty in a
@@ -125,7 +123,7 @@ def patch_runtime() -> Dict[str, list]:
     }
 
 
-def render(data: Dict) -> str:
+def render(data: dict) -> str:
     from .utils.versions import render_environment
 
     out = [render_environment(data["environment"]) if "environment" in data else
@@ -189,7 +187,7 @@ def render(data: Dict) -> str:
 # -- what a run did (demo, FLUX_NPU_REPORT=1) ----------------------------------------------------
 
 
-def dispatch_tables(stats: Optional[Dict] = None) -> str:
+def dispatch_tables(stats: dict | None = None) -> str:
     """The tables `flux-npu demo` prints after its patched run: the kernels that served each op
     (calls) and the hand-backs to the reference with their reasons (from `ops.dispatch_stats()`)."""
     from .ops import dispatch_stats

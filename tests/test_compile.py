@@ -10,9 +10,9 @@ tensors, or a real NPU when present).
 
 import pytest
 import torch
+from conftest import requires
 
 import flux_npu
-from conftest import requires
 from flux_npu import models, ops
 from flux_npu.testing import assert_close
 
@@ -72,9 +72,9 @@ def _check(backend, device, stock_graphs):
         handle.undo()
     assert stock_graphs == 1
     assert patched_graphs <= stock_graphs, f"patched built {patched_graphs} graphs, stock {stock_graphs}"
-    for (out_c, grads_c), (out_e, grads_e) in zip(compiled, eager):
+    for (out_c, grads_c), (out_e, grads_e) in zip(compiled, eager, strict=False):
         assert_close(out_c, out_e, torch.float32, scale=10.0, what="compiled vs eager output")
-        for gc, ge in zip(grads_c, grads_e):
+        for gc, ge in zip(grads_c, grads_e, strict=False):
             assert_close(gc, ge, torch.float32, scale=10.0, what="compiled vs eager gradient")
     return served
 
@@ -115,5 +115,5 @@ def test_ops_called_without_backend_compile_after_prepare(seed):
     out_e = f(x, w)
     grads_e = torch.autograd.grad(out_e.square().sum(), (x, w))
     assert_close(out_c, out_e, torch.float32, scale=10.0)
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=False):
         assert_close(a, b, torch.float32, scale=10.0)

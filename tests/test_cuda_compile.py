@@ -10,9 +10,9 @@ guards that fail on the next step.
 
 import pytest
 import torch
+from conftest import requires
 
 import flux_npu
-from conftest import requires
 from flux_npu import models, ops
 from flux_npu.backends import cuda as cuda_backend
 from flux_npu.kernels.cuda import _checks
@@ -71,9 +71,9 @@ def test_compiled_patched_flux_is_one_graph_on_the_cuda_code_path(device):
     want_ops = {"triton_rms_norm", "triton_apply_rope", "triton_qk_norm_rope", "triton_layer_norm_modulate",
                 "triton_adaln_residual"}
     assert want_ops <= in_graph, in_graph  # our kernels are in the compiled graph, not traced around
-    for (out_c, grads_c), (out_e, grads_e) in zip(got, want):
+    for (out_c, grads_c), (out_e, grads_e) in zip(got, want, strict=False):
         assert_close(out_c, out_e, torch.float32, scale=10.0, what="compiled vs eager output")
-        for gc, ge in zip(grads_c, grads_e):
+        for gc, ge in zip(grads_c, grads_e, strict=False):
             assert_close(gc, ge, torch.float32, scale=10.0, what="compiled vs eager gradient")
     for op, kernel in [
         ("rms_norm", "triton.rms_norm"),

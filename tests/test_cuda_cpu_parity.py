@@ -75,10 +75,10 @@ def test_qk_norm_rope_parity(backend_name, on, form, dtype):
     leaves64 = [_c64(t) for t in (q, k, qw, kw)]
     refs = reference.qk_norm_rope(*leaves64, f64, 1e-6, seq)
     ref_grads = _grads(refs, leaves64, 5)
-    for name, o, r in zip(("q", "k"), outs, refs):
+    for name, o, r in zip(("q", "k"), outs, refs, strict=False):
         assert o.dtype == dtype and o.device.type == dev.type
         assert_close(o, r, dtype, what=f"{backend_name} {name}")
-    for name, g, r in zip(("q", "k", "q_weight", "k_weight"), grads, ref_grads):
+    for name, g, r in zip(("q", "k", "q_weight", "k_weight"), grads, ref_grads, strict=False):
         assert_close(g, r, dtype, what=f"{backend_name} grad {name}")
     served = ops.dispatch_stats()["served"]
     assert served[("qk_norm_rope", backend.name, EXPECTED[(backend_name, "qk_norm_rope")])] == 1
@@ -116,9 +116,9 @@ def test_block_ops_parity(backend_name, on, dtype):
     sh64, sc64 = leaves[3].chunk(2, dim=1)
     refs = run(reference, leaves[0], leaves[1], leaves[2], sh64, sc64)
     ref_grads = _grads(refs, leaves, 9)
-    for name, o, r in zip(("rope(rms_norm(q))", "layer_norm_modulate"), outs, refs):
+    for name, o, r in zip(("rope(rms_norm(q))", "layer_norm_modulate"), outs, refs, strict=False):
         assert_close(o, r, dtype, scale=2, what=f"{backend_name} {name}")  # two roundings in a row
-    for name, g, r in zip(("q", "weight", "x", "emb"), grads, ref_grads):
+    for name, g, r in zip(("q", "weight", "x", "emb"), grads, ref_grads, strict=False):
         assert_close(g, r, dtype, scale=2, what=f"{backend_name} grad {name}")
     assert not ops.dispatch_stats()["fallback"]
 

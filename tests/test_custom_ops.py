@@ -29,7 +29,7 @@ def _discovered():
         if name.startswith("_") or name == "name":
             continue
         try:
-            getattr(ns, name).default
+            _ = getattr(ns, name).default  # raises for a namespace entry that is no op
         except (AttributeError, RuntimeError):
             continue
         names.append(name)

@@ -3,6 +3,7 @@
 Real processes on the cpu backend: the launcher, torchrun (our in-process wrapper) and two ranks that
 rendezvous over gloo. Every test kills what it started in `finally`, by pid, even when it fails."""
 
+import contextlib
 import json
 import os
 import signal
@@ -46,15 +47,11 @@ def _alive(pid):
 
 def _kill_all(proc, pids):
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
         proc.wait()
 
 

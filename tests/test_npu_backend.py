@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from npu_emulator import record
+from npu_emulator.guards import Float64Watch
 
 import flux_npu
 from flux_npu import models, ops, report
@@ -17,8 +19,6 @@ from flux_npu.backends import BackendError, get_backend
 from flux_npu.backends import npu as npu_backend
 from flux_npu.patches.transfer import MODULE as TRANSFER_MODULE
 from flux_npu.testing import assert_close, max_abs_err, rel_err
-from npu_emulator import record
-from npu_emulator.guards import Float64Watch
 
 FUSED = {"attention": "torch_npu.npu_fusion_attention", "apply_rope": "torch_npu.npu_rotary_mul",
          "rms_norm": "torch_npu.npu_rms_norm"}
@@ -93,7 +93,8 @@ def test_emulator_install_and_uninstall(monkeypatch):
         assert real.device_type == "npu" and real.dist_backend == "hccl" and real.autocast_device_type == "npu"
         assert "Ascend910B2 (emulated)" in real.utils.device_name()
         caps = npu_backend.soc_capabilities()
-        assert (caps["soc"], caps["bf16"], caps["fusion_attention"], caps["rotary_interleave"]) == ("A2", True, True, True)
+        got = (caps["soc"], caps["bf16"], caps["fusion_attention"], caps["rotary_interleave"])
+        assert got == ("A2", True, True, True)
         # tensors on the CPU are not the real backend's: its kernels decline them by device
         x = torch.randn(2, 8)
         ops.rms_norm(x, torch.ones(8), backend=real)
@@ -167,7 +168,8 @@ def test_rope_freqs_float32_precision_at_flux_shapes(n_pos):
     errs = dict(cos=rel_err(cos32, cos64), sin=rel_err(sin32, sin64),
                 max_abs=max(max_abs_err(cos32, cos64), max_abs_err(sin32, sin64)))
     q = torch.randn(1, ids.shape[0], 4, 128, generator=torch.Generator().manual_seed(0))
-    errs["rotated_q"] = rel_err(ops.reference.apply_rope(q, (cos32, sin32), 1), ops.reference.apply_rope(q, (cos64, sin64), 1))
+    errs["rotated_q"] = rel_err(ops.reference.apply_rope(q, (cos32, sin32), 1),
+                                ops.reference.apply_rope(q, (cos64, sin64), 1))
     print(f"rope_freqs float32 vs float64, positions < {n_pos}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert errs["cos"] <= 1e-5 and errs["sin"] <= 1e-5 and errs["rotated_q"] <= 1e-5
     assert errs["max_abs"] <= 2e-5

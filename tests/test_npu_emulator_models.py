@@ -12,13 +12,13 @@ import math
 
 import pytest
 import torch
+from npu_emulator import record
+from npu_emulator.guards import Float64Watch
 
 import flux_npu
 from flux_npu import models, ops
 from flux_npu.models import build_diffusers_flux, make_inputs, preset_config
 from flux_npu.testing import rel_err, tolerance
-from npu_emulator import record
-from npu_emulator.guards import Float64Watch
 
 pytestmark = pytest.mark.emulator
 
@@ -140,9 +140,9 @@ def _assert_bf16(patched, stock):
     close to float32 as stock bf16 is (a whole Flux stack in bf16 drifts by a few 1e-2 on its own)."""
     worst = max(patched, key=patched.get)
     inputs = [k for k in patched if k in ("dhidden_states", "dencoder_hidden_states", "dimg", "dtxt")]
-    print("bf16 vs float32: out patched %.3e stock %.3e; input grads %s; worst grad %s patched %.3e stock %.3e" % (
-        patched["out"], stock["out"], ", ".join(f"{k} {patched[k]:.2e}/{stock[k]:.2e}" for k in inputs),
-        worst, patched[worst], stock[worst]))
+    grads = ", ".join(f"{k} {patched[k]:.2e}/{stock[k]:.2e}" for k in inputs)
+    print(f"bf16 vs float32: out patched {patched['out']:.3e} stock {stock['out']:.3e}; input grads {grads}; "
+          f"worst grad {worst} patched {patched[worst]:.3e} stock {stock[worst]:.3e}")
     assert patched["out"] <= max(1.5 * stock["out"], tolerance(torch.bfloat16)), (patched["out"], stock["out"])
     for k in patched:  # every gradient: no worse than a small factor of stock bf16's own error
         assert patched[k] <= max(3 * stock[k], 3 * tolerance(torch.bfloat16)), (k, patched[k], stock[k])
@@ -191,7 +191,8 @@ def test_emulator_bfl_flux_float32_parity(npu_emulated, batch):
     got = _patched_run(npu_emulated, model, kw, leaves)
     errs = _errors(got, ref)
     worst = max(errs, key=errs.get)
-    print(f"bfl float32 batch {batch}: out {errs['out']:.3e}, worst of {len(errs) - 1} grads {errs[worst]:.3e} ({worst})")
+    print(f"bfl float32 batch {batch}: out {errs['out']:.3e}, "
+          f"worst of {len(errs) - 1} grads {errs[worst]:.3e} ({worst})")
     assert errs["out"] <= tolerance(torch.float32), errs["out"]
     assert errs[worst] <= tolerance(torch.float32), (worst, errs[worst])
     _check_calls("BNSD", params.num_heads, params.hidden_size // params.num_heads, batch)

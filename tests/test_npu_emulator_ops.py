@@ -11,11 +11,11 @@ import re
 
 import pytest
 import torch
+from npu_emulator import record
 
 from flux_npu import ops
 from flux_npu.ops import KernelDeclined
 from flux_npu.testing import assert_close
-from npu_emulator import record
 
 pytestmark = pytest.mark.emulator
 
@@ -63,7 +63,7 @@ def test_emulator_attention_matches_reference(npu_emulated, dtype, layout, mask_
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = ops.reference.attention(qf, kf, vf, mask, layout=layout)
     assert_close(out, ref, dtype)
-    for got, want, name in zip(_grads(out, (q, k, v)), _grads(ref, (qf, kf, vf)), "qkv"):
+    for got, want, name in zip(_grads(out, (q, k, v)), _grads(ref, (qf, kf, vf)), "qkv", strict=False):
         assert_close(got, want, dtype, scale=2, what=f"d{name}")
     (call,) = record.calls("npu_fusion_attention")
     assert call["args"]["input_layout"] == ("BNSD" if layout == "BHSD" else "BSND")
@@ -173,7 +173,7 @@ def test_emulator_rms_norm_matches_reference(npu_emulated, dtype, weight_kind):
     assert_close(out.float(), ref, dtype)
     got = _grads(out, [t for t in (x, w) if t is not None])
     want = _grads(ref, leaves)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         assert_close(a, b, dtype, scale=2, what="grad")
     (call,) = record.calls("npu_rms_norm")
     assert call["args"]["epsilon"] == 1e-6 and "epsilon" in call["explicit"]
@@ -206,9 +206,11 @@ LIMIT_CASES = [
     ("attention", lambda: _attn_args(H=257, S=2, D=4), "257 query heads > 256"),
     ("attention", lambda: _attn_args(dtype=torch.float64), "dtype torch.float64"),
     ("attention", lambda: _attn_args(Dv=8), "shapes differ"),
-    ("apply_rope", lambda: (torch.randn(1, 1, 2, 896), ops.reference.rope_freqs(torch.arange(2.0), 896, form="cos_sin"), 2),
+    ("apply_rope",
+     lambda: (torch.randn(1, 1, 2, 896), ops.reference.rope_freqs(torch.arange(2.0), 896, form="cos_sin"), 2),
      "head dim 896"),
-    ("apply_rope", lambda: (torch.randn(1, 1000, 2, 8), ops.reference.rope_freqs(torch.arange(2.0), 8, form="cos_sin"), 2),
+    ("apply_rope",
+     lambda: (torch.randn(1, 1000, 2, 8), ops.reference.rope_freqs(torch.arange(2.0), 8, form="cos_sin"), 2),
      "1000 heads: npu_rotary_mul interleave needs B*N < 1000"),
     ("apply_rope", lambda: (torch.randn(2, 2, 4, 8), ops.reference.rope_freqs(torch.arange(16.0).view(2, 2, 4), 8), 2),
      "vary over heads"),
@@ -270,8 +272,9 @@ def test_emulator_old_torch_npu_without_rotary_mode_falls_back():
 
 
 def test_emulator_910a_declines_bf16_and_fusion_attention():
-    from flux_npu.backends.npu import capability_rows, soc_capabilities
     from npu_emulator.install import emulated_npu_backend
+
+    from flux_npu.backends.npu import capability_rows, soc_capabilities
 
     with emulated_npu_backend(device_name="Ascend910A (emulated)", bf16=False) as backend:
         caps = soc_capabilities()
@@ -410,7 +413,7 @@ def test_emulator_zero_or_neginf_float_mask_is_served_as_a_bool_mask(npu_emulate
         (call,) = record.calls("npu_fusion_attention")
         assert call["tensors"]["atten_mask"]["dtype"] == torch.bool
         g_out, g_ref = _grads(out, (q, k, v)), _grads(t(ref), (q, k, v))
-        for a, b in zip(g_out, g_ref):
+        for a, b in zip(g_out, g_ref, strict=False):
             assert_close(a, b, torch.float32)
     assert _served("attention", "torch_npu.npu_fusion_attention") == 2 and not _fallbacks("attention")
 

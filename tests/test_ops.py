@@ -32,7 +32,7 @@ def _check_fwd_bwd(fn, ref, tensors, dtype, scale=1.0):
     g = torch.randn_like(out_ref)
     out.backward(g.to(dtype))
     out_ref.backward(g)
-    for i, (a, b) in enumerate(zip(low, high)):
+    for i, (a, b) in enumerate(zip(low, high, strict=False)):
         assert_close(a.grad, b.grad, dtype, scale, f"grad of input {i}")
 
 
@@ -67,7 +67,8 @@ def test_attention_reference_is_sdpa_maths(seed):
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     expect = torch.softmax(scores, -1) @ v
     assert_close(reference.attention(q, k, v), expect, torch.float64)
-    assert_close(reference.attention(q, k, v, scale=0.3), torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v, torch.float64)
+    expect = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v
+    assert_close(reference.attention(q, k, v, scale=0.3), expect, torch.float64)
 
 
 def _cos_sin(S, D, theta=10000.0):
@@ -125,7 +126,8 @@ def test_rms_norm(dtype, shape, with_weight, seed):
     x = torch.randn(*shape)
     if with_weight:
         w = torch.rand(shape[-1]) + 0.5
-        _check_fwd_bwd(lambda x, w: ops.rms_norm(x, w, 1e-6), lambda x, w: reference.rms_norm(x, w, 1e-6), [x, w], dtype)
+        _check_fwd_bwd(lambda x, w: ops.rms_norm(x, w, 1e-6), lambda x, w: reference.rms_norm(x, w, 1e-6),
+                       [x, w], dtype)
     else:
         _check_fwd_bwd(lambda x: ops.rms_norm(x, None, 1e-6), lambda x: reference.rms_norm(x, None, 1e-6), [x], dtype)
 
@@ -157,7 +159,8 @@ def test_layer_norm_modulate(dtype, shape, seed):
 
 def test_layer_norm_modulate_reference_matches_adaln(seed):
     norm = torch.nn.LayerNorm(40, elementwise_affine=False, eps=1e-6, dtype=torch.float64)
-    x, shift, scale = torch.randn(2, 6, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    x = torch.randn(2, 6, 40, dtype=torch.float64)
+    shift, scale = torch.randn(2, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
     stock = norm(x) * (1 + scale[:, None]) + shift[:, None]
     assert_close(reference.layer_norm_modulate(x, shift[:, None], scale[:, None], 1e-6), stock, torch.float64)
 
@@ -187,7 +190,7 @@ def test_adaln_residual_composes_the_cpu_kernels(dtype, mod_shape, seed):
     gh, gn = torch.randn_like(rh), torch.randn_like(rn)  # both outputs carry gradient, as in a block
     ((h * gh.to(dtype)).sum() + (n * gn.to(dtype)).sum()).backward()
     ((rh * gh).sum() + (rn * gn).sum()).backward()
-    for name, a, b in zip(("x", "gate", "y", "shift", "scale"), low, high):
+    for name, a, b in zip(("x", "gate", "y", "shift", "scale"), low, high, strict=False):
         assert_close(a.grad, b.grad, dtype, 2.0, f"grad {name}")
     assert served[("adaln_residual", "cpu", "composed(gated_residual, layer_norm_modulate)")] == 1
     assert served[("gated_residual", "cpu", "torch.addcmul")] == 1
@@ -229,7 +232,7 @@ def test_rope_freqs_without_float64_and_its_precision(seed):
             f32 = ops.rope_freqs(side, dim, 10000.0, form="cos_sin", backend=no_f64)
         assert torch.float64 not in rec.dtypes
         f64 = reference.rope_freqs(side, dim, 10000.0, form="cos_sin", compute_dtype=torch.float64)
-        for a, b in zip(f32, f64):
+        for a, b in zip(f32, f64, strict=False):
             assert rel_err(a, b) < 1e-5
     with _RecordDtypes() as rec:
         ops.rope_freqs(side, 16, 10000.0, form="cos_sin", backend="cpu")
@@ -246,18 +249,23 @@ def _adaln_args(**change):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 6), torch.randn(1, 2, 4, 6)), "head dims differ"),
-        (lambda: ops.attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), "not a multiple"),
+        (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 6), torch.randn(1, 2, 4, 6)),
+         "head dims differ"),
+        (lambda: ops.attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)),
+         "not a multiple"),
         (lambda: ops.attention(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)), "must be 4-D"),
-        (lambda: ops.attention(*(torch.randn(1, 2, 4, 8),) * 3, mask=torch.ones(3, 3, dtype=torch.bool)), "does not broadcast"),
-        (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8).half(), torch.randn(1, 2, 4, 8)), "dtypes differ"),
+        (lambda: ops.attention(*(torch.randn(1, 2, 4, 8),) * 3, mask=torch.ones(3, 3, dtype=torch.bool)),
+         "does not broadcast"),
+        (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8).half(), torch.randn(1, 2, 4, 8)),
+         "dtypes differ"),
         (lambda: ops.attention(*(torch.randn(1, 2, 4, 8),) * 3, layout="SBHD"), "layout must be"),
         (lambda: ops.rms_norm(torch.randn(2, 8), torch.ones(7)), r"weight must be \(8,\)"),
         (lambda: ops.rms_norm(torch.randint(0, 3, (2, 8)), torch.ones(8)), "dtype torch.int64"),
         (lambda: ops.apply_rope(torch.randn(1, 2, 4, 7), _cos_sin(4, 8)), "must be even"),
         (lambda: ops.apply_rope(torch.randn(1, 2, 4, 8), _cos_sin(5, 8)), "cos/sin must be"),
         (lambda: ops.apply_rope(torch.randn(1, 2, 4, 8), torch.randn(4, 3, 2, 2)), "BFL freqs"),
-        (lambda: ops.layer_norm_modulate(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.randn(2, 1, 8)), "does not broadcast"),
+        (lambda: ops.layer_norm_modulate(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.randn(2, 1, 8)),
+         "does not broadcast"),
         (lambda: ops.rope_freqs(torch.arange(4.0), 7), "positive even"),
         (lambda: ops.gated_residual(torch.randn(2, 3), torch.randn(2, 1), torch.randn(2, 4)), "must have x's shape"),
         (lambda: ops.adaln_residual(*_adaln_args(y=torch.randn(2, 3, 4))), "adaln_residual: y .* must have x's shape"),
@@ -377,7 +385,7 @@ def test_fully_masked_rows_give_zeros_on_kernel_and_reference(seed):
         grads_ref = torch.autograd.grad(ref, (q, k, v), g)
         grads = torch.autograd.grad(out, (q, k, v), g)
         assert grads_ref[0][0, :, 2].abs().max() == 0
-        for a, b in zip(grads, grads_ref):
+        for a, b in zip(grads, grads_ref, strict=False):
             assert_close(a, b, torch.float64)  # NaN never passes
     assert ops.dispatch_stats()["served"][("attention", "cpu", "torch.sdpa")] == 2
 

@@ -108,7 +108,8 @@ def test_diffusers_instance_level_patch_leaves_other_models_alone():
     _assert_fp32(patched, stock)
     handle.undo()
     assert [m.processor for m in model.modules() if hasattr(m, "processor")] == procs
-    assert all(p is q for p, q in zip([m.processor for m in model.modules() if hasattr(m, "processor")], procs))
+    now = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert all(p is q for p, q in zip(now, procs, strict=True))
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 

@@ -65,7 +65,7 @@ def test_adaln_residual(case, xs, ms, chunks, dtype, device):
     assert_close(n, rn, dtype, what="n = AdaLN(h)")
     assert_close(x.grad, r[0].grad, dtype, what="grad x")
     assert_close(y.grad, r[2].grad, dtype, what="grad y")
-    for name, leaf, ref in zip(("gate", "shift", "scale"), leaves, r[1:2] + r[3:]):
+    for name, leaf, ref in zip(("gate", "shift", "scale"), leaves, r[1:2] + r[3:], strict=False):
         assert leaf.grad is not None and leaf.grad.dtype == dtype, name
         assert_close(leaf.grad, ref.grad.reshape(leaf.shape), dtype, what=f"grad {name}")
 

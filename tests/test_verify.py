@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
+from flux_npu import verify as V
 from flux_npu.backends import cpu as cpu_backend
 from flux_npu.backends import register_backend, unregister_backend
 from flux_npu.cli import main
-from flux_npu import verify as V
 from flux_npu.ops import registry
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "parity_cpu.safetensors")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Union
 
 from .base import Backend, CPUDeviceUtils, DeviceUtils, Timer
 
@@ -18,7 +17,7 @@ logger = logging.getLogger("flux_npu")
 
 ENV_VAR = "FLUX_NPU_BACKEND"
 
-_REGISTRY: Dict[str, Backend] = {}
+_REGISTRY: dict[str, Backend] = {}
 _LAST_SELECTION: dict = {}
 # Bumped whenever the registry changes: the op table re-resolves its cached default backend then
 # (instead of reading FLUX_NPU_BACKEND on every op call).
@@ -63,11 +62,11 @@ def unregister_backend(name: str) -> None:
     _GENERATION[0] += 1
 
 
-def registered_backends() -> List[Backend]:
+def registered_backends() -> list[Backend]:
     return sorted(_REGISTRY.values(), key=lambda b: (b.priority, b.name))
 
 
-def available_backends() -> List[str]:
+def available_backends() -> list[str]:
     """Names of the registered backends usable on this machine, in detection order."""
     return [b.name for b in registered_backends() if b.available]
 
@@ -80,7 +79,7 @@ def _describe_all() -> str:
     return "\n".join(lines)
 
 
-def get_backend(name: Union[str, Backend, None] = None) -> Backend:
+def get_backend(name: str | Backend | None = None) -> Backend:
     """Return the backend to use.
 
     `name` may be a registered name, a `Backend` (returned as is), or None: then `FLUX_NPU_BACKEND`,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, FrozenSet, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ class DeviceUtils:
     def synchronize(self) -> None:
         self.module.synchronize()
 
-    def timer(self) -> "Timer":
+    def timer(self) -> Timer:
         return _EventTimer(self.module)
 
     def reset_peak_memory(self) -> None:
@@ -169,8 +169,8 @@ class Backend:
 
     name: str
     device_type: str
-    probe: Callable[[], Optional[str]]
-    dtypes: FrozenSet[torch.dtype]
+    probe: Callable[[], str | None]
+    dtypes: frozenset[torch.dtype]
     supports_float64: bool
     dist_backend: str
     autocast_device_type: str
@@ -185,7 +185,7 @@ class Backend:
         # plans on it (hashing all fields on every op call would cost more than the lookup).
         object.__setattr__(self, "plan_key", _plan_key(self))
 
-    def unavailable_reason(self) -> Optional[str]:
+    def unavailable_reason(self) -> str | None:
         try:
             return self.probe()
         except Exception as exc:  # a probe that crashes is a reason, not a crash
@@ -210,7 +210,7 @@ class Backend:
         """The widest float dtype to compute in: float64 where supported, else float32."""
         return torch.float64 if self.supports_float64 else torch.float32
 
-    def with_device_type(self, device_type: str) -> "Backend":
+    def with_device_type(self, device_type: str) -> Backend:
         return dataclasses.replace(self, device_type=device_type)
 
     def option(self, key, default=None):
@@ -221,7 +221,7 @@ _PLAN_KEYS: dict = {}
 _FRESH_KEYS = itertools.count(1 << 40)
 
 
-def _plan_key(backend: "Backend") -> int:
+def _plan_key(backend: Backend) -> int:
     try:
         return _PLAN_KEYS.setdefault(backend, len(_PLAN_KEYS))
     except TypeError:  # an unhashable option value: this instance gets a key of its own

@@ -11,7 +11,6 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 
@@ -33,7 +32,7 @@ def _probe():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compute_capability(index: int = None):
     """(major, minor) of CUDA device `index` (default: current), or None without CUDA."""
     if _probe() is not None:
@@ -56,13 +55,13 @@ class SdpaFact:
 
     sdpa_backend: str
     affects: str  # "backward" (training only) or "forward" (always)
-    since: Tuple[int, int]
-    fixed_in: Optional[Tuple[int, int]]
-    capabilities: Tuple[Tuple[int, int], ...]
+    since: tuple[int, int]
+    fixed_in: tuple[int, int] | None
+    capabilities: tuple[tuple[int, int], ...]
     what: str
-    sources: Tuple[str, ...]
+    sources: tuple[str, ...]
 
-    def applies(self, version: Tuple[int, int], capability, training: bool) -> bool:
+    def applies(self, version: tuple[int, int], capability, training: bool) -> bool:
         if self.affects == "backward" and not training:
             return False
         if capability is None or tuple(capability) not in self.capabilities:
@@ -89,7 +88,7 @@ SDPA_FACTS = (
 )
 
 
-def torch_version_tuple(version: str) -> Tuple[int, int]:
+def torch_version_tuple(version: str) -> tuple[int, int]:
     """(major, minor) of a torch version string such as '2.11.0+cu130'."""
     m = re.match(r"(\d+)\.(\d+)", version)
     if not m:
@@ -97,7 +96,7 @@ def torch_version_tuple(version: str) -> Tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def parse_sdpa_backends(spec: str, source: str = SDPA_ENV) -> Tuple[str, ...]:
+def parse_sdpa_backends(spec: str, source: str = SDPA_ENV) -> tuple[str, ...]:
     """'flash,efficient,math' -> ('flash', 'efficient', 'math'); unknown names are a clear error."""
     from ..utils.env import parse_list
 
@@ -115,12 +114,12 @@ def parse_sdpa_backends(spec: str, source: str = SDPA_ENV) -> Tuple[str, ...]:
 class SdpaRoute:
     """The SDPA backends to allow, in priority order (None: torch's own choice) and why."""
 
-    backends: Optional[Tuple[str, ...]]
+    backends: tuple[str, ...] | None
     reason: str
-    facts: Tuple[SdpaFact, ...] = ()
+    facts: tuple[SdpaFact, ...] = ()
 
 
-def sdpa_route(torch_version: str, capability, training: bool, override: Optional[str] = None,
+def sdpa_route(torch_version: str, capability, training: bool, override: str | None = None,
                override_source: str = SDPA_ENV, facts=SDPA_FACTS) -> SdpaRoute:
     """Which SDPA backends attention may use. A pure function of its inputs (tests fake them).
 
@@ -163,7 +162,7 @@ def sdpa_route(torch_version: str, capability, training: bool, override: Optiona
 _ROUTES: dict = {}
 
 
-def _override(backend: Optional[Backend] = None):
+def _override(backend: Backend | None = None):
     opt = backend.option("sdpa_backends") if backend is not None else None
     if opt:
         return (",".join(opt) if not isinstance(opt, str) else opt), "backend option sdpa_backends"
@@ -181,7 +180,7 @@ def reset_sdpa_routes() -> None:
     _ROUTES.clear()
 
 
-def route_for(backend: Optional[Backend], device_index, training: bool) -> SdpaRoute:
+def route_for(backend: Backend | None, device_index, training: bool) -> SdpaRoute:
     """The route for attention on this CUDA device in this mode, decided once and cached.
 
     A torch.compile trace only reads the cache (`warm_routes` filled it when the backend was
@@ -199,7 +198,7 @@ def route_for(backend: Optional[Backend], device_index, training: bool) -> SdpaR
     return route
 
 
-def warm_routes(backend: Optional[Backend] = None) -> None:
+def warm_routes(backend: Backend | None = None) -> None:
     """Decide the routes for both modes now (the op table calls this when the backend is loaded
     or bound by `patch()`), so that a torch.compile trace only reads them: for the current CUDA
     device, and for tensors without a device index (CPU tensors under the Triton interpreter)."""
@@ -209,7 +208,7 @@ def warm_routes(backend: Optional[Backend] = None) -> None:
             route_for(backend, index, training)
 
 
-def sdpa_routing_line(training: bool = True, backend: Optional[Backend] = None) -> str:
+def sdpa_routing_line(training: bool = True, backend: Backend | None = None) -> str:
     """One line for reports (`flux-npu info`, the patch report): how attention is routed here."""
     if _probe() is not None and not _override(backend)[0]:
         facts = "; ".join(f"{f.sdpa_backend} {f.affects} on torch>={f.since[0]}.{f.since[1]} "

@@ -17,7 +17,6 @@ device at hand comes from `soc_capabilities()`):
 from __future__ import annotations
 
 import importlib
-from typing import Optional
 
 import torch
 
@@ -84,7 +83,7 @@ def soc_family(device_name: str) -> str:
     return "unknown"
 
 
-def soc_capabilities(index: Optional[int] = None) -> dict:
+def soc_capabilities(index: int | None = None) -> dict:
     """What the NPU at hand can do, or why that is unknown.
 
     Keys: available (bool), reason (None or why no device could be asked), device_name, soc
@@ -136,7 +135,7 @@ def soc_capabilities(index: Optional[int] = None) -> dict:
     return caps
 
 
-def capability_rows(index: Optional[int] = None) -> list:
+def capability_rows(index: int | None = None) -> list:
     """(capability, value) rows for `flux-npu info`."""
     c = soc_capabilities(index)
     if not c["available"]:
@@ -156,7 +155,7 @@ def capability_rows(index: Optional[int] = None) -> list:
     return rows
 
 
-def soc_declines(dtype: Optional[torch.dtype] = None, feature: Optional[str] = None) -> Optional[str]:
+def soc_declines(dtype: torch.dtype | None = None, feature: str | None = None) -> str | None:
     """Reason the SoC at hand cannot run `feature` ('fusion_attention' / 'rotary_interleave') or
     compute in `dtype`, else None. Unknown capabilities never decline."""
     c = soc_capabilities()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Optional
 
 import torch
 
@@ -36,7 +35,7 @@ def oom_message(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def memory_limit(backend: Backend, limit_gb: Optional[float]):
+def memory_limit(backend: Backend, limit_gb: float | None):
     """Impose a real allocation limit for one configuration: on a GPU/NPU the allocator's
     per-process fraction; on CPU (Linux) an address-space rlimit of the current size plus
     `limit_gb`, so that allocations beyond it fail with the allocator's own error. On CPU the cap

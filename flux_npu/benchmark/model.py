@@ -38,8 +38,8 @@ import contextlib
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
 
 import torch
 
@@ -92,7 +92,7 @@ class _Setup:
     lora_added: bool = False
     compile: bool = False
     compiled: dict = field(default_factory=dict)  # variant -> torch.compile'd transformer
-    active: Optional[torch.nn.Module] = None  # what _call runs: the transformer or its compiled twin
+    active: torch.nn.Module | None = None  # what _call runs: the transformer or its compiled twin
 
     def use(self, variant: str) -> None:
         if not self.compile:
@@ -181,7 +181,7 @@ def _variant_ctx(variant: str, backend: Backend):
 
 
 def run_config(setup: _Setup, backend: Backend, mode: str, train_kind: str, res: int, variant: str, steps: int,
-               warmup: int = 1, seed: int = 0, limit_gb: Optional[float] = None, bar=None) -> BenchResult:
+               warmup: int = 1, seed: int = 0, limit_gb: float | None = None, bar=None) -> BenchResult:
     """Measure one configuration; an out-of-memory becomes status OOM, never a crash."""
     utils = backend.utils
     r = BenchResult(
@@ -256,7 +256,7 @@ class Job:
 
     preset: str
     mode: str  # infer / train
-    kind: Optional[str]  # lora / full for train
+    kind: str | None  # lora / full for train
     res: int
     variants: tuple
 
@@ -272,7 +272,7 @@ def _row_template(job: Job, variant: str, b: Backend, dt, steps: int, compiled: 
 
 
 def _failed_rows(job: Job, b: Backend, dt, steps: int, compiled: bool, status: str, message: str, tb: str = "",
-                 variants=None) -> List[BenchResult]:
+                 variants=None) -> list[BenchResult]:
     rows = []
     for v in variants or job.variants:
         r = _row_template(job, v, b, dt, steps, compiled)
@@ -294,7 +294,7 @@ def _build_setup(preset, dt, device, text_len, full, seed, b, compile_model):
                   compile=compile_model)
 
 
-def _run_jobs_here(jobs: List[Job], b: Backend, dt, steps, train_steps, warmup, full_pipeline, text_len, seed,
+def _run_jobs_here(jobs: list[Job], b: Backend, dt, steps, train_steps, warmup, full_pipeline, text_len, seed,
                    limit_gb, repeats, compile_model, on_rows: Callable, bar=None) -> None:
     """Run `jobs` in this process, one preset's model at a time; every outcome reaches on_rows."""
     device = b.device()
@@ -364,7 +364,7 @@ def _signal_name(rc: int) -> str:
 
 
 def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps: int,
-                      timeout_s: Optional[float] = None) -> List[BenchResult]:
+                      timeout_s: float | None = None) -> list[BenchResult]:
     """One configuration and variant in a fresh interpreter; a process that dies without a row
     becomes a 'crashed' row carrying its exit status and the end of its output, one that outlives
     `timeout_s` a 'timeout' row (a hung device must not hang the whole run). The process runs in a
@@ -396,8 +396,8 @@ def _run_job_isolated(job: Job, variant: str, spec: dict, b: Backend, dt, steps:
 def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), resolutions=(512,), backend=None,
                   variants=("patched",), dtype="bf16", steps=None, train_steps=None, warmup=1, full_pipeline=False,
                   text_len=None, seed=0, limit_gb=None, repeats=5, progress=False, isolate=False,
-                  compile_model=False, on_row: Optional[Callable] = None,
-                  timeout_s: Optional[float] = None) -> List[BenchResult]:
+                  compile_model=False, on_row: Callable | None = None,
+                  timeout_s: float | None = None) -> list[BenchResult]:
     """Run every configuration; returns one BenchResult per configuration and variant (OOM, error
     and crashed rows included), calling `on_row(row)` for each as soon as it is known.
     Each configuration is measured `repeats` times, variants interleaved; the median time is
@@ -423,7 +423,7 @@ def run_benchmark(presets=("tiny",), modes=("infer",), train_kinds=("lora",), re
     check_memory_limit(presets, dt, limit_gb, b, full_pipeline and "infer" in modes)
     jobs = [Job(p, mode, kind, res, tuple(variants)) for p in presets for mode in modes
             for kind in (train_kinds if mode == "train" else (None,)) for res in resolutions]
-    results: List[BenchResult] = []
+    results: list[BenchResult] = []
 
     def take(rows):
         for r in rows:

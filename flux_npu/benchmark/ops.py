@@ -36,8 +36,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -71,13 +71,13 @@ class Case:
     op: str
     shape: str
     dtype: str
-    impls: Dict[str, Callable]
+    impls: dict[str, Callable]
     reference: Callable
     tol_dtype: torch.dtype
     nbytes: int
-    compile_target: Optional[Callable] = None
+    compile_target: Callable | None = None
     note: str = ""
-    skipped: Dict[str, str] = field(default_factory=dict)  # impl -> why it does not run here
+    skipped: dict[str, str] = field(default_factory=dict)  # impl -> why it does not run here
 
 
 @dataclass
@@ -86,24 +86,24 @@ class Row:
     shape: str
     dtype: str
     impl: str
-    device_us: Optional[float] = None  # median device time per call (back-to-back calls)
-    device_q1_us: Optional[float] = None
-    device_q3_us: Optional[float] = None
-    device_n: Optional[int] = None  # device-time measurements taken (repeats grow until significant)
-    latency_us: Optional[float] = None  # median host latency of one call with a sync
-    latency_q1_us: Optional[float] = None
-    latency_q3_us: Optional[float] = None
-    gbps: Optional[float] = None
-    copy_fraction: Optional[float] = None
-    copy_gbps: Optional[float] = None  # the copy bandwidth copy_fraction is relative to
-    speedup_vs_stock: Optional[float] = None  # median stock device time / this one's
-    vs_stock_low: Optional[float] = None  # its spread from the interquartile ranges (benchmark.stats)
-    vs_stock_high: Optional[float] = None
-    vs_stock_p: Optional[float] = None  # Mann-Whitney p-value against stock
-    vs_stock_significant: Optional[bool] = None
+    device_us: float | None = None  # median device time per call (back-to-back calls)
+    device_q1_us: float | None = None
+    device_q3_us: float | None = None
+    device_n: int | None = None  # device-time measurements taken (repeats grow until significant)
+    latency_us: float | None = None  # median host latency of one call with a sync
+    latency_q1_us: float | None = None
+    latency_q3_us: float | None = None
+    gbps: float | None = None
+    copy_fraction: float | None = None
+    copy_gbps: float | None = None  # the copy bandwidth copy_fraction is relative to
+    speedup_vs_stock: float | None = None  # median stock device time / this one's
+    vs_stock_low: float | None = None  # its spread from the interquartile ranges (benchmark.stats)
+    vs_stock_high: float | None = None
+    vs_stock_p: float | None = None  # Mann-Whitney p-value against stock
+    vs_stock_significant: bool | None = None
     vs_stock_note: str = ""  # why not significant
     cache_resident: bool = False  # faster than a copy of its bytes: caches, not bandwidth, set the time
-    rel_err: Optional[float] = None
+    rel_err: float | None = None
     status: str = "ok"
     note: str = ""
 
@@ -140,14 +140,14 @@ def check(fn, ref_out, tol_dtype) -> float:
     refs = _outputs(ref_out)
     if len(got) != len(refs):
         return math.inf
-    return max(rel_err(o, r) for o, r in zip(got, refs))
+    return max(rel_err(o, r) for o, r in zip(got, refs, strict=False))
 
 
-def latency_times(fns: Dict[str, Callable], utils, warmup: int, repeats: int) -> Dict[str, List[float]]:
+def latency_times(fns: dict[str, Callable], utils, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Seconds of one call each, synchronised: host launch overhead included. The implementations
     are timed round-robin (one call of each per repeat) rather than one after the other, so that
     a load change on a shared machine hits all of them alike and their ratios stay meaningful."""
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for fn in fns.values():
             for _ in range(warmup):
@@ -162,8 +162,8 @@ def latency_times(fns: Dict[str, Callable], utils, warmup: int, repeats: int) ->
     return times
 
 
-def device_times(fns: Dict[str, Callable], utils, device_type: str, repeats: int,
-                 min_loop_s: float = 0.02) -> Dict[str, List[float]]:
+def device_times(fns: dict[str, Callable], utils, device_type: str, repeats: int,
+                 min_loop_s: float = 0.02) -> dict[str, list[float]]:
     """Seconds per call when calls are issued back to back: per repeat, a loop of n calls between
     two synchronisations, divided by n (n sized so that a loop lasts about `min_loop_s`), round
     robin over the implementations. On CPU the loop is `torch.utils.benchmark.Timer.timeit(n)` (its
@@ -186,7 +186,7 @@ def device_times(fns: Dict[str, Callable], utils, device_type: str, repeats: int
             fn()
             one = max(timer.stop(), 1e-7)
             counts[name] = max(1, min(1000, math.ceil(min_loop_s / one)))
-        times: Dict[str, List[float]] = {name: [] for name in fns}
+        times: dict[str, list[float]] = {name: [] for name in fns}
         if device_type == "cpu":
             from torch.utils.benchmark import Timer
 
@@ -238,8 +238,8 @@ def copy_bandwidth(device, utils, nbytes: int, warmup: int = 2, repeats: int = 5
 
 
 def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, compile_note: str,
-             device_type: str = "cpu", max_repeats: Optional[int] = None,
-             confidence: float = CONFIDENCE) -> List[Row]:
+             device_type: str = "cpu", max_repeats: int | None = None,
+             confidence: float = CONFIDENCE) -> list[Row]:
     """Check, then time every implementation. Device time is measured `repeats` times; with
     `max_repeats`, `repeats` more at a time (up to it) until every implementation differs from stock
     at `confidence` (benchmark.stats; the looks are counted in). Each row's "vs stock" carries its
@@ -269,7 +269,7 @@ def run_case(case: Case, utils, warmup, repeats, copy_bw, use_compile: bool, com
     lat = latency_times(timed, utils, warmup, repeats) if timed else {}
     max_repeats = max(repeats, max_repeats or repeats)
     looks = looks_for(repeats, max_repeats)
-    dev: Dict[str, List[float]] = {}
+    dev: dict[str, list[float]] = {}
     while timed:
         for name, ts in device_times(timed, utils, device_type, repeats).items():
             dev.setdefault(name, []).extend(ts)
@@ -343,7 +343,7 @@ def environment(backend, utils, copy_bw) -> dict:
     }
 
 
-def format_rows(rows: List[Row]) -> str:
+def format_rows(rows: list[Row]) -> str:
     from ..utils.table import format_table
 
     def f(v, fmt):

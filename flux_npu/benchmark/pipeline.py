@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -161,7 +160,7 @@ def param_bytes(preset: str, dtype, full_pipeline: bool = False) -> int:
     return sum(p.numel() for m in mods for p in m.parameters()) * size
 
 
-def encode_prompt(parts: TextAndVae, text_len: int, batch: int, device, gen: Optional[torch.Generator] = None):
+def encode_prompt(parts: TextAndVae, text_len: int, batch: int, device, gen: torch.Generator | None = None):
     """Random token ids through T5 (sequence states) and CLIP (pooled), as FluxPipeline does."""
     t5_ids = torch.randint(0, parts.t5_vocab, (batch, text_len), generator=gen).to(device)
     clip_ids = torch.randint(0, parts.clip_vocab, (batch, parts.clip_len), generator=gen).to(device)

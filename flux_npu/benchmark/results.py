@@ -8,7 +8,6 @@ import json
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
 
 import torch
 
@@ -27,26 +26,26 @@ class BenchResult:
     dtype: str
     steps: int
     status: str = "ok"  # ok / OOM / error
-    s_per_img: Optional[float] = None
-    peak_mem_gb: Optional[float] = None
+    s_per_img: float | None = None
+    peak_mem_gb: float | None = None
     memory_kind: str = ""
     params: int = 0
     trainable_params: int = 0
     text_len: int = 0
     full_pipeline: bool = False
     repeats: int = 1
-    s_per_img_all: List[float] = field(default_factory=list)
-    s_per_img_q1: Optional[float] = None  # interquartile range over the repeats
-    s_per_img_q3: Optional[float] = None
-    s_per_img_min: Optional[float] = None
-    s_per_img_max: Optional[float] = None
+    s_per_img_all: list[float] = field(default_factory=list)
+    s_per_img_q1: float | None = None  # interquartile range over the repeats
+    s_per_img_q3: float | None = None
+    s_per_img_min: float | None = None
+    s_per_img_max: float | None = None
     compiled: bool = False
     message: str = ""
     log: str = ""  # the log file holding this row's traceback, if any
     traceback: str = field(default="", repr=False)  # goes to the log file, not the JSON
 
 
-def summarize(runs: List[BenchResult]) -> BenchResult:
+def summarize(runs: list[BenchResult]) -> BenchResult:
     """One row from the repeats of one configuration and variant: the median time, the spread
     (quartiles, min, max) and the largest peak memory. A failed repeat makes the row failed."""
     bad = next((r for r in runs if r.status != "ok"), None)
@@ -93,7 +92,7 @@ def row_line(r: BenchResult) -> str:
             f"min {r.s_per_img_min:.4g}, max {r.s_per_img_max:.4g}), peak {r.peak_mem_gb:.2f} GB")
 
 
-def table(results: List[BenchResult]) -> str:
+def table(results: list[BenchResult]) -> str:
     rows = []
     for r in results:
         ok = r.status == "ok"
@@ -105,7 +104,7 @@ def table(results: List[BenchResult]) -> str:
                          "dtype", "status"], rows)
 
 
-def ratios(results: List[BenchResult]) -> List[dict]:
+def ratios(results: list[BenchResult]) -> list[dict]:
     """stock / patched time and memory for each configuration measured both ways, with the spread
     and the verdict of benchmark.stats.compare on the per-repeat times (a ratio whose samples do not
     differ at its confidence is flagged "not significant", as is one from a single run)."""
@@ -129,12 +128,12 @@ def ratios(results: List[BenchResult]) -> List[dict]:
     return out
 
 
-def _samples(r: BenchResult) -> List[float]:
+def _samples(r: BenchResult) -> list[float]:
     """The per-repeat seconds per image (older rows without them: the median alone, never significant)."""
     return list(r.s_per_img_all or [r.s_per_img])
 
 
-def ratio_table(rs: List[dict]) -> str:
+def ratio_table(rs: list[dict]) -> str:
     rows = [[r["model"], r["mode"] + (" +compile" if r["compiled"] else ""), r["res"], r["backend"],
              f"{r['speedup']:.3f}x",
              "" if not r["speedup_range"] else f"{r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x",
@@ -145,7 +144,7 @@ def ratio_table(rs: List[dict]) -> str:
                          "patched/stock memory", "verdict (Mann-Whitney, 95%)"], rows)
 
 
-def to_json(results: List[BenchResult], args: Optional[dict] = None, done: bool = True) -> dict:
+def to_json(results: list[BenchResult], args: dict | None = None, done: bool = True) -> dict:
     b = results[0].backend if results else None
     return {
         "meta": {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "backend": b,
@@ -165,7 +164,7 @@ def write_json_atomic(path: str, data: dict) -> None:
     write_output(path, json.dumps(data, indent=2))
 
 
-def log_path_for(output: Optional[str]) -> str:
+def log_path_for(output: str | None) -> str:
     """The traceback log next to the JSON (`bench.json` -> `bench.log`), else (no file output, or a
     device / FIFO / stdout) in the temp dir."""
     from ..utils.output import output_kind
@@ -178,7 +177,7 @@ def log_path_for(output: Optional[str]) -> str:
     return os.path.join(tempfile.gettempdir(), f"flux-npu-bench-model-{os.getpid()}.log")
 
 
-def plot(results: List[BenchResult], path: str, meta: Optional[dict] = None) -> None:
+def plot(results: list[BenchResult], path: str, meta: dict | None = None) -> None:
     """Inference and training side by side (never on one axis): seconds per image (median, IQR as
     error bars) and peak memory, one bar per variant, each labelled with its value; OOM / error
     configurations are marked, not drawn. The title names dtype, steps, repeats, device,

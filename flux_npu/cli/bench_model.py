@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import time
-from typing import List
 
 import torch
 
@@ -109,7 +108,7 @@ def run(args) -> int:
     log_path = log_path_for(args.output)
     out = sys.stderr if args.json else sys.stdout
     t0 = time.perf_counter()
-    done: List[BenchResult] = []
+    done: list[BenchResult] = []
 
     def on_row(r: BenchResult):
         if r.traceback:

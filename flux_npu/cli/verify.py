@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import sys
-from typing import List
 
 
 def register(sub):
@@ -48,7 +47,7 @@ def register(sub):
 # -- command line -----------------------------------------------------------------------------
 
 
-def command_line(args) -> List[str]:
+def command_line(args) -> list[str]:
     """The command as run, rebuilt from the parsed options (sys.argv is not it when main() is
     called from Python)."""
     cmd = ["flux-npu", "verify"]

@@ -128,7 +128,6 @@ def main(argv=None) -> int:
 
     import flux_npu
     from flux_npu import ops
-
     from flux_npu.utils.env import env_flag, patch_switches
 
     # the same switches as `import flux_npu.auto` (FLUX_NPU_OPS / _EXCLUDE_OPS / _TARGETS), one parser

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict
 
 BACKENDS = ("npu", "cuda")  # the file must be a fixed point of the rules for each
 MIN_DEEPSPEED = "0.19.0"  # the [deepspeed] extra's floor (pyproject.toml)
@@ -98,7 +97,7 @@ def deepspeed_json(variant: str, backend: str, deepspeed_version: str = MIN_DEEP
     return rewrite(base, backend, bf16=True, deepspeed_version=deepspeed_version).config
 
 
-def render() -> Dict[str, str]:
+def render() -> dict[str, str]:
     """file name -> exact content."""
     files = {}
     for variant in VARIANTS:

@@ -5,7 +5,7 @@ version, bf16 support, op builders) a config is rewritten for."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 
 class DeepSpeedConfigError(ValueError):
@@ -57,7 +57,7 @@ def _version(v):
     return v if isinstance(v, Version) else Version(str(v))
 
 
-def installed_deepspeed_version() -> Optional[str]:
+def installed_deepspeed_version() -> str | None:
     try:
         from importlib.metadata import version
 
@@ -66,7 +66,7 @@ def installed_deepspeed_version() -> Optional[str]:
         return None
 
 
-def accelerator_op_builders(backend: str) -> Optional[frozenset]:
+def accelerator_op_builders(backend: str) -> frozenset | None:
     """The op builders the installed DeepSpeed ships for `backend`'s accelerator (DeepSpeed's
     `get_op_builder` falls back to NotImplementedBuilder for any other name, which raises at
     engine initialization: DeepSpeed issue #8626). None when unknown (cuda: the full set, built
@@ -103,11 +103,11 @@ class Target:
 
     backend: str
     deepspeed_version: str
-    bf16: Optional[bool] = None
-    op_builders: Optional[frozenset] = None
+    bf16: bool | None = None
+    op_builders: frozenset | None = None
 
     @classmethod
-    def resolve(cls, backend=None, deepspeed_version=None, bf16=None, soc=None, op_builders=None) -> "Target":
+    def resolve(cls, backend=None, deepspeed_version=None, bf16=None, soc=None, op_builders=None) -> Target:
         name = _backend_name(backend)
         version = deepspeed_version or installed_deepspeed_version()
         if version is None:
@@ -139,7 +139,7 @@ def _backend_name(backend) -> str:
     return name  # availability is not required: configs are often written for another machine
 
 
-def _probe_npu_bf16() -> Optional[bool]:
+def _probe_npu_bf16() -> bool | None:
     import torch
 
     try:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-from typing import Tuple
 
 from .ds_facts import (
     UNSET,
@@ -33,7 +32,7 @@ def _reject_constant(name, path):
                                "write a finite number")
 
 
-def load_config(config) -> Tuple[dict, str]:
+def load_config(config) -> tuple[dict, str]:
     """Any accepted input -> (plain dict, description of where it came from).
 
     Files are read with caps (size, nesting, node count), YAML without anchors or aliases, and every

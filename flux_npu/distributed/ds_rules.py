@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from .ds_facts import (
     _CPU_OFFLOAD_BUILDER,
@@ -28,17 +27,17 @@ from .ds_facts import (
 @dataclass
 class Result:
     config: dict
-    changes: List[Change] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    target: Optional[Target] = None
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    target: Target | None = None
     source: str = ""
 
 
 class _Ctx:
     def __init__(self, cfg, target, strict):
         self.cfg, self.target, self.strict = cfg, target, strict
-        self.changes: List[Change] = []
-        self.notes: List[str] = []
+        self.changes: list[Change] = []
+        self.notes: list[str] = []
         self.v = _version(target.deepspeed_version)
 
     def change(self, path, new, reason):
@@ -49,7 +48,7 @@ class _Ctx:
             _set(self.cfg, path, new)
         self.changes.append(Change(path, old, new, reason))
 
-    def has_builder(self, name) -> Optional[bool]:
+    def has_builder(self, name) -> bool | None:
         b = self.target.op_builders
         return None if b is None else name in b
 

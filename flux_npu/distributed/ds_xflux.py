@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from .ds_facts import (
     UNSET,
@@ -32,7 +32,7 @@ def is_xflux_section(d: dict) -> bool:
         and not isinstance(d.get("zero_optimization"), dict)
 
 
-def _precision_flags(p) -> Tuple[bool, bool]:
+def _precision_flags(p) -> tuple[bool, bool]:
     s = str(p).lower()
     if s in ("bf16", "bf16-mixed", "bf16-true", "bfloat16"):
         return False, True
@@ -51,7 +51,7 @@ def _whole(value, name, lo, hi) -> int:
     return value
 
 
-def convert_xflux(section: dict, top: Optional[dict], changes: List[Change]) -> dict:
+def convert_xflux(section: dict, top: dict | None, changes: list[Change]) -> dict:
     """The x-flux / FluxKits `deepspeed:` section (+ the training YAML's top level, when given:
     gradient_accumulation_steps, max_grad_norm, mixed_precision) -> a DeepSpeed dict."""
     unknown = sorted(set(section) - _XFLUX_KEYS)
@@ -61,8 +61,8 @@ def convert_xflux(section: dict, top: Optional[dict], changes: List[Change]) -> 
             "Write a DeepSpeed JSON instead, or remove them")
     why = ("x-flux/FluxKits `deepspeed:` key (a Lightning DeepSpeedStrategy name) written as DeepSpeed's key; "
            "accelerate's DeepSpeedPlugin would not read it")
-    out: Dict[str, Any] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
-    zero: Dict[str, Any] = {}
+    out: dict[str, Any] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    zero: dict[str, Any] = {}
 
     def put(src, dst_path, value):
         _set(out, dst_path, value)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import List, Optional, Tuple
 
 # The parts live in ds_facts / ds_load / ds_xflux / ds_rules; their public names are names of this
 # module too (`from flux_npu.distributed.dsconfig import load_config` keeps working).
@@ -31,12 +30,12 @@ from .ds_facts import (  # noqa: F401
     Change,
     DeepSpeedConfigError,
     Target,
+    _get,
     accelerator_op_builders,
     installed_deepspeed_version,
     soc_supports_bf16,
 )
 from .ds_load import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES, MAX_STRING, check_structure, load_config  # noqa: F401
-from .ds_facts import _get
 from .ds_rules import RULES, Result, _Ctx
 from .ds_types import check_types
 from .ds_xflux import _DS_TOP_KEYS, convert_xflux, is_xflux_section
@@ -48,7 +47,7 @@ def rewrite(config, backend=None, *, deepspeed_version=None, bf16=None, soc=None
             validate_result=True, world_size=None, op_builders=None) -> Result:
     """The full form of `deepspeed_config`: returns a Result with config, changes, notes, target."""
     data, source = load_config(config)
-    changes: List[Change] = []
+    changes: list[Change] = []
     notes: list[str] = []
     if is_accelerate_config(data):
         data, source = _from_accelerate(data, source, config, notes)
@@ -123,7 +122,7 @@ def _from_accelerate(data: dict, source: str, config, notes: list[str]):
     return inner, f"{inner_source} (via accelerate config {source})"
 
 
-def deepspeed_config(config, backend=None, **kwargs) -> Tuple[dict, List[Change]]:
+def deepspeed_config(config, backend=None, **kwargs) -> tuple[dict, list[Change]]:
     """Rewrite a DeepSpeed config (dict, JSON/YAML path, DictConfig, x-flux section) for `backend`.
 
     Returns (new_config, changes), each change a Change(path, old, new, reason). Notes (things
@@ -138,7 +137,7 @@ def deepspeed_config(config, backend=None, **kwargs) -> Tuple[dict, List[Change]
     return result.config, result.changes
 
 
-def validate(config: dict, world_size: Optional[int] = None):
+def validate(config: dict, world_size: int | None = None):
     """Validate with DeepSpeed's own `DeepSpeedConfig`; returns it.
 
     Without an initialized process group DeepSpeedConfig takes world size 1 (its constructor
@@ -173,7 +172,7 @@ def validate(config: dict, world_size: Optional[int] = None):
                                    f"{type(exc).__name__}: {exc}") from None
 
 
-def unread_top_level_keys(config: dict) -> List[str]:
+def unread_top_level_keys(config: dict) -> list[str]:
     """Top-level keys DeepSpeed's config class never looks at (it ignores unknown top-level keys
     without a word, so a misspelt `zero_optimisation` silently runs without ZeRO). Found by
     recording which keys DeepSpeedConfig reads while parsing a copy."""

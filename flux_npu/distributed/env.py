@@ -14,7 +14,7 @@ as soon as torch_npu imports (deepspeed/accelerator/real_accelerator.py).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Tuple
+from collections.abc import Mapping
 
 # CUDA/NCCL -> Ascend, for variables whose meaning carries over unchanged.
 DIRECT = {
@@ -45,9 +45,9 @@ def _bytes_to_mb(value: str) -> str:
     return str(max(1, n // (1024 * 1024)))
 
 
-def translate_env(env: Mapping[str, str], backend: str) -> Tuple[Dict[str, str], List[tuple]]:
-    add: Dict[str, str] = {}
-    rows: List[tuple] = []
+def translate_env(env: Mapping[str, str], backend: str) -> tuple[dict[str, str], list[tuple]]:
+    add: dict[str, str] = {}
+    rows: list[tuple] = []
     backend = getattr(backend, "name", backend)
     if backend in DS_ACCELERATOR:
         current = env.get("DS_ACCELERATOR")

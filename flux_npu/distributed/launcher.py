@@ -23,6 +23,7 @@ child also gets SIGTERM if the launcher dies without a chance to forward (Linux 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,8 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 from .bootstrap import ENV_REPORT_DIR, ENV_TRANSFER
 from .env import translate_env
@@ -57,7 +58,7 @@ def _die_with_parent() -> None:
         pass  # not Linux: the signal forwarding in Launch.run still applies
 
 
-def _track(pid: int, tracked: Dict[int, object]) -> None:
+def _track(pid: int, tracked: dict[int, object]) -> None:
     """Remember every process under `pid`: torchrun starts each rank in a new session, so a signal to
     the child's process group does not reach them, and after the child dies they would be orphans."""
     import psutil
@@ -91,13 +92,11 @@ def _signal_list(procs, signum) -> None:
             pass
 
 
-def _signal_tree(pid: int, tracked: Dict[int, object], signum) -> None:
+def _signal_tree(pid: int, tracked: dict[int, object], signum) -> None:
     """`signum` to the child's process group and every process seen under it."""
     _track(pid, tracked)
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
     _signal_list(list(tracked.values()), signum)
 
 
@@ -125,17 +124,17 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 @dataclass
 class Launch:
-    argv: List[str]
-    env: Dict[str, str]  # the full child environment
-    added: Dict[str, str]  # what flux-npu added to the caller's environment
-    env_rows: List[tuple] = field(default_factory=list)
+    argv: list[str]
+    env: dict[str, str]  # the full child environment
+    added: dict[str, str]  # what flux-npu added to the caller's environment
+    env_rows: list[tuple] = field(default_factory=list)
     ds_result: object = None  # dsconfig.Result when a DeepSpeed config was given
-    temp_dir: Optional[str] = None
+    temp_dir: str | None = None
 
     def run(self, grace: float = DEFAULT_GRACE) -> int:
         """Run to completion; on SIGTERM/SIGINT/SIGHUP stop every process under the child (see module doc)."""
         stop = {"signal": None, "deadline": None, "killed": False}
-        tracked: Dict[int, object] = {}  # pid -> psutil.Process: every process seen under the child
+        tracked: dict[int, object] = {}  # pid -> psutil.Process: every process seen under the child
         try:
             child = subprocess.Popen(self.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         except BaseException:
@@ -194,10 +193,10 @@ class Launch:
 
 
 def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
-                 master_addr: str = "127.0.0.1", master_port: Optional[int] = None, ds_config=None,
-                 transfer_to_npu: Optional[bool] = None, report_dir: Optional[str] = None, soc: Optional[str] = None,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None, ds_config=None,
+                 transfer_to_npu: bool | None = None, report_dir: str | None = None, soc: str | None = None,
                  base_env=None, oversubscribe: bool = False, module: bool = False,
-                 rendezvous: Sequence[str] = (), env_extra: Optional[Dict[str, str]] = None) -> Launch:
+                 rendezvous: Sequence[str] = (), env_extra: dict[str, str] | None = None) -> Launch:
     """`module`: `script` is a module name run like `python -m` (torchrun's `-m`). `rendezvous`:
     torchrun's own rendezvous options (`--rdzv-backend c10d`, `--rdzv-endpoint host:port`,
     `--rdzv-id`, `--rdzv-conf`, `--standalone`, `--max-restarts N`), handed to torchrun as given; with
@@ -226,7 +225,7 @@ def build_launch(script: str, script_args=(), *, backend=None, nproc: int = 1, n
     if report_dir:
         report_dir = _writable_dir(report_dir, "--report-dir")
     env = dict(os.environ if base_env is None else base_env)
-    added: Dict[str, str] = {"FLUX_NPU_BACKEND": b.name, **(env_extra or {})}
+    added: dict[str, str] = {"FLUX_NPU_BACKEND": b.name, **(env_extra or {})}
     if transfer_to_npu is None:
         transfer_to_npu = b.name == "npu"
     if transfer_to_npu and b.name != "npu":

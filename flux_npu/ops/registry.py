@@ -30,8 +30,8 @@ import importlib
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,12 +63,12 @@ class Kernel:
     backend: str
     name: str
     fn: Callable
-    check: Optional[Callable] = None
+    check: Callable | None = None
     doc: str = ""
     traced: Callable | None = None
     caps: object = None  # the kernel's declared capabilities (kernels.caps.Caps), shown by `flux-npu info`
 
-    def why_not(self, backend: Backend, *args, **kwargs) -> Optional[str]:
+    def why_not(self, backend: Backend, *args, **kwargs) -> str | None:
         if self.check is None:
             return None
         return self.check(backend, *args, **kwargs)
@@ -85,10 +85,10 @@ class Plan:
         self.op, self.backend, self.fn, self.name, self.reason, self.n = op, backend, fn, name, reason, 0
 
 
-_TABLE: Dict[Tuple[str, str], List[Kernel]] = {}
+_TABLE: dict[tuple[str, str], list[Kernel]] = {}
 _LOADED: set = set()
-_LOAD_ERRORS: Dict[str, str] = {}  # backend name -> why one of its kernel modules failed to import
-_PLANS: Dict[tuple, Plan] = {}
+_LOAD_ERRORS: dict[str, str] = {}  # backend name -> why one of its kernel modules failed to import
+_PLANS: dict[tuple, Plan] = {}
 _BASE = {"served": Counter(), "fallback": Counter()}  # counts not held by a live plan
 _STATE = threading.local()
 _DEFAULT: dict = {}
@@ -124,7 +124,7 @@ def _fold(p: Plan) -> None:
         p.n = 0
 
 
-def register_kernel(op: str, backend: str, name: str, check: Optional[Callable] = None, doc: str = "",
+def register_kernel(op: str, backend: str, name: str, check: Callable | None = None, doc: str = "",
                     traced: Callable | None = None, caps=None):
     """Decorator: register `fn` as kernel `name` of `op` on `backend` (appended: earlier wins);
     `traced`, if given, serves calls traced by torch.compile instead of `fn`; `caps`, the kernel's
@@ -179,18 +179,18 @@ def reload_kernels(backend: Backend) -> None:
     _ensure_loaded(backend)
 
 
-def kernels_for(op: str, backend: Backend) -> List[Kernel]:
+def kernels_for(op: str, backend: Backend) -> list[Kernel]:
     _ensure_loaded(backend)
     return list(_TABLE.get((op, backend.name), ()))
 
 
-def fused_ops(backend: Backend) -> List[str]:
+def fused_ops(backend: Backend) -> list[str]:
     """Ops with at least one registered kernel on `backend` (its "fused" capabilities)."""
     _ensure_loaded(backend)
     return [op for op in OPS if _TABLE.get((op, backend.name))]
 
 
-def _walk(op: str, b: Backend, args: tuple) -> Tuple[Optional[Kernel], List[str]]:
+def _walk(op: str, b: Backend, args: tuple) -> tuple[Kernel | None, list[str]]:
     reasons = []
     for k in _TABLE.get((op, b.name), ()):
         why = k.check(b, *args) if k.check is not None else None
@@ -203,7 +203,7 @@ def _walk(op: str, b: Backend, args: tuple) -> Tuple[Optional[Kernel], List[str]
     return None, reasons
 
 
-def explain(op: str, backend: Backend, *args, **kwargs) -> Tuple[Optional[str], List[str]]:
+def explain(op: str, backend: Backend, *args, **kwargs) -> tuple[str | None, list[str]]:
     """(name of the kernel that would serve, [reasons of those that decline]) for these inputs."""
     _ensure_loaded(backend)
     reasons = []
@@ -303,7 +303,7 @@ def use_backend(backend):
 # -- strict mode and statistics ---------------------------------------------------------------
 
 
-def set_strict(on: Optional[bool] = True) -> None:
+def set_strict(on: bool | None = True) -> None:
     """Strict mode: raise KernelDeclined when a registered kernel declines an input, instead of
     falling back to the reference. (An op with no kernel at all on a backend is served by the
     reference in either mode: that is its implementation there, not a fallback.) `None` reads
@@ -378,7 +378,7 @@ def traced(op: str, b: Backend, reference: Callable, args: tuple):
     return reference(*args)
 
 
-def dispatch(op: str, reference: Callable, backend, args: tuple, kwargs: Optional[dict] = None):
+def dispatch(op: str, reference: Callable, backend, args: tuple, kwargs: dict | None = None):
     """Run `op` on the active (or given) backend's first kernel that accepts the input, else the
     reference, walking the checks on every call (the public ops plan through `_PLANS` instead).
     Arguments go by position, in the public op's order; they are not validated here."""

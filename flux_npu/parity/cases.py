@@ -16,8 +16,8 @@ the same shape; the sets differ in sequence length, the resolution each model is
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,7 +40,7 @@ PARAM_GRAD_LIMIT = 1_000_000
 
 Shapes = FluxShape  # the name parity has always used for a shape set
 # parity's shape sets: the table's, less the benchmark-only one
-SHAPE_SETS: Dict[str, Shapes] = {n: s for n, s in SHAPES.items() if n != "quick"}
+SHAPE_SETS: dict[str, Shapes] = {n: s for n, s in SHAPES.items() if n != "quick"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Case:
     make: Callable  # (shapes, gen, dtype) -> dict of CPU input tensors (cotangents included)
     run: Callable  # (tensors, backend, module, stock) -> dict of outputs
     grads: Sequence[str] = ()  # inputs whose gradients are compared
-    build: Optional[Callable] = None  # (shapes) -> nn.Module (float32, CPU), blocks only
+    build: Callable | None = None  # (shapes) -> nn.Module (float32, CPU), blocks only
     factor: float = 1.0
     doc: str = ""
     needs_blocks: bool = False
@@ -66,7 +66,7 @@ def _randn(gen, shape, dtype, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
 
-def _cot(gen, outs: Dict[str, Tuple[tuple, torch.dtype]]):
+def _cot(gen, outs: dict[str, tuple[tuple, torch.dtype]]):
     return {f"d_{n}": _randn(gen, shape, dt) for n, (shape, dt) in outs.items()}
 
 
@@ -310,7 +310,7 @@ def run_block(t, b, module, stock):
 
 _BLOCK_GRADS = ("hidden_states", "encoder_hidden_states", "temb")
 
-CASES: Dict[str, Case] = {
+CASES: dict[str, Case] = {
     c.name: c
     for c in [
         Case("attention", "attention", make_attention, run_attention, ("q", "k", "v"),
@@ -361,7 +361,7 @@ class CaseSpec:
         return self.case.factor
 
 
-def parse_dtypes(text) -> Tuple[torch.dtype, ...]:
+def parse_dtypes(text) -> tuple[torch.dtype, ...]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     bad = [n for n in names if n not in DTYPES]
     if bad or not names:
@@ -370,7 +370,7 @@ def parse_dtypes(text) -> Tuple[torch.dtype, ...]:
     return tuple(DTYPES[n] for n in names)
 
 
-def parse_shape_sets(text) -> Tuple[Shapes, ...]:
+def parse_shape_sets(text) -> tuple[Shapes, ...]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     bad = [n for n in names if n not in SHAPE_SETS]
     if bad or not names:
@@ -379,7 +379,7 @@ def parse_shape_sets(text) -> Tuple[Shapes, ...]:
     return tuple(SHAPE_SETS[n] for n in names)
 
 
-def select(shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases: Optional[Sequence[str]] = None):
+def select(shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases: Sequence[str] | None = None):
     """The CaseSpecs of the catalogue for these shape sets, dtypes and (optionally) case names."""
     if cases:
         unknown = [c for c in cases if c not in CASES]
@@ -399,7 +399,7 @@ def select(shape_sets="tiny,width", dtypes="fp32,bf16,fp16", cases: Optional[Seq
     return out
 
 
-def make_inputs(spec: CaseSpec, seed: int) -> Dict[str, torch.Tensor]:
+def make_inputs(spec: CaseSpec, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(case_seed(seed, spec.id))
     t = spec.case.make(spec.shapes, g, spec.dtype)
     return {k: v.contiguous() for k, v in t.items()}

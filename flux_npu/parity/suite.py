@@ -26,8 +26,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,8 +35,18 @@ from ..backends import Backend, get_backend
 from ..testing import max_abs_err, rel_err, tolerance
 from ..utils.versions import versions
 from . import cases as C
-from .golden import (FORMAT, GOLDEN_FILES, META_SUM, READ_FORMATS, Golden, GoldenError, _rerecord, load_golden,
-                     meta_sha256, tensor_sha256)
+from .golden import (
+    FORMAT,
+    GOLDEN_FILES,
+    META_SUM,
+    READ_FORMATS,
+    Golden,
+    GoldenError,
+    _rerecord,
+    load_golden,
+    meta_sha256,
+    tensor_sha256,
+)
 from .rule import LOW_PRECISION, MAX_REL_RATIO_LIMIT, RATIO_LIMIT, rate, reference64
 
 # -- where the shipped goldens are --------------------------------------------------------------
@@ -61,7 +71,7 @@ def golden_dir() -> str:
                       "reinstall flux-npu from a wheel that includes its goldens, or set FLUX_NPU_GOLDEN_DIR")
 
 
-def shipped_goldens() -> List[str]:
+def shipped_goldens() -> list[str]:
     """Paths of every shipped golden (`parity_<backend>.safetensors`), sorted."""
     import glob
 
@@ -106,16 +116,16 @@ def sdpa_policy(backend: Backend, allow_cudnn: bool = False):
 
 @dataclass
 class Computed:
-    outputs: Dict[str, torch.Tensor]
-    grads: Dict[str, torch.Tensor]
-    param_grads: Dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    param_grads: dict[str, torch.Tensor]
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def compute(spec: C.CaseSpec, inputs: Dict[str, torch.Tensor], backend: Backend, *, module=None,
+def compute(spec: C.CaseSpec, inputs: dict[str, torch.Tensor], backend: Backend, *, module=None,
             backward: bool = True, stock: bool = False, param_grad_filter=None) -> Computed:
     """Run one case on `backend` from CPU `inputs`; returns CPU tensors.
 
@@ -192,7 +202,7 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
     unsupported = sorted({C.DTYPE_NAMES[s.dtype] for s in specs if s.dtype not in b.dtypes})
     if unsupported:
         raise ValueError(f"backend {b.name} does not compute in {', '.join(unsupported)}; drop it from --dtypes")
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     entries = []
     for spec in _progress(specs, f"parity record ({b.name})", progress):
         inputs = C.make_inputs(spec, seed)
@@ -264,19 +274,19 @@ class TensorResult:
     rel: float
     tol: float
     # Ascend's rule, against the golden's float64 reference (None: the golden has none)
-    ref_rel: Optional[float] = None  # this device's rel. error vs float64
-    golden_ref_rel: Optional[float] = None  # the recording device's rel. error vs float64
-    ratio: Optional[float] = None  # ref_rel / golden_ref_rel (limit RATIO_LIMIT)
-    max_rel: Optional[float] = None  # this device's max elementwise rel. error vs float64 (`max_rel_err`)
-    golden_max_rel: Optional[float] = None
-    max_rel_ratio: Optional[float] = None  # max_rel / max(golden_max_rel, MINIMUM_ERROR) (limit MAX_REL_RATIO_LIMIT)
+    ref_rel: float | None = None  # this device's rel. error vs float64
+    golden_ref_rel: float | None = None  # the recording device's rel. error vs float64
+    ratio: float | None = None  # ref_rel / golden_ref_rel (limit RATIO_LIMIT)
+    max_rel: float | None = None  # this device's max elementwise rel. error vs float64 (`max_rel_err`)
+    golden_max_rel: float | None = None
+    max_rel_ratio: float | None = None  # max_rel / max(golden_max_rel, MINIMUM_ERROR) (limit MAX_REL_RATIO_LIMIT)
 
     @property
     def passed(self) -> bool:
         return self.rel <= self.tol  # inf and NaN never pass
 
     @property
-    def rule(self) -> Optional[str]:
+    def rule(self) -> str | None:
         """'pass' / 'FAIL' by Ascend's 2x (10x max-rel) rule; None without a float64 reference."""
         if self.ratio is None:
             return None
@@ -291,11 +301,11 @@ class CaseResult:
     case: str
     dtype: str
     status: str  # pass / FAIL / skip / error
-    tensors: List[TensorResult] = field(default_factory=list)
+    tensors: list[TensorResult] = field(default_factory=list)
     message: str = ""
 
     @property
-    def rule(self) -> Optional[str]:
+    def rule(self) -> str | None:
         """The case's verdict by Ascend's 2x rule: 'pass', 'FAIL' (a tensor breaks it) or None
         (no float64 reference: a float32 case, or a golden of format /2)."""
         rules = [t.rule for t in self.tensors if t.rule is not None]
@@ -312,14 +322,14 @@ class CaseResult:
                 f"{w.max_rel_ratio:.1f}x (limit {MAX_REL_RATIO_LIMIT:g}x)")
 
     @property
-    def worst_ratio(self) -> Optional[TensorResult]:
+    def worst_ratio(self) -> TensorResult | None:
         rated = [t for t in self.tensors if t.ratio is not None]
         if not rated:
             return None
         return max(rated, key=lambda t: max(t.ratio / RATIO_LIMIT, t.max_rel_ratio / MAX_REL_RATIO_LIMIT))
 
     @property
-    def worst(self) -> Optional[TensorResult]:
+    def worst(self) -> TensorResult | None:
         if not self.tensors:
             return None
         return max(self.tensors,
@@ -344,10 +354,10 @@ class CheckReport:
     backend: str
     device: str
     stock: bool
-    results: List[CaseResult]
+    results: list[CaseResult]
 
     @property
-    def failed(self) -> List[CaseResult]:
+    def failed(self) -> list[CaseResult]:
         return [r for r in self.results if r.status in ("FAIL", "error")]
 
     @property
@@ -355,7 +365,7 @@ class CheckReport:
         return not self.failed and any(r.status == "pass" for r in self.results)
 
     @property
-    def rule_failed(self) -> List[CaseResult]:
+    def rule_failed(self) -> list[CaseResult]:
         """Cases that break Ascend's 2x (10x max-rel) rule against the golden's float64 reference
         (reported next to `failed`, today's fixed-tolerance check)."""
         return [r for r in self.results if r.rule == "FAIL"]
@@ -402,7 +412,7 @@ class CheckReport:
                 "results": [r.as_dict() for r in self.results]}
 
 
-def check(path, backend=None, cases: Optional[Sequence[str]] = None, dtypes=None, shape_sets=None,
+def check(path, backend=None, cases: Sequence[str] | None = None, dtypes=None, shape_sets=None,
           stock: bool = False, progress: bool = False, allow_cudnn: bool = False) -> CheckReport:
     """Recompute the golden's cases on `backend` and compare. Never raises for a numeric failure
     (see `CheckReport.ok`); raises GoldenError for a bad file (GoldenCorrupted when its bytes

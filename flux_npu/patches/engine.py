@@ -208,9 +208,8 @@ def _apply_instance(handle: PatchHandle, ps: PatchSet, model) -> None:
                         count += 1
             else:
                 for sub in model.modules():
-                    if isinstance(sub, owner):
-                        if handle.set_attr(sub, attr, types.MethodType(fn, sub)) is None:
-                            count += 1
+                    if isinstance(sub, owner) and handle.set_attr(sub, attr, types.MethodType(fn, sub)) is None:
+                        count += 1
             handle.add_row(module.__name__, spec.symbol, PATCHED if count else SKIPPED,
                            f"{what} on {count} instance(s)" if count else f"no {owner.__name__} in the model",
                            stats if count else None)

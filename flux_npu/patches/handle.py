@@ -3,6 +3,7 @@ a module, rebinds names imported by value, serves the import hook, and undoes it
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 import warnings
@@ -134,7 +135,7 @@ class PatchHandle:
             _LIVE[key] = self
             return
         had_own = attr in getattr(owner, "__dict__", {}) if not isinstance(owner, types.ModuleType) else True
-        if isinstance(owner, type) or isinstance(owner, types.ModuleType):
+        if isinstance(owner, (type, types.ModuleType)):
             original = owner.__dict__[attr] if had_own else getattr(owner, attr)
         else:
             original = owner.__dict__.get(attr) if had_own else None
@@ -189,10 +190,8 @@ class PatchHandle:
                 if rec.had_own:
                     setattr(rec.owner, rec.attr, rec.original)
                 else:
-                    try:
+                    with contextlib.suppress(AttributeError):
                         delattr(rec.owner, rec.attr)
-                    except AttributeError:
-                        pass
             self._records.clear()
             self._active = False
             if self in _HANDLES:

@@ -4,6 +4,7 @@ its import finishes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -74,10 +75,8 @@ class _ImportHook(importlib.abc.MetaPathFinder):
     @classmethod
     def uninstall(cls):
         if cls._installed is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 sys.meta_path.remove(cls._installed)
-            except ValueError:
-                pass
             cls._installed = None
 
 

@@ -23,7 +23,6 @@ from ...ops.precision import compute_dtype
 from ...ops.registry import register_kernel
 from .._common import foreign_device
 
-
 SMALL_NUMEL = 1 << 16
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 
@@ -19,7 +18,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=1)
-def triton_import_error() -> Optional[str]:
+def triton_import_error() -> str | None:
     """None if triton imports here, else why not (asked once per process)."""
     try:
         import triton  # noqa: F401
@@ -37,7 +36,7 @@ def triton_installed() -> bool:
         return False
 
 
-def _triton_library(backend, device_type, _op) -> Optional[str]:
+def _triton_library(backend, device_type, _op) -> str | None:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "") != "1":
         return "CPU tensors run Triton kernels only under TRITON_INTERPRET=1"
     if device_type == "meta":  # the info report: say whether triton is installed, without importing it
@@ -45,7 +44,7 @@ def _triton_library(backend, device_type, _op) -> Optional[str]:
     return triton_import_error()
 
 
-def _cuda_device(backend, device_type, tensors) -> Optional[str]:
+def _cuda_device(backend, device_type, tensors) -> str | None:
     return capability_reason(backend, tensors) if device_type == "cuda" else None
 
 
@@ -54,14 +53,14 @@ TRITON = Caps("triton", dtypes=TRITON_DTYPES, dtype_note=": the Triton kernels t
               max_row=MAX_ROW, nonempty=True, library=_triton_library, device_reason=_cuda_device)
 
 
-def triton_reason(backend, *tensors) -> Optional[str]:
+def triton_reason(backend, *tensors) -> str | None:
     """The checks every Triton kernel shares (the `TRITON` declaration): triton present, tensors on
     the backend's device (CPU tensors only under the interpreter), dtypes the kernels compute in,
     the device's compute capability."""
     return TRITON.reason(backend, *tensors)
 
 
-def capability_reason(backend, tensors) -> Optional[str]:
+def capability_reason(backend, tensors) -> str | None:
     from ...backends.cuda import compute_capability
 
     t = next(t for t in tensors if isinstance(t, torch.Tensor))
@@ -77,11 +76,11 @@ def capability_reason(backend, tensors) -> Optional[str]:
     return None
 
 
-def row_reason(n: int) -> Optional[str]:
+def row_reason(n: int) -> str | None:
     return TRITON.row_reason(n)
 
 
-def freqs_reason(x: torch.Tensor, freqs, sequence_dim: int) -> Optional[str]:
+def freqs_reason(x: torch.Tensor, freqs, sequence_dim: int) -> str | None:
     """Whether the RoPE kernel takes these frequencies for x (shape rules as the reference)."""
     if x.dim() > 4:
         return f"x has {x.dim()} dims; the RoPE kernel takes at most 4"
@@ -112,7 +111,7 @@ def freqs_reason(x: torch.Tensor, freqs, sequence_dim: int) -> Optional[str]:
     return None
 
 
-def group_split(x_shape, t_shape) -> Optional[int]:
+def group_split(x_shape, t_shape) -> int | None:
     """Number k of x's leading dims that `t` (broadcast against x) varies along, when t is
     constant along all later ones ((B, 1, D) against (B, S, D): k = 1); None otherwise."""
     lead_x = tuple(x_shape[:-1])

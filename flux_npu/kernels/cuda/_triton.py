@@ -43,7 +43,7 @@ passes on CPU tensors; interpreted kernels are never wrapped.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch.library import wrap_triton  # torch's own: needs triton only when a kernel is wrapped
@@ -55,7 +55,7 @@ try:  # guarded: without triton, kernels stay plain functions and the checks say
     import triton.language as tl
 
     jit = triton.jit
-    IMPORT_ERROR: Optional[str] = None
+    IMPORT_ERROR: str | None = None
 except Exception as exc:  # ImportError, or a broken install raising anything else
     triton = tl = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -157,7 +157,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

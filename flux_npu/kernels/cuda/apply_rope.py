@@ -34,8 +34,6 @@ derived from positions and get no gradient (the check declines freqs that requir
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ...ops.registry import register_kernel
@@ -165,7 +163,7 @@ def _rope_bwd(
 # -- launchers ---------------------------------------------------------------------------------
 
 
-def freq_operands(shape4, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int):
+def freq_operands(shape4, f0: torch.Tensor, f1: torch.Tensor | None, sequence_dim: int):
     """(F0, F1, (fs0, fs1, fs2), cos_sin) for an x of 4-D `shape4`, frequencies broadcast with
     stride 0 (never copied unless their rows are not contiguous)."""
     if f1 is None:  # BFL (..., S, D/2, 2, 2)
@@ -261,7 +259,7 @@ def _shape4(t):
     return (1,) * (4 - t.dim()) + tuple(t.shape)
 
 
-def _fwd(x: torch.Tensor, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int) -> torch.Tensor:
+def _fwd(x: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor | None, sequence_dim: int) -> torch.Tensor:
     """x 4-D, last dim stride 1; f1 None: f0 are BFL matrices, else (f0, f1) = (cos, sin)."""
     return fwd_launch([x], [None], f0, f1, sequence_dim, False, 0.0)[0]
 
@@ -270,7 +268,7 @@ def _fwd_fake(x, f0, f1, sequence_dim):
     return x.new_empty(x.shape)
 
 
-def _bwd(dy: torch.Tensor, f0: torch.Tensor, f1: Optional[torch.Tensor], sequence_dim: int) -> torch.Tensor:
+def _bwd(dy: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor | None, sequence_dim: int) -> torch.Tensor:
     return bwd_launch([dy], [None], [dy], f0, f1, sequence_dim, False, 0.0)[0][0]
 
 

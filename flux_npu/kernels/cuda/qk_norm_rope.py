@@ -11,8 +11,6 @@ Custom ops `flux_npu::triton_qk_norm_rope` / `_bwd`, autograd, check and registr
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ...ops.registry import register_kernel
@@ -62,8 +60,8 @@ class QKNormRopeFunction(torch.autograd.Function):
 
 
 def _fwd(
-    q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
-    f0: torch.Tensor, f1: Optional[torch.Tensor], eps: float, sequence_dim: int,
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+    f0: torch.Tensor, f1: torch.Tensor | None, eps: float, sequence_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k 4-D with unit last-dim stride; (f0, f1) as `rope.apply_rope_op`. Dense outputs."""
     if _one_launch(q, k, q_weight, k_weight):
@@ -79,8 +77,8 @@ def _fwd_fake(q, k, q_weight, k_weight, f0, f1, eps, sequence_dim):
 
 
 def _bwd(
-    q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
-    f0: torch.Tensor, f1: Optional[torch.Tensor], dyq: torch.Tensor, dyk: torch.Tensor, eps: float, sequence_dim: int,
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+    f0: torch.Tensor, f1: torch.Tensor | None, dyq: torch.Tensor, dyk: torch.Tensor, eps: float, sequence_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dq_weight, dk_weight); a weight that is None gets an empty placeholder."""
     if _one_launch(q, k, q_weight, k_weight):
@@ -91,7 +89,7 @@ def _bwd(
         (dk,), dwk = bwd_launch([k], [k_weight], [dyk], f0, f1, sequence_dim, True, eps)
         dws = [dwq[0] if dwq else None, dwk[0] if dwk else None]
     out = []
-    for w, dw in zip((q_weight, k_weight), dws):
+    for w, dw in zip((q_weight, k_weight), dws, strict=False):
         out.append(dw.to(w.dtype) if w is not None else T.no_grad_placeholder(q))
     return dq, dk, out[0], out[1]
 

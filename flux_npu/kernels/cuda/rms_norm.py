@@ -14,8 +14,6 @@ small torch sum follows (deterministic, no atomics). At Flux-dev shapes (B*S*H =
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ...ops.registry import register_kernel
@@ -126,7 +124,7 @@ class RMSNormFunction(torch.autograd.Function):
         return None, dx.view(dy.shape), (dw if weight is not None and ctx.needs_input_grad[2] else None), None, None
 
 
-def _fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+def _fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """The custom op's launcher: x 4-D, last dim stride 1, any other strides. Returns a dense y."""
     return RMSNormFunction.forward(None, None, x, weight, eps, out_dtype)
 
@@ -136,7 +134,7 @@ def _fwd_fake(x, weight, eps, out_dtype):
 
 
 def _bwd(
-    x: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, eps: float,
+    x: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx dense in x's dtype, dw in weight's dtype or an empty placeholder without weight)."""
     n_rows, n_cols, bm, bn, n_blocks = _sizes(x, T.BWD_TILE)

@@ -4,6 +4,8 @@ torch_npu itself is imported only inside the kernels and their checks (through
 `flux_npu.backends.npu.torch_npu_or_reason`), so this package imports on any machine and its
 checks answer "torch_npu not importable: ..." where it is absent."""
 
+import contextlib
+
 from .. import import_op_files
 
 # infer_attention before attention: the first kernel that accepts an input serves it (FIA for no-grad calls)
@@ -20,8 +22,7 @@ def prepare() -> None:
     mod, _why = _npu.torch_npu_or_reason()
     if mod is None:
         return
-    try:
+    # a probe failure surfaces as a check's reason when dispatching, not here
+    with contextlib.suppress(Exception):
         _npu.soc_capabilities()
-    except Exception:  # a probe failure surfaces as a check's reason when dispatching, not here
-        pass
     op_has_param("npu_rotary_mul", "rotary_mode")

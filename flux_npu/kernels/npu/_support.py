@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 
@@ -13,7 +12,7 @@ from ..caps import Caps
 NPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _torch_npu_library(backend, device_type, op_name) -> Optional[str]:
+def _torch_npu_library(backend, device_type, op_name) -> str | None:
     mod, why = _npu.torch_npu_or_reason()
     if mod is None:
         return why
@@ -30,12 +29,12 @@ TORCH_NPU = Caps("torch_npu", dtypes=NPU_DTYPES, dtype_note=" (torch_npu fused o
 NPU_TORCH = TORCH_NPU.using(family="torch", library=None)
 
 
-def prelude(backend, op_name: str, *tensors) -> Optional[str]:
+def prelude(backend, op_name: str, *tensors) -> str | None:
     """None when `tensors` are the backend's and torch_npu has `op_name`, else the reason."""
     return TORCH_NPU.using(vendor_op=op_name, dtypes=()).reason(backend, *tensors)
 
 
-def dtype_declines(*tensors) -> Optional[str]:
+def dtype_declines(*tensors) -> str | None:
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.dtype not in NPU_DTYPES:
             return f"dtype {t.dtype}{TORCH_NPU.dtype_note}"
@@ -66,7 +65,7 @@ def _param_names(mod, op_name: str):
         return None
 
 
-def op_has_param(op_name: str, param: str) -> Optional[str]:
+def op_has_param(op_name: str, param: str) -> str | None:
     """None when torch_npu.<op_name> takes `param`, else the reason. Decided once per process
     (cached with the torch_npu import): schema, then signature, then the shipped docstring,
     whose first line is the signature in torch_npu builds."""

@@ -127,7 +127,7 @@ def rotary_mul(backend, x, freqs, sequence_dim):
     rotary_mul = torch_npu().npu_rotary_mul
     B, N = x.shape[0], x.shape[1 if seq == 2 else 2]
     chunk = 1 if batch > 1 else max(1, (MAX_BN - 1) // N)  # keep every call's B*N < 1000
-    if B <= chunk:
+    if chunk >= B:
         return rotary_mul(x.contiguous(), r1, r2, rotary_mode="interleave")
     parts = []
     for start in range(0, B, chunk):

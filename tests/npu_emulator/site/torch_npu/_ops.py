@@ -14,7 +14,6 @@ import functools
 import inspect
 
 import torch
-
 from npu_emulator.record import CALLS, CONFIG, FLOAT64
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -163,7 +162,7 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
         raise RuntimeError(f"{op}(): query head count N={Nq} outside 1..256")
     if Nq % Nkv:
         raise RuntimeError(f"{op}(): Nq/Nkv = {Nq}/{Nkv} is not a whole number")
-    if D != Dk or not 1 <= D <= 768:
+    if Dk != D or not 1 <= D <= 768:
         raise RuntimeError(f"{op}(): head dim must satisfy Dq == Dk in 1..768, got Dq={D}, Dk={Dk}")
     if k.shape[0] != B or not 1 <= B <= 2 * 1024 * 1024 or max(Sq, Sk) > 1024 * 1024:
         raise RuntimeError(f"{op}(): batch or sequence outside the supported range (B 1..2M, S 1..1M)")
@@ -289,7 +288,8 @@ def npu_rms_norm(self, gamma, epsilon=1e-06):
         raise RuntimeError(f"{op}(): gamma dtype {gamma.dtype} must equal self dtype {self.dtype}")
     g = gamma.dim()
     if not 1 <= g <= self.dim() or tuple(self.shape[-g:]) != tuple(gamma.shape):
-        raise RuntimeError(f"{op}(): gamma {tuple(gamma.shape)} must match the trailing dims of self {tuple(self.shape)}")
+        raise RuntimeError(
+            f"{op}(): gamma {tuple(gamma.shape)} must match the trailing dims of self {tuple(self.shape)}")
     dims = tuple(range(-g, 0))
     xf = self.float()
     rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + epsilon)
