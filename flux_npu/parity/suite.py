@@ -9,12 +9,12 @@ the seed, the shape-set definitions, the case list (JSON), a sha256 of every ten
 
 `check` reads a golden, verifies it (readable, ours, same format, metadata well-formed, every
 listed tensor present and matching its checksum, shapes equal to what this version's catalogue
-defines), recomputes every case on the chosen
-backend from the golden's own inputs, through `flux_npu.ops` / `flux_npu.patch(model=block)`,
-and compares each output and gradient with the golden: relative error ||out - golden|| / ||golden||
-against `flux_npu.testing.tolerance(dtype)` (times `BLOCK_FACTOR` for whole blocks). Format /3
-also stores (kind `ref`) a float64 reference of each bfloat16/float16 case's outputs and gradients;
-`check` then reports Ascend's rule per case next to that (see RATIO_LIMIT).
+defines), recomputes every case on the chosen backend from the golden's own inputs, through
+`flux_npu.ops` / `flux_npu.patch(model=block)`, and compares each output and gradient with the
+golden: relative error ||out - golden|| / ||golden|| against `flux_npu.testing.tolerance(dtype)`
+(times `BLOCK_FACTOR` for whole blocks). Format /3 also stores (kind `ref`) a float64 reference of
+each bfloat16/float16 case's outputs and gradients; `check` then reports Ascend's rule per case
+next to that (see RATIO_LIMIT).
 """
 
 from __future__ import annotations
@@ -35,18 +35,8 @@ from ..backends import Backend, get_backend
 from ..testing import max_abs_err, rel_err, tolerance
 from ..utils.versions import versions
 from . import cases as C
-from .golden import (
-    FORMAT,
-    GOLDEN_FILES,
-    META_SUM,
-    READ_FORMATS,
-    Golden,
-    GoldenError,
-    _rerecord,
-    load_golden,
-    meta_sha256,
-    tensor_sha256,
-)
+from . import golden as G
+from .golden import FORMAT, Golden, GoldenError, load_golden
 from .rule import LOW_PRECISION, MAX_REL_RATIO_LIMIT, RATIO_LIMIT, rate, reference64
 
 # -- where the shipped goldens are --------------------------------------------------------------
@@ -65,7 +55,7 @@ def golden_dir() -> str:
         return env
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for d in (os.path.join(os.path.dirname(pkg), "tests", "golden"), os.path.join(pkg, "data", "golden")):
-        if glob.glob(os.path.join(d, GOLDEN_FILES)):
+        if glob.glob(os.path.join(d, G.GOLDEN_FILES)):
             return d
     raise GoldenError("no shipped parity golden found (looked in tests/golden and flux_npu/data/golden); "
                       "reinstall flux-npu from a wheel that includes its goldens, or set FLUX_NPU_GOLDEN_DIR")
@@ -75,7 +65,7 @@ def shipped_goldens() -> list[str]:
     """Paths of every shipped golden (`parity_<backend>.safetensors`), sorted."""
     import glob
 
-    return sorted(glob.glob(os.path.join(golden_dir(), GOLDEN_FILES)))
+    return sorted(glob.glob(os.path.join(golden_dir(), G.GOLDEN_FILES)))
 
 
 def golden_path(name: str = "parity_cpu.safetensors") -> str:
@@ -244,7 +234,7 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
                         entry["references"].append(f"{kind}/{n}")
         entries.append(entry)
     meta = {
-        "format": FORMAT if references else READ_FORMATS[0],
+        "format": FORMAT if references else G.READ_FORMATS[0],
         "backend": b.name,
         "device": b.utils.device_name(),
         "stock": "1" if stock else "0",
@@ -255,9 +245,9 @@ def record(path, backend=None, shape_sets="tiny,width", dtypes="fp32,bf16,fp16",
         "shape_sets": json.dumps({s.name: dataclasses.asdict(s) for s in C.parse_shape_sets(shape_sets)}),
         "cases": json.dumps(entries),
         "sdpa": json.dumps(sdpa_meta),
-        "checksums": json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())}),
+        "checksums": json.dumps({k: G.tensor_sha256(v) for k, v in sorted(tensors.items())}),
     }
-    meta[META_SUM] = meta_sha256(meta)  # the metadata itself is covered too
+    meta[G.META_SUM] = G.meta_sha256(meta)  # the metadata itself is covered too
     # utils.output: a regular file atomically (never a half-written golden under the final name, mode
     # from the umask: a golden is meant to be shared), a device or FIFO in place
     write_output(path, save(tensors, metadata=meta))
@@ -452,7 +442,7 @@ def _check_one(golden: Golden, e: dict, b: Backend, backward: bool, stock: bool)
     got_shapes = {k: list(v.shape) for k, v in inputs.items()}
     if expected_shapes != got_shapes:
         raise GoldenError(f"{golden.path}: case {e['id']} holds inputs {got_shapes} but this version's catalogue "
-                          f"defines {expected_shapes}; the golden comes from other shapes: {_rerecord(golden.path)}")
+                          f"defines {expected_shapes}; the golden comes from other shapes: {G._rerecord(golden.path)}")
     module = None
     if spec.case.build:
         module = C.build_module(spec, golden.seed)
@@ -462,11 +452,11 @@ def _check_one(golden: Golden, e: dict, b: Backend, backward: bool, stock: bool)
                 module.load_state_dict(params, strict=True)
             except RuntimeError as exc:
                 raise GoldenError(f"{golden.path}: case {e['id']}: stored block parameters do not fit the block "
-                                  f"({str(exc).splitlines()[0]}); {_rerecord(golden.path)}") from None
+                                  f"({str(exc).splitlines()[0]}); {G._rerecord(golden.path)}") from None
         elif C.param_checksum(module) != e.get("checksum"):
             raise GoldenError(f"{golden.path}: case {e['id']}: the block rebuilt from seed {golden.seed} differs from "
                               f"the recorded one (checksum {C.param_checksum(module)} vs {e.get('checksum')}): "
-                              f"another torch version initialises differently; {_rerecord(golden.path)}")
+                              f"another torch version initialises differently; {G._rerecord(golden.path)}")
     try:
         got = compute(spec, inputs, b, module=module, backward=backward, stock=stock,
                       param_grad_filter=_param_grad_filter(module) if module is not None else None)
