@@ -2,6 +2,8 @@
 CANN and NPU driver versions where Ascend software is installed and the host's load (issue 19
 item 4); verify's report carries the same list."""
 
+import sys
+import types
 from importlib.metadata import version
 
 import torch
@@ -42,3 +44,12 @@ def test_cann_and_driver_versions_from_the_install_files(tmp_path, monkeypatch):
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "none"))
     monkeypatch.setattr(versions, "DRIVER_INFO", str(tmp_path / "none.info"))
     assert versions.ascend_versions() == {}
+
+
+def test_transfer_to_npu_is_named_because_it_turns_triton_off_for_compile(monkeypatch):
+    assert "transfer_to_npu" not in versions.environment()
+    # importing torch_npu.contrib.transfer_to_npu is what a user's script does; only its presence is read
+    monkeypatch.setitem(sys.modules, versions.TRANSFER_TO_NPU, types.ModuleType(versions.TRANSFER_TO_NPU))
+    env = versions.environment()
+    assert "has_triton() to False" in env["transfer_to_npu"]
+    assert "transfer_to_npu imported" in versions.system_line(env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 
 PACKAGES = ("torch", "torch_npu", "triton", "diffusers", "transformers", "accelerate", "peft", "deepspeed")
@@ -73,6 +74,9 @@ def ascend_versions() -> dict:
     return {k: v for k, v in out.items() if v}
 
 
+TRANSFER_TO_NPU = "torch_npu.contrib.transfer_to_npu"
+
+
 def environment() -> dict:
     """The environment part of `flux-npu info`, in the order `accelerate env` / `diffusers-cli env`
     print theirs, ready to paste into an issue (every value a string)."""
@@ -113,6 +117,8 @@ def environment() -> dict:
             env["NPU type"] = ", ".join(npu.get_device_name(i) for i in range(npu.device_count()))
     except Exception:
         pass
+    if TRANSFER_TO_NPU in sys.modules:  # it patches torch for the npu and, with it, turns Triton off for compile
+        env["transfer_to_npu"] = "imported: torch.compile sees no Triton (it forces has_triton() to False)"
     env["FLUX_NPU_BACKEND"] = os.environ.get("FLUX_NPU_BACKEND", "(unset: auto-detect)")
     return env
 
@@ -124,5 +130,6 @@ def render_environment(env: dict) -> str:
 
 def system_line(env: dict) -> str:
     """One line of what `environment()` found that versions alone do not say (verify's report)."""
-    keys = ("CANN version", "NPU driver version", "NPU type", "GPU type", "Host load (1/5/15 min)", "System RAM")
+    keys = ("CANN version", "NPU driver version", "NPU type", "GPU type", "transfer_to_npu", "Host load (1/5/15 min)",
+            "System RAM")
     return "; ".join(f"{k} {env[k]}" for k in keys if k in env)
