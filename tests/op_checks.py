@@ -30,8 +30,8 @@ SHAPE_IDS = ["tiny", "width", "odd"]
 
 
 @pytest.fixture(params=BACKENDS)
-def on(request, device):
-    """(backend, tensor device) of the case."""
+def on(request, device, monkeypatch):
+    """(backend, tensor device) of the case; the cuda backend's Triton buffers NaN-poisoned."""
     if request.param == "cpu":
         from flux_npu.backends import cpu
 
@@ -42,6 +42,9 @@ def on(request, device):
 
         if _checks.triton_import_error():
             pytest.skip("triton not installed")
+        from flux_npu.kernels.cuda import _triton
+
+        monkeypatch.setattr(_triton, "POISON", True)  # a kernel that skips a write cannot pass
         yield (cuda.BACKEND if device.type == "cuda" else cuda.BACKEND.with_device_type("cpu")), device
     else:
         from conftest import NPU
@@ -79,15 +82,23 @@ def _outs(o):
     return list(o) if isinstance(o, (tuple, list)) else [o]
 
 
+def _samples(info, shape, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if shape in info.extra_samples:
+        return info.extra_samples[shape](dtype, device, gen), gen
+    return info.sample_inputs(ODD if shape == "odd" else SHAPES[shape], dtype, device, gen), gen
+
+
 def check_op(op: str, on, dtype: torch.dtype, shape: str = "tiny", grad_scale: float = 2.0):
-    """shape: a name of flux_npu.shapes, or "odd" (ODD)."""
+    """shape: a name of flux_npu.shapes, "odd" (ODD) or one of the op's extra samples."""
     # forward and backward of `ops.<op>` on the backend against the float64 reference
     backend, dev = on
     info = catalogue.info(op)
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{op}.{shape}.{dtype}".encode()))
-    args = info.sample_inputs(ODD if shape == "odd" else SHAPES[shape], dtype, "cpu", gen)
+    seed = zlib.crc32(f"{op}.{shape}.{dtype}".encode())
+    args, gen = _samples(info, shape, dtype, "cpu", seed)
     leaves = _leaves(info, args)
-    ours = _to(args, dev, grad_at=leaves)
+    # drawn again on the device (same values) so strided views stay views there
+    ours = _to(args if dev.type == "cpu" else _samples(info, shape, dtype, dev, seed)[0], dev, grad_at=leaves)
     ref = _to(args, "cpu", torch.float64, grad_at=leaves)
     if op == "rope_freqs":  # float32 positions, float32 tables: the reference keeps float64 maths
         ref = _to(args, "cpu")
@@ -107,4 +118,5 @@ def check_op(op: str, on, dtype: torch.dtype, shape: str = "tiny", grad_scale: f
     torch.autograd.backward([o.float() for o in got], [c.to(device=dev, dtype=torch.float32) for c in cot])
     torch.autograd.backward(want, cot)
     for i in leaves:
+        assert ours[i].grad is not None and ours[i].grad.dtype == ours[i].dtype, (op, info.arg_names[i])
         assert_close(ours[i].grad, ref[i].grad, dtype, grad_scale, what=f"{op} {backend.name} d{info.arg_names[i]}")

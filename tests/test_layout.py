@@ -101,6 +101,17 @@ def test_sample_inputs_pass_validation_and_count_bytes(op, shape):
     hash(info.key(("cpu",), *args))
 
 
+@pytest.mark.parametrize("op", catalogue.OPS)
+def test_extra_samples_pass_validation(op):
+    """The catalogue's extra samples (run by tests/ops) are valid calls too (meta tensors)."""
+    info = catalogue.info(op)
+    for name, make in info.extra_samples.items():
+        args = make(torch.bfloat16)
+        assert info.validate(*args) is None, name
+        assert info.nbytes(*args) > 0, name
+        hash(info.key(("cpu",), *args))
+
+
 def test_model_presets_read_the_shape_table():
     for name in ("tiny", "flux-mini", "flux-dev"):
         cfg, s = models.PRESETS[name], shapes.SHAPES[name]

@@ -25,6 +25,8 @@ class OpInfo:
     arg_names / grads: the public arguments, and those the tests take gradients of.
     sample_inputs(shape, dtype, device="meta", gen=None): arguments as the patches pass them at a
       named Flux shape (`flux_npu.shapes`); meta tensors unless a device and a generator are given.
+    extra_samples: name -> fn(dtype, device="meta", gen=None): inputs no named shape has (strided
+      views of one projection, odd widths, other broadcasts), same contract; tests/ops runs them.
     nbytes(*args): bytes an ideal kernel moves (reads + writes) for those arguments.
     switchable: whether patch(ops=/exclude=) and FLUX_NPU_OPS name it (composite ops follow
       their parts).
@@ -42,6 +44,7 @@ class OpInfo:
     nbytes: Callable
     switchable: bool = True
     bench: dict = field(default_factory=dict)
+    extra_samples: dict = field(default_factory=dict)
     bound: bool = False
     doc: str = ""
 

@@ -37,6 +37,31 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (x, gate, y, t(B, 1, hidden, scale=0.1), t(B, 1, hidden, scale=0.1), 1e-6)
 
 
+def _strided(xs, ms, chunks):
+    """x (xs); y a strided third of one (..., 3 D) projection; gate, shift, scale (ms), or with
+    chunks the three (B, 1, D) thirds of one (B, 3 D) embedding (AdaLayerNormZero's chunk(3))."""
+
+    def make(dtype, device="meta", gen=None):
+        t = maker(dtype, device, gen)
+        x, y = t(*xs, scale=2.0), t(*xs[:-1], 3 * xs[-1]).chunk(3, dim=-1)[1]
+        if chunks:
+            gate, shift, scale = (c[:, None] for c in t(ms[0], 3 * ms[-1]).chunk(3, dim=1))
+        else:
+            gate, shift, scale = t(*ms), t(*ms), t(*ms)
+        return (x, gate, y, shift, scale, 1e-6)
+
+    return make
+
+
+# inputs the named shapes lack: strided operands, D-only modulation, more row blocks than programs
+EXTRA_SAMPLES = {
+    "chunks": _strided((2, 37, 200), (2, 1, 200), True),
+    "hidden-chunks": _strided((1, 5, 3072), (1, 1, 3072), True),
+    "d-only": _strided((7, 64), (64,), False),
+    "many-rows": _strided((2, 300, 32), (2, 1, 32), False),
+}
+
+
 def nbytes(x, gate, y, shift, scale, eps=1e-6):
     return 4 * tensor_bytes(x) + tensor_bytes(gate, shift, scale)
 
@@ -65,5 +90,6 @@ INFO = OpInfo(
     "adaln_residual", validate, key, adaln_residual,
     arg_names=("x", "gate", "y", "shift", "scale", "eps"), grads=("x", "gate", "y", "shift", "scale"),
     sample_inputs=sample_inputs, nbytes=nbytes, switchable=False, bench={"adaln_residual": bench},
+    extra_samples=EXTRA_SAMPLES,
     doc="x + gate * y, then AdaLN of it: (h, n)",
 )
