@@ -142,7 +142,7 @@ torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
 fi
 if wanted tests; then
   step tests tests-cuda.txt $PY -m pytest -q tests/test_triton_kernels.py tests/test_cuda_backend.py \
-    tests/test_cuda_cpu_parity.py --junitxml "$OUT/tests-cuda.xml"
+    tests/ops --junitxml "$OUT/tests-cuda.xml"
 fi
 if wanted suite; then
   step suite suite.txt $PY -m pytest -q --junitxml "$OUT/suite.xml"

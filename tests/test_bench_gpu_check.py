@@ -36,7 +36,7 @@ def test_dry_run_lists_every_step_and_the_cli_accepts_each_command(tmp_path):
     assert steps == ["env", "tests", "suite", "parity", "parity-cudnn", "record", "record-check", "ops", "model",
                      "compile", "verify"]
     text = proc.stdout
-    assert "pytest -q tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_cuda_cpu_parity.py" in text
+    assert "pytest -q tests/test_triton_kernels.py tests/test_cuda_backend.py tests/ops --junitxml" in text
     assert "parity record --backend cuda --shapes tiny width -o tests/golden/parity_cuda.safetensors" in text
     assert "--preset flux-mini --res 512 1024 --mode both --train lora full --compare --isolate" in text
     assert not out.exists()  # a dry run writes nothing

@@ -1,12 +1,29 @@
 """qk_norm_rope on every backend (cpu, cuda via the `device` fixture, npu on the emulator) against the
-catalogue's float64 reference, forward and backward (tests/op_checks.py)."""
+catalogue's float64 reference, forward and backward (tests/op_checks.py): the named shapes, and the
+catalogue's extra samples (q a strided third of a fused projection; BFL's (B, H, S, D) layout with
+per-sample rotation matrices), where cpu and cuda must serve them with their fused kernel (strict)."""
 
 import pytest
 import torch
 from op_checks import SHAPE_IDS, check_op, on  # noqa: F401  (the backend fixture)
+
+from flux_npu import ops
+from flux_npu.ops import catalogue
+
+KERNEL = {"cpu": "torch.rms_norm+complex_mul", "cuda": "triton.qk_norm_rope"}
 
 
 @pytest.mark.parametrize("shape", SHAPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_qk_norm_rope(on, dtype, shape):  # noqa: F811
     check_op("qk_norm_rope", on, dtype, shape)
+
+
+@pytest.mark.parametrize("shape", list(catalogue.info("qk_norm_rope").extra_samples))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qk_norm_rope_extra(on, dtype, shape):  # noqa: F811
+    name = on[0].name
+    ops.set_strict(name in KERNEL)  # a fallback raises
+    check_op("qk_norm_rope", on, dtype, shape)
+    if name in KERNEL:
+        assert ops.dispatch_stats()["served"][("qk_norm_rope", name, KERNEL[name])] == 1

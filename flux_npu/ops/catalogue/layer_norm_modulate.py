@@ -49,6 +49,13 @@ def sample_inputs(s, dtype, device="meta", gen=None):
             1e-6)
 
 
+def _emb_chunks(dtype, device="meta", gen=None):
+    """Odd width, shift and scale the strided (B, 1, D) halves of one (B, 2 D) embedding."""
+    t = maker(dtype, device, gen)
+    shift, scale = (c[:, None] for c in t(1, 2 * 96).chunk(2, dim=1))
+    return (t(1, 17, 96), shift, scale, 1e-6)
+
+
 def nbytes(x, shift, scale, eps=1e-6):
     return 2 * tensor_bytes(x) + tensor_bytes(shift, scale)
 
@@ -78,5 +85,6 @@ INFO = OpInfo(
     "layer_norm_modulate", validate, key, layer_norm_modulate,
     arg_names=("x", "shift", "scale", "eps"), grads=("x", "shift", "scale"),
     sample_inputs=sample_inputs, nbytes=nbytes, bench={"layer_norm_modulate": bench},
+    extra_samples={"emb-chunks": _emb_chunks},
     doc="AdaLN modulation: (1 + scale) * LayerNorm(x) + shift",
 )

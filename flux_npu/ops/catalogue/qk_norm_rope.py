@@ -9,6 +9,7 @@ from . import rms_norm as _rms
 from ._info import OpInfo, check_float, maker, same_device, sig, tensor_bytes
 from .apply_rope import Freqs, apply_rope, freqs_key
 from .rms_norm import rms_norm
+from .rope_freqs import rope_freqs
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs: Freqs, eps=1e-6, sequence_dim: int = 2):
@@ -44,6 +45,34 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (q, k, t(s.head_dim, scale=0.2), t(s.head_dim, scale=0.2), _rope.sample_cos_sin(s, device, gen), 1e-6, 1)
 
 
+def _strided_qkv(dtype, device="meta", gen=None):
+    """diffusers' fused-projection layout: q a strided third of one (B, S, 3 H D) projection,
+    unflattened to (B, S, H, D); positions 3 apart; sequence_dim 1."""
+    B, S, H, D = 2, 13, 3, 40
+    t = maker(dtype, device, gen)
+    q, k = t(B, S, 3 * H * D).chunk(3, -1)[0].unflatten(-1, (H, D)), t(B, S, H, D)
+    if str(device) == "meta" or gen is None:
+        cs = maker(torch.float32, device)
+        freqs = (cs(S, D), cs(S, D))
+    else:
+        freqs = tuple(f.to(device) for f in rope_freqs(torch.arange(S).float() * 3, D, form="cos_sin"))
+    return (q, k, t(D), t(D), freqs, 1e-6, 1)
+
+
+def _bfl(dtype, device="meta", gen=None):
+    """BFL's layout: q, k (B, H, S, D); per-sample positions, rotation matrices (B, 1, S, D/2, 2, 2)."""
+    B, S, H, D = 2, 13, 3, 40
+    t = maker(dtype, device, gen)
+    if str(device) == "meta" or gen is None:
+        freqs = maker(torch.float32, device)(B, 1, S, D // 2, 2, 2)
+    else:
+        freqs = rope_freqs(torch.rand(B, S, generator=gen) * 50, D, form="bfl").unsqueeze(1).float().to(device)
+    return (t(B, H, S, D), t(B, H, S, D), t(D), t(D), freqs, 1e-6, 2)
+
+
+EXTRA_SAMPLES = {"strided-qkv": _strided_qkv, "bfl": _bfl}
+
+
 def nbytes(q, k, q_weight, k_weight, freqs, eps=1e-6, sequence_dim=2):
     return 4 * tensor_bytes(q) + tensor_bytes(q_weight, k_weight, freqs)
 
@@ -76,5 +105,6 @@ INFO = OpInfo(
     arg_names=("q", "k", "q_weight", "k_weight", "freqs", "eps", "sequence_dim"),
     grads=("q", "k", "q_weight", "k_weight"),
     sample_inputs=sample_inputs, nbytes=nbytes, switchable=False, bench={"qk_norm_rope": bench},
+    extra_samples=EXTRA_SAMPLES,
     doc="RMSNorm(q), RMSNorm(k) then RoPE on both (routed where rms_norm and apply_rope both are)",
 )
