@@ -121,6 +121,13 @@ if [ "$DRY" = 0 ]; then
       exit 1
     fi
   fi
+  # tabulate renders every text table (a core dependency since issue 19); the GPU image may lack it
+  if ! "$PY" -c "import tabulate" 2>/dev/null; then
+    if ! "$PY" -m pip install --no-index --find-links "$REPO/wheels" tabulate; then
+      echo "gpu_check.sh: tabulate is not installed and not in $REPO/wheels/ (pip download tabulate -d wheels)" >&2
+      exit 1
+    fi
+  fi
   if ! "$PY" -c "import matplotlib" 2>/dev/null; then
     echo "note: matplotlib is not installed: no PNG plots (every figure is still in the JSON files)"
   fi

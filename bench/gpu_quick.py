@@ -482,7 +482,7 @@ def ensure_diffusers():
     wheels = os.path.join(REPO, "wheels")
     if not os.path.isdir(wheels) or not any(f.startswith("diffusers-") for f in os.listdir(wheels)):
         sys.exit("gpu_quick.py: diffusers is not installed and there is no diffusers wheel in wheels/; on a machine "
-                 "with network: pip download diffusers==0.42.1 importlib_metadata==8.7.0 --no-deps -d wheels")
+                 "with network: pip download diffusers==0.42.1 importlib_metadata==8.7.0 tabulate --no-deps -d wheels")
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels]
     if subprocess.run([*pip, "diffusers", "importlib_metadata"]).returncode != 0:
         # a dependency without a wheel here (the image's transformers brings most of diffusers' own):
@@ -490,6 +490,21 @@ def ensure_diffusers():
         print("gpu_quick.py: installing diffusers from wheels/ with its dependencies failed; retrying --no-deps")
         subprocess.run([*pip, "--no-deps", "diffusers", "importlib_metadata"], check=True)
     import diffusers  # noqa: F401  (an ImportError here names the missing dependency)
+
+
+def ensure_tabulate():
+    """tabulate renders every text table (a core dependency since issue 19); the GPU image may lack
+    it: installed from REPO/wheels like diffusers."""
+    try:
+        import tabulate  # noqa: F401
+        return
+    except ImportError:
+        pass
+    wheels = os.path.join(REPO, "wheels")
+    if subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+                       "tabulate"]).returncode != 0:
+        sys.exit("gpu_quick.py: tabulate is not installed and not in wheels/; on a machine with network: "
+                 "pip download tabulate --no-deps -d wheels")
 
 
 def summary(out: Out) -> str:
@@ -539,6 +554,7 @@ def main(argv=None) -> int:
         sys.exit("gpu_quick.py: no CUDA device visible to torch; for the CPU smoke run pass --device cpu --tiny")
     sys.path.insert(0, REPO)
     ensure_diffusers()
+    ensure_tabulate()
     from flux_npu.backends import cuda
 
     backend = cuda.BACKEND if device.type == "cuda" else cuda.BACKEND.with_device_type("cpu")
