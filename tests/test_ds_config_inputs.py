@@ -86,7 +86,7 @@ def test_cli_on_bad_files_gives_one_clear_error(tmp_path, capsys):
 
 
 def test_interpolated_yaml_matches_the_written_out_one(tmp_path):
-    # training YAMLs use OmegaConf ${...} references; our loader resolves them itself, bounded
+    # training YAMLs use OmegaConf ${...} references; OmegaConf resolves them, one value at a time (bounded)
     ref = tmp_path / "ref.yaml"
     ref.write_text("zero_optimization:\n  stage: 2\n  reduce_bucket_size: 2e8\ngradient_accumulation_steps: 4\n"
                    "train_micro_batch_size_per_gpu: 1\n")
@@ -98,6 +98,19 @@ def test_interpolated_yaml_matches_the_written_out_one(tmp_path):
     b = rewrite(str(interp), "cpu", validate_result=False).config
     assert b["zero_optimization"]["reduce_bucket_size"] == a["zero_optimization"]["reduce_bucket_size"] == 200_000_000
     assert b["gradient_accumulation_steps"] == 2
+
+
+def test_interpolation_without_omegaconf_names_the_install(tmp_path, monkeypatch):
+    # ${...} is resolved by OmegaConf (the [deepspeed] extra); without it the error says so and names the key
+    monkeypatch.setitem(sys.modules, "omegaconf", None)  # `import omegaconf` now raises ImportError
+    path = tmp_path / "interp.yaml"
+    path.write_text("zero_optimization:\n  stage: 2\n  size: 2e8\n  reduce_bucket_size: ${zero_optimization.size}\n")
+    with pytest.raises(DeepSpeedConfigError, match=r"pip install omegaconf") as err:
+        rewrite(str(path), "cpu", validate_result=False)
+    assert "zero_optimization.reduce_bucket_size" in str(err.value) and str(path) in str(err.value)
+    plain = tmp_path / "plain.yaml"  # a config without ${...} does not need OmegaConf
+    plain.write_text("zero_optimization:\n  stage: 2\n  reduce_bucket_size: 2e8\n")
+    assert rewrite(str(plain), "cpu", validate_result=False).config["zero_optimization"]["reduce_bucket_size"] == 2e8
 
 
 def test_nan_in_a_dict_config_is_refused():

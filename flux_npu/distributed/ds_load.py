@@ -93,6 +93,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_STRING = 4096
+MAX_INTERPOLATED = 10_000
 
 # Keys whose value DeepSpeed (or the x-flux section) reads as a mapping: a list or a scalar there
 # would otherwise fail deep inside the rules or DeepSpeed with a bare AttributeError.
@@ -145,7 +146,6 @@ def _short(value) -> str:
 
 
 _FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
-_INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
 
 
 def _yaml_loader():
@@ -201,48 +201,129 @@ def _load_yaml(text, path):
     return data
 
 
+_UNRESOLVED = "\x00flux-npu: not yet resolved\x00"  # stands in for a reference OmegaConf must not follow yet
+
+
 def _resolve_interpolations(data: dict, path: str):
-    """OmegaConf-style `${a.b}` references (training YAMLs use them), resolved here so the result
-    stays bounded (OmegaConf would expand `${a}${a}` chains without limit): a whole-value reference
-    takes the referenced value, one inside a string is substituted as text up to MAX_STRING
-    characters; chains are followed at most MAX_DEPTH deep."""
+    """OmegaConf `${a.b}` references (training YAMLs use them), resolved by OmegaConf one value at
+    a time so the result stays bounded: OmegaConf alone re-expands a reference each time it is
+    used, so a chain of `a1: ${a0}${a0}` lines doubles per line. Here a value is resolved only once
+    everything it names is resolved (the rest stand in as a placeholder OmegaConf cannot follow) and
+    is then kept as plain data: the work is linear, each string is capped at MAX_STRING characters,
+    the copies at MAX_NODES entries, and chains that make no progress (circular) or pass MAX_DEPTH
+    rounds are refused, naming the key."""
+    pending = {}
 
-    def lookup(ref, depth):
-        if depth > MAX_DEPTH:
-            raise DeepSpeedConfigError(f"{path}: interpolation ${{{ref}}} is circular or chained too deep")
-        cur = data
-        for part in ref.strip().split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                raise DeepSpeedConfigError(f"{path}: interpolation ${{{ref}}} names no key of the file")
-            cur = cur[part]
-        return resolve(cur, depth + 1)
-
-    budget = [MAX_NODES]  # references copy what they name: bound the copies, not just the file
-
-    def resolve(node, depth):
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise DeepSpeedConfigError(f"{path}: interpolations expand to more than {MAX_NODES} entries")
+    def find(node, keys):
         if isinstance(node, str) and "${" in node:
-            whole = _INTERPOLATION.fullmatch(node)
-            if whole:
-                return lookup(whole.group(1), depth)
-            text = _INTERPOLATION.sub(lambda m: _scalar_text(lookup(m.group(1), depth), path, m.group(0)), node)
-            if len(text) > MAX_STRING:
-                raise DeepSpeedConfigError(f"{path}: interpolated string longer than {MAX_STRING} characters")
-            return text
+            pending[keys] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                find(v, (*keys, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                find(v, (*keys, i))
+
+    find(data, ())
+    if not pending:
+        return data
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:
+        keys, text = next(iter(pending.items()))
+        raise DeepSpeedConfigError(f"{path} uses ${{...}} interpolations ({'.'.join(map(str, keys))}: {_short(text)}),"
+                                   " which are resolved with OmegaConf: pip install omegaconf (or flux-npu[deepspeed]),"
+                                   " or write the values out") from None
+
+    def placeholders(node, keys):
+        if keys in pending:
+            return _UNRESOLVED
+        if isinstance(node, str):
+            return _escape(node)  # a literal `${` (written `\${`) stays literal
         if isinstance(node, dict):
-            return {k: resolve(v, depth) for k, v in node.items()}
+            return {k: placeholders(v, (*keys, k)) for k, v in node.items()}
         if isinstance(node, list):
-            return [resolve(v, depth) for v in node]
+            return [placeholders(v, (*keys, i)) for i, v in enumerate(node)]
         return node
 
-    out = resolve(data, 0)
-    check_structure(out, path)
-    return out
+    cfg = OmegaConf.create(placeholders(data, ()))
+    out = copy.deepcopy(data)
+    # references copy what they name: bound the copies, not just the file (tighter than the file's
+    # cap, since each copy is an OmegaConf node; a real config copies a few dozen)
+    budget = [MAX_INTERPOLATED]
+
+    def count(node):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise DeepSpeedConfigError(f"{path}: interpolations expand to more than {MAX_INTERPOLATED} entries")
+        waiting = isinstance(node, str) and _UNRESOLVED in node
+        if isinstance(node, dict):
+            waiting = any([count(v) for v in node.values()])
+        elif isinstance(node, list):
+            waiting = any([count(v) for v in node])
+        if isinstance(node, str) and len(node) > MAX_STRING:
+            raise DeepSpeedConfigError(f"{path}: interpolated string longer than {MAX_STRING} characters")
+        return waiting
+
+    for _ in range(MAX_DEPTH + 1):
+        progress = False
+        for keys, text in list(pending.items()):
+            where = ".".join(map(str, keys))
+            parent = cfg
+            for k in keys[:-1]:
+                parent = parent[k]
+            try:
+                parent[keys[-1]] = text
+                value = parent[keys[-1]]
+                if isinstance(value, (DictConfig, ListConfig)):
+                    value = OmegaConf.to_container(value, resolve=True)
+            except OmegaConfBaseException as exc:
+                raise DeepSpeedConfigError(_omegaconf_message(exc, path, where, text)) from None
+            if count(value):
+                parent[keys[-1]] = _UNRESOLVED  # names a value not resolved yet: next round
+                continue
+            parent[keys[-1]] = _escape_all(value)
+            target = out
+            for k in keys[:-1]:
+                target = target[k]
+            target[keys[-1]] = value
+            del pending[keys]
+            progress = True
+        if not pending:
+            check_structure(out, path)
+            return out
+        if not progress:
+            break
+    keys, text = next(iter(pending.items()))
+    raise DeepSpeedConfigError(f"{path}: interpolation {text!r} at {'.'.join(map(str, keys))} is circular or "
+                               f"chained more than {MAX_DEPTH} deep")
 
 
-def _scalar_text(value, path, ref) -> str:
-    if isinstance(value, (dict, list)):
-        raise DeepSpeedConfigError(f"{path}: {ref} inside a string names a {type(value).__name__}, not a value")
-    return str(value)
+def _escape(text: str) -> str:
+    """A literal string as OmegaConf reads it back unchanged: `${` (with any backslashes before it)
+    escaped the way OmegaConf's grammar unescapes it."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text) if "${" in text else text
+
+
+def _escape_all(node):
+    if isinstance(node, str):
+        return _escape(node)
+    if isinstance(node, dict):
+        return {k: _escape_all(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape_all(v) for v in node]
+    return node
+
+
+def _omegaconf_message(exc, path, where, text) -> str:
+    """OmegaConf's error, said as ours: the file, the key and the reference."""
+    name = type(exc).__name__
+    detail = str(exc).splitlines()[0] if str(exc) else name
+    if "Recursive" in detail or "recursive" in detail:
+        return f"{path}: interpolation {text!r} at {where} is circular ({detail})"
+    if name in ("InterpolationKeyError", "ConfigKeyError", "KeyValidationError"):
+        return f"{path}: interpolation {text!r} at {where} names no key of the file ({detail})"
+    if name == "GrammarParseError":
+        return f"{path}: {text!r} at {where} is not a valid ${{...}} interpolation ({detail})"
+    return f"{path}: interpolation {text!r} at {where} cannot be resolved ({name}: {detail})"
