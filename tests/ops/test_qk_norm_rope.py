@@ -24,6 +24,6 @@ def test_qk_norm_rope(on, dtype, shape):  # noqa: F811
 def test_qk_norm_rope_extra(on, dtype, shape):  # noqa: F811
     name = on[0].name
     ops.set_strict(name in KERNEL)  # a fallback raises
-    check_op("qk_norm_rope", on, dtype, shape)
+    check_op("qk_norm_rope", on, dtype, shape, grad_scale=1.0)  # the old per-backend tests' tolerance
     if name in KERNEL:
         assert ops.dispatch_stats()["served"][("qk_norm_rope", name, KERNEL[name])] == 1

@@ -8,7 +8,7 @@ from op_checks import SHAPE_IDS, check_op, on  # noqa: F401  (the backend fixtur
 
 from flux_npu import ops
 from flux_npu.backends import cpu as cpu_backend
-from flux_npu.ops import reference
+from flux_npu.ops import catalogue, reference
 from flux_npu.testing import assert_close
 
 
@@ -16,6 +16,12 @@ from flux_npu.testing import assert_close
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm(on, dtype, shape):  # noqa: F811
     check_op("rms_norm", on, dtype, shape)
+
+
+@pytest.mark.parametrize("shape", list(catalogue.info("rms_norm").extra_samples))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rms_norm_extra(on, dtype, shape):  # noqa: F811
+    check_op("rms_norm", on, dtype, shape, grad_scale=1.0)  # the old per-backend tests' tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
@@ -33,3 +39,19 @@ def test_cpu_rms_norm_inference_path(dtype, weight):
     assert y.dtype == (out_dtype or dtype)
     assert_close(y, ref, dtype, what="cpu rms_norm (no grad)")
     assert ops.dispatch_stats()["served"][("rms_norm", "cpu", "torch.rms_norm")] == 1
+
+
+def test_rms_norm_mixed_dtypes_and_out_dtype(seed):
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    w = torch.rand(64) + 0.5  # float32 weight on a bf16 input, as a bf16-autocast model holds it
+    out = ops.rms_norm(x, w, 1e-6, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert_close(out, reference.rms_norm(x.double(), w.double(), 1e-6), torch.float32, scale=1e2)  # input is bf16
+    assert_close(ops.rms_norm(x, w), torch.nn.functional.rms_norm(x.float(), (64,), w, 1e-6), torch.bfloat16)
+
+
+def test_rms_norm_reference_matches_torch_rmsnorm(seed):
+    m = torch.nn.RMSNorm(48, eps=1e-6, dtype=torch.float64)
+    torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    x = torch.randn(4, 48, dtype=torch.float64)
+    assert_close(reference.rms_norm(x, m.weight, 1e-6), m(x), torch.float64)

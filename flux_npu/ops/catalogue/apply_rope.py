@@ -97,6 +97,40 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (maker(dtype, device, gen)(s.batch, s.seq, s.heads, s.head_dim), sample_cos_sin(s, device, gen), 1)
 
 
+def _cos_sin_x(sequence_dim):
+    """x (B, S, H, D) or (B, H, S, D) with (cos, sin) of positions 1.5 apart."""
+
+    def make(dtype, device="meta", gen=None):
+        B, H, S, D = 2, 3, 13, 24
+        x = maker(dtype, device, gen)(*((B, S, H, D) if sequence_dim == 1 else (B, H, S, D)))
+        if str(device) == "meta" or gen is None:
+            cs = maker(torch.float32, device)
+            return (x, (cs(S, D), cs(S, D)), sequence_dim)
+        cos, sin = rope_freqs(torch.arange(S, dtype=torch.float32) * 1.5, D, form="cos_sin")
+        return (x, (cos.to(device), sin.to(device)), sequence_dim)
+
+    return make
+
+
+def _bfl_strided(dtype, device="meta", gen=None):
+    """BFL's k: a strided view of the (B, S, 3, H, D) qkv, per-sample integer positions."""
+    B, H, S, D = 2, 3, 11, 20
+    x = maker(dtype, device, gen)(B, S, 3, H, D).permute(2, 0, 3, 1, 4)[1]
+    if str(device) == "meta" or gen is None:
+        return (x, maker(torch.float32, device)(B, 1, S, D // 2, 2, 2), 2)
+    pos = torch.randint(0, 50, (B, S), generator=gen).float()
+    return (x, rope_freqs(pos, D, 10000.0, form="bfl").unsqueeze(1).float().to(device), 2)
+
+
+def _general_matrices(dtype, device="meta", gen=None):
+    """Any 2x2 matrices, not rotations (BFL's apply_rope applies them as given)."""
+    return (maker(dtype, device, gen)(2, 3, 7, 12), maker(torch.float32, device, gen)(2, 1, 7, 6, 2, 2), 2)
+
+
+EXTRA_SAMPLES = {"cos-sin-bshd": _cos_sin_x(1), "cos-sin-bhsd": _cos_sin_x(2), "bfl-strided": _bfl_strided,
+                 "general-matrices": _general_matrices}
+
+
 def nbytes(x, freqs, sequence_dim=2):
     return 2 * tensor_bytes(x) + tensor_bytes(freqs)
 
@@ -165,5 +199,6 @@ INFO = OpInfo(
     arg_names=("x", "freqs", "sequence_dim"), grads=("x",),
     sample_inputs=sample_inputs, nbytes=nbytes,
     bench={"apply_rope": bench_diffusers, "apply_rope/bfl": bench_bfl},
+    extra_samples=EXTRA_SAMPLES,
     doc="rotate adjacent pairs of the last dim (BFL matrices or diffusers' cos, sin)",
 )

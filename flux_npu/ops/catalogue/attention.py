@@ -108,6 +108,45 @@ def sample_inputs(s, dtype, device="meta", gen=None):
             t(s.batch, s.seq, s.heads, s.head_dim), None, None, "BSHD")
 
 
+def _plain(shape, layout):
+    """q, k, v (B, H, S, D) or (B, S, H, D), no mask."""
+
+    def make(dtype, device="meta", gen=None):
+        B, H, S, D = shape
+        t = maker(dtype, device, gen)
+        dims = (B, H, S, D) if layout == "BHSD" else (B, S, H, D)
+        return (t(*dims), t(*dims), t(*dims), None, None, layout)
+
+    return make
+
+
+def _masked(kind):
+    """GQA (4 query heads, 2 key heads, 9 queries, 11 keys) with a key mask, boolean (True keeps) or
+    additive (0 / -1e4), or a (B, 1, S, S) boolean mask in (B, S, H, D); key 0 always kept."""
+
+    def make(dtype, device="meta", gen=None):
+        t = maker(dtype, device, gen)
+        if kind == "bool-bshd":
+            q, k, v, mshape, layout = t(2, 5, 2, 8), t(2, 5, 2, 8), t(2, 5, 2, 8), (2, 1, 5, 5), "BSHD"
+        else:
+            q, k, v, mshape, layout = t(2, 4, 9, 16), t(2, 2, 11, 16), t(2, 2, 11, 16), (2, 1, 1, 11), "BHSD"
+        if str(device) == "meta" or gen is None:
+            keep = torch.ones(mshape, dtype=torch.bool, device=device)
+        else:
+            keep = torch.rand(mshape, generator=gen) > 0.3
+            keep[..., 0] = True
+            keep = keep.to(device)
+        mask = torch.where(keep, 0.0, -1e4).to(dtype) if kind == "additive" else keep
+        return (q, k, v, mask, None, layout)
+
+    return make
+
+
+EXTRA_SAMPLES = {"bhsd-17": _plain((1, 3, 17, 16), "BHSD"), "bshd-33": _plain((2, 2, 33, 24), "BSHD"),
+                 "gqa-bool-mask": _masked("bool"), "gqa-additive-mask": _masked("additive"),
+                 "bool-mask-bshd": _masked("bool-bshd")}
+
+
 def nbytes(q, k, v, mask=None, scale=None, layout="BHSD"):
     return tensor_bytes(q, k, v, mask) + tensor_bytes(q)
 
@@ -160,5 +199,6 @@ INFO = OpInfo(
     "attention", validate, key, attention,
     arg_names=("q", "k", "v", "mask", "scale", "layout"), grads=("q", "k", "v"),
     sample_inputs=sample_inputs, nbytes=nbytes, bench={"attention": bench},
+    extra_samples=EXTRA_SAMPLES,
     doc="scaled dot-product attention (BHSD or BSHD), bool or additive mask, GQA",
 )

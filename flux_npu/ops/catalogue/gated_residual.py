@@ -35,6 +35,11 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (t(s.batch, s.hidden_seq, s.hidden), t(s.batch, 1, s.hidden, scale=0.1), t(s.batch, s.hidden_seq, s.hidden))
 
 
+def _rows(dtype, device="meta", gen=None):
+    t = maker(dtype, device, gen)
+    return (t(2, 7, 48), t(2, 1, 48), t(2, 7, 48))
+
+
 def nbytes(x, gate, y):
     return 3 * tensor_bytes(x) + tensor_bytes(gate)
 
@@ -60,5 +65,6 @@ INFO = OpInfo(
     "gated_residual", validate, key, gated_residual,
     arg_names=("x", "gate", "y"), grads=("x", "gate", "y"),
     sample_inputs=sample_inputs, nbytes=nbytes, bench={"gated_residual": bench},
+    extra_samples={"rows-48": _rows},
     doc="x + gate * y, output dtype x's",
 )

@@ -56,6 +56,14 @@ def _emb_chunks(dtype, device="meta", gen=None):
     return (t(1, 17, 96), shift, scale, 1e-6)
 
 
+def _rows(B, S, D):
+    def make(dtype, device="meta", gen=None):
+        t = maker(dtype, device, gen)
+        return (t(B, S, D), t(B, 1, D), t(B, 1, D, scale=0.5), 1e-6)
+
+    return make
+
+
 def nbytes(x, shift, scale, eps=1e-6):
     return 2 * tensor_bytes(x) + tensor_bytes(shift, scale)
 
@@ -85,6 +93,6 @@ INFO = OpInfo(
     "layer_norm_modulate", validate, key, layer_norm_modulate,
     arg_names=("x", "shift", "scale", "eps"), grads=("x", "shift", "scale"),
     sample_inputs=sample_inputs, nbytes=nbytes, bench={"layer_norm_modulate": bench},
-    extra_samples={"emb-chunks": _emb_chunks},
+    extra_samples={"emb-chunks": _emb_chunks, "rows-64": _rows(2, 9, 64), "rows-200": _rows(1, 5, 200)},
     doc="AdaLN modulation: (1 + scale) * LayerNorm(x) + shift",
 )

@@ -48,6 +48,18 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (t(s.batch, s.seq, s.heads, s.head_dim), t(s.head_dim, scale=0.2), 1e-6, None)
 
 
+def _rows(shape, weight=True):
+    def make(dtype, device="meta", gen=None):
+        t = maker(dtype, device, gen)
+        return (t(*shape), t(shape[-1], scale=0.2) if weight else None, 1e-6, None)
+
+    return make
+
+
+# (rows, D) inputs other than the processor's view: no weight, a 2-D input of odd width
+EXTRA_SAMPLES = {"rows-no-weight": _rows((2, 3, 96), False), "odd-2d": _rows((5, 131))}
+
+
 def nbytes(x, weight=None, eps=1e-6, out_dtype=None):
     return 2 * tensor_bytes(x) + tensor_bytes(weight)
 
@@ -94,5 +106,6 @@ INFO = OpInfo(
     "rms_norm", validate, key, rms_norm,
     arg_names=("x", "weight", "eps", "out_dtype"), grads=("x", "weight"),
     sample_inputs=sample_inputs, nbytes=nbytes, bench={"rms_norm": bench_diffusers, "rms_norm/bfl": bench_bfl},
+    extra_samples=EXTRA_SAMPLES,
     doc="RMSNorm over the last dim, float32 accumulation, output dtype out_dtype or x's",
 )
