@@ -83,39 +83,9 @@ def _qkv_view(B, S, H, D, dtype, device, which=1):
 
 # -- RMSNorm -----------------------------------------------------------------------------------
 
-RMS_CASES = [
-    ("qkv-view", (2, 37, 3, 128)),  # strided chunk of a fused projection, odd sequence length
-    ("contig", (3, 5, 3072)),  # hidden-size rows, odd batch
-    ("odd-row", (7, 100)),  # row not a power of two
-    ("tiny", (1, 1, 1, 64)),
-    ("5d", (2, 3, 2, 5, 24)),  # more than 4 dims are merged
-    ("row-4096", (2, 3, 4096)),  # the longest row Flux normalises (T5 / wide variants)
-    ("transposed", (5, 72)),  # last dim not unit-stride: copied, then read as rows
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_weight", [True, False], ids=["w", "no-w"])
-@pytest.mark.parametrize("case,shape", RMS_CASES, ids=[c[0] for c in RMS_CASES])
-def test_rms_norm(case, shape, with_weight, dtype, device):
-    _seed("rms", case, with_weight, dtype)
-    if case == "qkv-view":
-        x = _qkv_view(*shape, dtype, device)
-    elif case == "transposed":
-        x = torch.randn(shape[::-1], dtype=dtype).to(device).t()
-    else:
-        x = torch.randn(shape, dtype=dtype).to(device)
-    x = _leaf(x)
-    w = _leaf(torch.randn(shape[-1], dtype=dtype).to(device)) if with_weight else None
-    y = RMS.rms_norm(x, w, 1e-6)
-    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
-    g = torch.randn(y.shape, dtype=dtype).to(device)
-    y.backward(g)
-    xr, wr = _ref_leaves(x, w)
-    yr = reference.rms_norm(xr, wr, 1e-6)
-    yr.backward(g.cpu().double())
-    assert_close(y, yr, dtype, what="rms_norm")
-    _check_grads([("x", x.grad, xr.grad)] + ([("weight", w.grad, wr.grad)] if with_weight else []), dtype)
+# rms_norm's shapes (a strided qkv view, hidden and 4096-wide rows, an odd row, one row, 5 dims, a
+# transposed input; with and without weight; three dtypes) are the catalogue's extra samples, run
+# through ops.rms_norm on this backend by tests/ops/test_rms_norm.py (asserting this kernel served)
 
 
 def test_rms_norm_out_dtype_promotes(device):

@@ -22,6 +22,8 @@ def test_rms_norm(on, dtype, shape):  # noqa: F811
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_rms_norm_extra(on, dtype, shape):  # noqa: F811
     check_op("rms_norm", on, dtype, shape, grad_scale=1.0)  # the old per-backend tests' tolerance
+    if on[0].name == "cuda":  # the Triton kernel takes every one of these (no fallback)
+        assert ("rms_norm", "cuda", "triton.rms_norm") in ops.dispatch_stats()["served"], ops.dispatch_stats()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)

@@ -48,16 +48,31 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (t(s.batch, s.seq, s.heads, s.head_dim), t(s.head_dim, scale=0.2), 1e-6, None)
 
 
-def _rows(shape, weight=True):
+def _rows(shape, weight=True, view=None):
+    """x of `shape` (view "qkv": a strided third of one fused (B, S, 3 H D) projection, unflattened;
+    "transposed": the transpose of a contiguous tensor, last dim not unit-stride), weight or None."""
+
     def make(dtype, device="meta", gen=None):
         t = maker(dtype, device, gen)
-        return (t(*shape), t(shape[-1], scale=0.2) if weight else None, 1e-6, None)
+        if view == "qkv":
+            B, S, H, D = shape
+            x = t(B, S, 3 * H * D).chunk(3, dim=-1)[1].unflatten(-1, (H, D))
+        elif view == "transposed":
+            x = t(*shape[::-1]).t()
+        else:
+            x = t(*shape)
+        return (x, t(shape[-1], scale=0.2) if weight else None, 1e-6, None)
 
     return make
 
 
-# (rows, D) inputs other than the processor's view: no weight, a 2-D input of odd width
-EXTRA_SAMPLES = {"rows-no-weight": _rows((2, 3, 96), False), "odd-2d": _rows((5, 131))}
+# inputs other than the processor's view: strided and transposed rows, odd and 4096-wide rows,
+# more than 4 dims, a single row, no weight
+EXTRA_SAMPLES = {"rows-no-weight": _rows((2, 3, 96), False), "odd-2d": _rows((5, 131)),
+                 "qkv-view": _rows((2, 37, 3, 128), view="qkv"), "hidden-3072": _rows((3, 5, 3072)),
+                 "odd-row-no-weight": _rows((7, 100), False), "one-row": _rows((1, 1, 1, 64)),
+                 "5d": _rows((2, 3, 2, 5, 24)), "row-4096": _rows((2, 3, 4096)),
+                 "transposed-no-weight": _rows((5, 72), False, "transposed")}
 
 
 def nbytes(x, weight=None, eps=1e-6, out_dtype=None):
