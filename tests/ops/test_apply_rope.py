@@ -1,5 +1,7 @@
 """apply_rope on every backend (cpu, cuda via the `device` fixture, npu on the emulator) against the
-catalogue's float64 reference, forward and backward (tests/op_checks.py)."""
+catalogue's float64 reference, forward and backward (tests/op_checks.py): the named shapes and the
+catalogue's extra samples (both layouts, BFL's strided k, general matrices, the Triton kernel's
+cases), then the reference against diffusers' and BFL's code."""
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from op_checks import SHAPE_IDS, check_op, on  # noqa: F401  (the backend fixtur
 
 from flux_npu import ops
 from flux_npu.ops import catalogue, reference
+from flux_npu.ops.catalogue.apply_rope import ROPE_CASES
 from flux_npu.testing import assert_close
 
 
@@ -20,6 +23,8 @@ def test_apply_rope(on, dtype, shape):  # noqa: F811
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_apply_rope_extra(on, dtype, shape):  # noqa: F811
     check_op("apply_rope", on, dtype, shape, grad_scale=1.0)  # the old per-backend tests' tolerance
+    if on[0].name == "cuda" and shape in ROPE_CASES:  # the Triton kernel's cases
+        assert ("apply_rope", "cuda", "triton.rope") in ops.dispatch_stats()["served"], ops.dispatch_stats()
     if on[0].name == "cpu":  # every form and layout here is the cpu kernel's
         assert ops.dispatch_stats()["served"][("apply_rope", "cpu", "torch.complex_mul")] == 1
 

@@ -127,8 +127,36 @@ def _general_matrices(dtype, device="meta", gen=None):
     return (maker(dtype, device, gen)(2, 3, 7, 12), maker(torch.float32, device, gen)(2, 1, 7, 6, 2, 2), 2)
 
 
+def rope_case(form, sequence_dim, dims):
+    """(x, freqs, sequence_dim) at (B, S, H, D): x a strided (B, S, H, D) view of a fused qkv
+    projection (sequence_dim 1) or a (B, H, S, D) tensor; freqs (cos, sin) of scattered positions,
+    BFL matrices per sample (B, 1, S, D/2, 2, 2), or "bfl-nobatch" (S, D/2, 2, 2) broadcast over all."""
+
+    def make(dtype, device="meta", gen=None):
+        B, S, H, D = dims
+        t = maker(dtype, device, gen)
+        x = t(B, S, 3 * H * D).chunk(3, dim=-1)[0].unflatten(-1, (H, D)) if sequence_dim == 1 else t(B, H, S, D)
+        meta = str(device) == "meta" or gen is None
+        if form == "cos_sin":
+            if meta:
+                return (x, (maker(torch.float32, device)(S, D), maker(torch.float32, device)(S, D)), sequence_dim)
+            pos = torch.randperm(4 * S, generator=gen)[:S].float()  # scattered positions, not 0..S-1
+            return (x, tuple(f.float().to(device) for f in rope_freqs(pos, D, form="cos_sin")), sequence_dim)
+        lead = (B, 1) if form == "bfl" else ()
+        if meta:
+            return (x, maker(torch.float32, device)(*lead, S, D // 2, 2, 2), sequence_dim)
+        pe = rope_freqs(torch.rand(B if form == "bfl" else 1, S, generator=gen) * 64, D, form="bfl").float()
+        return (x, (pe.unsqueeze(1) if form == "bfl" else pe[0]).to(device), sequence_dim)
+
+    return make
+
+
+# the Triton kernel's layouts: a strided BSHD view, D 128, per-sample and broadcast BFL matrices, 3 pairs
+ROPE_CASES = {"bshd-view": ("cos_sin", 1, (2, 37, 3, 24)), "bhsd-d128": ("cos_sin", 2, (1, 19, 2, 128)),
+              "bfl-d56": ("bfl", 2, (2, 13, 3, 56)), "bfl-broadcast": ("bfl-nobatch", 2, (3, 9, 2, 16)),
+              "bfl-d128": ("bfl", 2, (1, 11, 2, 128)), "odd-pairs": ("cos_sin", 1, (1, 7, 1, 6))}
 EXTRA_SAMPLES = {"cos-sin-bshd": _cos_sin_x(1), "cos-sin-bhsd": _cos_sin_x(2), "bfl-strided": _bfl_strided,
-                 "general-matrices": _general_matrices}
+                 "general-matrices": _general_matrices, **{n: rope_case(*c) for n, c in ROPE_CASES.items()}}
 
 
 def nbytes(x, freqs, sequence_dim=2):
