@@ -1,11 +1,13 @@
-"""The Triton kernels of the cuda backend, forward and backward, against float64 references.
+"""The Triton kernels of the cuda backend, beyond the per-op numerics of tests/ops (which run every op's
+catalogue samples, the Triton kernels' case tables among them, through this backend): persistent grids
+and launch counts, out_dtype promotion, non-contiguous frequencies and general matrices, fp32 rows that
+are constant or far off zero, opcheck of the custom ops, compile without graph breaks, the eager and
+compiled entry points, poisoning, the checks' limits.
 
 Tensors live on the `device` fixture: CUDA when a GPU is present (Triton compiled for real), else
-CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1). Inputs are drawn seeded on the
-CPU and moved, strided views are taken on the device, references are computed in float64 on the
-CPU. Every buffer a launcher allocates is NaN-poisoned first (`_triton.POISON`), so an element a
-kernel fails to write makes rel_err infinite. Shapes include odd sizes, non-powers of two, strided
-(B, S, H, D) views of the kind Flux takes of its projections, D=128 and D=3072 rows.
+CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1). References are computed in
+float64 on the CPU. Every buffer a launcher allocates is NaN-poisoned first (`_triton.POISON`), so an
+element a kernel fails to write makes rel_err infinite.
 """
 
 import zlib
@@ -144,34 +146,13 @@ def _bfl(B, S, D, device, batch_dim=True):
     return pe.unsqueeze(1).to(device)  # (B, 1, S, D/2, 2, 2) as BFL's EmbedND
 
 
-ROPE_CASES = [
-    # name, form, x layout, (B, S, H, D)
-    ("diffusers-BSHD-view", "cos_sin", 1, (2, 37, 3, 24)),
-    ("diffusers-BHSD-D128", "cos_sin", 2, (1, 19, 2, 128)),
-    ("bfl-BHSD", "bfl", 2, (2, 13, 3, 56)),
-    ("bfl-broadcast", "bfl-nobatch", 2, (3, 9, 2, 16)),
-    ("bfl-D128", "bfl", 2, (1, 11, 2, 128)),
-    ("odd-pairs", "cos_sin", 1, (1, 7, 1, 6)),  # 3 pairs: the row tile is padded to 4
-]
-
-
-def _rope_inputs(form, seq_dim, dims, dtype, device):
-    B, S, H, D = dims
-    if seq_dim == 1:
-        x = _qkv_view(B, S, H, D, dtype, device, which=0)
-    else:
-        x = torch.randn(B, H, S, D, dtype=dtype).to(device)
-    freqs = _cos_sin(S, D, device) if form == "cos_sin" else _bfl(B, S, D, device, batch_dim=(form == "bfl"))
-    return _leaf(x), freqs
-
-
 def _double(freqs):
     return freqs.cpu().double() if isinstance(freqs, torch.Tensor) else tuple(t.cpu().double() for t in freqs)
 
 
-# apply_rope at these cases (three dtypes) is the catalogue's extra samples (catalogue/apply_rope.py
+# apply_rope's Triton cases (three dtypes) are the catalogue's extra samples (catalogue/apply_rope.py
 # ROPE_CASES), run through ops.apply_rope on this backend by tests/ops/test_apply_rope.py (asserting
-# this kernel served); qk_norm_rope below still reads this table for its launch counts
+# this kernel served)
 
 
 def test_apply_rope_general_matrices(device):
@@ -216,30 +197,8 @@ def test_apply_rope_noncontiguous_frequencies(device):
 
 # -- QK-norm + RoPE ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_weight", [True, False], ids=["w", "no-w"])
-@pytest.mark.parametrize("case,form,seq_dim,dims", ROPE_CASES[:5], ids=[c[0] for c in ROPE_CASES[:5]])
-def test_qk_norm_rope(case, form, seq_dim, dims, with_weight, dtype, device, launches):
-    _seed("qk", case, with_weight, dtype)
-    q, freqs = _rope_inputs(form, seq_dim, dims, dtype, device)
-    k = _leaf(torch.randn(q.shape, dtype=dtype).to(device) * 3)
-    D = q.shape[-1]
-    qw = _leaf(torch.randn(D, dtype=dtype).to(device)) if with_weight else None
-    kw = _leaf((torch.rand(D, dtype=dtype) + 0.5).to(device)) if with_weight else None
-    yq, yk = QK.qk_norm_rope(q, k, qw, kw, freqs, 1e-6, seq_dim)
-    gq, gk = torch.randn(yq.shape, dtype=dtype).to(device), torch.randn(yk.shape, dtype=dtype).to(device)
-    (yq * gq).sum().add((yk * gk).sum()).backward()
-    qr, kr, qwr, kwr = _ref_leaves(q, k, qw, kw)
-    rq, rk = reference.qk_norm_rope(qr, kr, qwr, kwr, _double(freqs), 1e-6, seq_dim)
-    (rq * gq.cpu().double()).sum().add((rk * gk.cpu().double()).sum()).backward()
-    assert_close(yq, rq, dtype, what="q")
-    assert_close(yk, rk, dtype, what="k")
-    grads = [("q", q.grad, qr.grad), ("k", k.grad, kr.grad)]
-    if with_weight:
-        grads += [("q_weight", qw.grad, qwr.grad), ("k_weight", kw.grad, kwr.grad)]
-    _check_grads(grads, dtype)
-    # q and k in one launch each way
-    assert [name for name, _ in launches] == ["_rope_fwd", "_rope_bwd"], launches
+# qk_norm_rope at the first five rope cases, with and without weights, three dtypes, one launch each
+# way: the catalogue's extra samples, run by tests/ops/test_qk_norm_rope.py (launches recorded there)
 
 
 def test_qk_norm_rope_mixed_inputs_take_two_launches(device, launches):

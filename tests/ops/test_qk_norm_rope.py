@@ -20,10 +20,23 @@ def test_qk_norm_rope(on, dtype, shape):  # noqa: F811
 
 
 @pytest.mark.parametrize("shape", list(catalogue.info("qk_norm_rope").extra_samples))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_qk_norm_rope_extra(on, dtype, shape):  # noqa: F811
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_qk_norm_rope_extra(on, dtype, shape, monkeypatch):  # noqa: F811
     name = on[0].name
     ops.set_strict(name in KERNEL)  # a fallback raises
+    launches = []
+    if name == "cuda":  # record the Triton launches: q and k go in one launch each way
+        from flux_npu.kernels.cuda import _triton
+
+        real = _triton.launch
+
+        def recording(kernel):
+            launches.append(kernel.fn.__name__)
+            return real(kernel)
+
+        monkeypatch.setattr(_triton, "launch", recording)
     check_op("qk_norm_rope", on, dtype, shape, grad_scale=1.0)  # the old per-backend tests' tolerance
     if name in KERNEL:
         assert ops.dispatch_stats()["served"][("qk_norm_rope", name, KERNEL[name])] == 1
+    if name == "cuda":
+        assert launches == ["_rope_fwd", "_rope_bwd"], launches

@@ -70,7 +70,23 @@ def _bfl(dtype, device="meta", gen=None):
     return (t(B, H, S, D), t(B, H, S, D), t(D), t(D), freqs, 1e-6, 2)
 
 
-EXTRA_SAMPLES = {"strided-qkv": _strided_qkv, "bfl": _bfl}
+def _rope_case(name, weight):
+    """apply_rope's Triton case `name` for q; k three times larger; q and k weights, or none."""
+    make_q = _rope.rope_case(*_rope.ROPE_CASES[name])
+
+    def make(dtype, device="meta", gen=None):
+        q, freqs, sequence_dim = make_q(dtype, device, gen)
+        t = maker(dtype, device, gen)
+        k, D = t(*q.shape, scale=3.0), q.shape[-1]
+        qw, kw = (t(D), t(D, scale=0.5)) if weight else (None, None)
+        return (q, k, qw, kw, freqs, 1e-6, sequence_dim)
+
+    return make
+
+
+EXTRA_SAMPLES = {"strided-qkv": _strided_qkv, "bfl": _bfl,
+                 **{f"{n}{'' if w else '-no-weight'}": _rope_case(n, w)
+                    for n in ("bshd-view", "bhsd-d128", "bfl-d56", "bfl-broadcast", "bfl-d128") for w in (True, False)}}
 
 
 def nbytes(q, k, q_weight, k_weight, freqs, eps=1e-6, sequence_dim=2):
