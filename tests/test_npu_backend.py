@@ -1,7 +1,7 @@
 """The npu backend around its kernels: what happens without torch_npu (the normal case on this
 machine), what `flux-npu info` says, the checks on meta tensors, transfer_to_npu, per-SoC
-capabilities, install/uninstall of the contract emulator, and the precision RoPE frequencies keep
-when built in float32 (the device has no float64)."""
+capabilities, install/uninstall of the contract emulator. (The precision RoPE frequencies keep when
+built in float32 on the npu is tests/ops/test_rope_freqs.py's.)"""
 
 import importlib.util
 import os
@@ -11,14 +11,12 @@ import sys
 import pytest
 import torch
 from npu_emulator import record
-from npu_emulator.guards import Float64Watch
 
 import flux_npu
-from flux_npu import models, ops, report
+from flux_npu import ops, report
 from flux_npu.backends import BackendError, get_backend
 from flux_npu.backends import npu as npu_backend
 from flux_npu.patches.transfer import MODULE as TRANSFER_MODULE
-from flux_npu.testing import assert_close, max_abs_err, rel_err
 
 FUSED = {"attention": "torch_npu.npu_fusion_attention", "apply_rope": "torch_npu.npu_rotary_mul",
          "rms_norm": "torch_npu.npu_rms_norm"}
@@ -145,33 +143,3 @@ def test_transfer_to_npu_without_torch_npu_is_skipped_with_reason():
         row = _transfer_row(handle)
         assert row.status == "skipped" and "cannot import torch_npu.contrib.transfer_to_npu" in row.reason
         assert "ModuleNotFoundError" in row.reason
-
-
-# -- RoPE frequencies without float64 ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n_pos", [64, 128])
-def test_rope_freqs_float32_precision_at_flux_shapes(n_pos):
-    """Flux-dev RoPE: axes (16, 56, 56), theta 1e4, image positions 0..n_pos-1 per axis (64 at
-    1024 px, 128 at 2048 px). Built in float32 on an npu-owned tensor vs the float64 reference;
-    also the error this leaves in rotated queries (head dim 128)."""
-    backend = npu_backend.BACKEND.with_device_type("cpu")  # the npu precision rule on CPU tensors
-    side = n_pos
-    ids = torch.cat([torch.zeros(16, 3), models.image_ids(side * 16)])  # 16 text tokens at position 0
-    axes = (16, 56, 56)
-    with Float64Watch() as watch:
-        got = [ops.rope_freqs(ids[:, i], d, 10000.0, form="cos_sin", backend=backend) for i, d in enumerate(axes)]
-    assert watch.ops == []  # no float64 anywhere: the device has none
-    want = [ops.reference.rope_freqs(ids[:, i], d, 10000.0, form="cos_sin") for i, d in enumerate(axes)]
-    cos32, sin32 = (torch.cat([g[j] for g in got], -1) for j in (0, 1))
-    cos64, sin64 = (torch.cat([w[j] for w in want], -1) for j in (0, 1))
-    errs = dict(cos=rel_err(cos32, cos64), sin=rel_err(sin32, sin64),
-                max_abs=max(max_abs_err(cos32, cos64), max_abs_err(sin32, sin64)))
-    q = torch.randn(1, ids.shape[0], 4, 128, generator=torch.Generator().manual_seed(0))
-    errs["rotated_q"] = rel_err(ops.reference.apply_rope(q, (cos32, sin32), 1),
-                                ops.reference.apply_rope(q, (cos64, sin64), 1))
-    print(f"rope_freqs float32 vs float64, positions < {n_pos}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    assert errs["cos"] <= 1e-5 and errs["sin"] <= 1e-5 and errs["rotated_q"] <= 1e-5
-    assert errs["max_abs"] <= 2e-5
-    assert errs["max_abs"] > 0  # float32 really was used (the float64 path would match exactly)
-    assert_close(cos32, cos64, torch.float32)
