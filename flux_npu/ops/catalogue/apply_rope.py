@@ -97,21 +97,6 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (maker(dtype, device, gen)(s.batch, s.seq, s.heads, s.head_dim), sample_cos_sin(s, device, gen), 1)
 
 
-def _cos_sin_x(sequence_dim):
-    """x (B, S, H, D) or (B, H, S, D) with (cos, sin) of positions 1.5 apart."""
-
-    def make(dtype, device="meta", gen=None):
-        B, H, S, D = 2, 3, 13, 24
-        x = maker(dtype, device, gen)(*((B, S, H, D) if sequence_dim == 1 else (B, H, S, D)))
-        if str(device) == "meta" or gen is None:
-            cs = maker(torch.float32, device)
-            return (x, (cs(S, D), cs(S, D)), sequence_dim)
-        cos, sin = rope_freqs(torch.arange(S, dtype=torch.float32) * 1.5, D, form="cos_sin")
-        return (x, (cos.to(device), sin.to(device)), sequence_dim)
-
-    return make
-
-
 def _bfl_strided(dtype, device="meta", gen=None):
     """BFL's k: a strided view of the (B, S, 3, H, D) qkv, per-sample integer positions."""
     B, H, S, D = 2, 3, 11, 20
@@ -155,7 +140,7 @@ def rope_case(form, sequence_dim, dims):
 ROPE_CASES = {"bshd-view": ("cos_sin", 1, (2, 37, 3, 24)), "bhsd-d128": ("cos_sin", 2, (1, 19, 2, 128)),
               "bfl-d56": ("bfl", 2, (2, 13, 3, 56)), "bfl-broadcast": ("bfl-nobatch", 2, (3, 9, 2, 16)),
               "bfl-d128": ("bfl", 2, (1, 11, 2, 128)), "odd-pairs": ("cos_sin", 1, (1, 7, 1, 6))}
-EXTRA_SAMPLES = {"cos-sin-bshd": _cos_sin_x(1), "cos-sin-bhsd": _cos_sin_x(2), "bfl-strided": _bfl_strided,
+EXTRA_SAMPLES = {"bfl-strided": _bfl_strided,
                  "general-matrices": _general_matrices, **{n: rope_case(*c) for n, c in ROPE_CASES.items()}}
 
 

@@ -9,7 +9,6 @@ from . import rms_norm as _rms
 from ._info import OpInfo, check_float, maker, same_device, sig, tensor_bytes
 from .apply_rope import Freqs, apply_rope, freqs_key
 from .rms_norm import rms_norm
-from .rope_freqs import rope_freqs
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, freqs: Freqs, eps=1e-6, sequence_dim: int = 2):
@@ -45,31 +44,6 @@ def sample_inputs(s, dtype, device="meta", gen=None):
     return (q, k, t(s.head_dim, scale=0.2), t(s.head_dim, scale=0.2), _rope.sample_cos_sin(s, device, gen), 1e-6, 1)
 
 
-def _strided_qkv(dtype, device="meta", gen=None):
-    """diffusers' fused-projection layout: q a strided third of one (B, S, 3 H D) projection,
-    unflattened to (B, S, H, D); positions 3 apart; sequence_dim 1."""
-    B, S, H, D = 2, 13, 3, 40
-    t = maker(dtype, device, gen)
-    q, k = t(B, S, 3 * H * D).chunk(3, -1)[0].unflatten(-1, (H, D)), t(B, S, H, D)
-    if str(device) == "meta" or gen is None:
-        cs = maker(torch.float32, device)
-        freqs = (cs(S, D), cs(S, D))
-    else:
-        freqs = tuple(f.to(device) for f in rope_freqs(torch.arange(S).float() * 3, D, form="cos_sin"))
-    return (q, k, t(D), t(D), freqs, 1e-6, 1)
-
-
-def _bfl(dtype, device="meta", gen=None):
-    """BFL's layout: q, k (B, H, S, D); per-sample positions, rotation matrices (B, 1, S, D/2, 2, 2)."""
-    B, S, H, D = 2, 13, 3, 40
-    t = maker(dtype, device, gen)
-    if str(device) == "meta" or gen is None:
-        freqs = maker(torch.float32, device)(B, 1, S, D // 2, 2, 2)
-    else:
-        freqs = rope_freqs(torch.rand(B, S, generator=gen) * 50, D, form="bfl").unsqueeze(1).float().to(device)
-    return (t(B, H, S, D), t(B, H, S, D), t(D), t(D), freqs, 1e-6, 2)
-
-
 def _rope_case(name, weight):
     """apply_rope's Triton case `name` for q; k three times larger; q and k weights, or none."""
     make_q = _rope.rope_case(*_rope.ROPE_CASES[name])
@@ -84,9 +58,10 @@ def _rope_case(name, weight):
     return make
 
 
-EXTRA_SAMPLES = {"strided-qkv": _strided_qkv, "bfl": _bfl,
-                 **{f"{n}{'' if w else '-no-weight'}": _rope_case(n, w)
-                    for n in ("bshd-view", "bhsd-d128", "bfl-d56", "bfl-broadcast", "bfl-d128") for w in (True, False)}}
+# apply_rope's Triton cases (q a strided third of a fused projection in BSHD, D 128, BFL matrices per
+# sample and broadcast), with and without weights
+EXTRA_SAMPLES = {f"{n}{'' if w else '-no-weight'}": _rope_case(n, w)
+                 for n in ("bshd-view", "bhsd-d128", "bfl-d56", "bfl-broadcast", "bfl-d128") for w in (True, False)}
 
 
 def nbytes(q, k, q_weight, k_weight, freqs, eps=1e-6, sequence_dim=2):
