@@ -16,6 +16,11 @@ Opt-in, one line after creating the debugger (msprobe needs its instance first):
 
 `unregister_msprobe()` restores the original functions. `flux-npu verify --msprobe` does the same
 around a short patched block run and leaves the dump in the report directory.
+
+msprobe itself patches more than our ops, process-wide, and keeps it after its debugger stops:
+torch's APIs, dynamo's frame conversion (after any later `torch.compile` every torch API is wrapped
+again, and fullgraph compiles fail on its thread-id hooks), `torch.jit.script` and Triton's launcher.
+Dump in a process of its own, or last: verify runs its msprobe phase after every other phase.
 """
 
 from __future__ import annotations

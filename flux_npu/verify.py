@@ -161,10 +161,6 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
                 current[0] = "trajectory"
                 with _Phase(report, "trajectory", log_path):
                     trajectory(report, b, quick)
-            if msprobe:
-                current[0] = "msprobe"
-                with _Phase(report, "msprobe", log_path):
-                    msprobe_dump(report, b, stage)
             if "ops" not in skip:
                 current[0] = "ops"
                 with _Phase(report, "ops", log_path):
@@ -173,6 +169,10 @@ def verify(backend=None, out_dir: str | None = None, quick: bool = False, isolat
                 current[0] = "model"
                 with _Phase(report, "model", log_path):
                     _model_bench(report, b, quick, isolate, stage, ops)
+            if msprobe:  # last: msprobe patches torch, dynamo and triton process-wide (flux_npu.probe)
+                current[0] = "msprobe"
+                with _Phase(report, "msprobe", log_path):
+                    msprobe_dump(report, b, stage)
             current[0] = "plots"
             with _Phase(report, "plots", log_path):
                 _plots(report, stage)

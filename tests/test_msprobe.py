@@ -10,6 +10,8 @@ import csv
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,27 @@ from flux_npu import ops, probe
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("msprobe") is None,
                                 reason="needs mindstudio-probe; pip install -e '.[all]'")
+
+CHILD = os.environ.get("FLUX_NPU_MSPROBE_CHILD") == "1"
+
+
+def in_own_process(test):
+    """Run `test` in a pytest child process. msprobe patches torch's APIs, dynamo's frame conversion,
+    torch.jit.script and Triton's launcher process-wide and keeps them after its debugger stops
+    (flux_npu.probe's docstring): in the suite's process a later torch.compile test would fail."""
+    if CHILD:
+        return test
+
+    def run():
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test.__name__}"]
+        r = subprocess.run(cmd, env={**os.environ, "FLUX_NPU_MSPROBE_CHILD": "1"}, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+        assert "1 passed" in r.stdout, r.stdout[-2000:]
+
+    run.__name__ = test.__name__
+    run.__doc__ = test.__doc__
+    return run
 
 
 @pytest.fixture
@@ -37,6 +60,7 @@ def _dump(backend, path, PrecisionDebugger):
     return probe.dump_flux_step(backend, str(path), dtype=torch.float32)
 
 
+@in_own_process
 def test_cpu_and_emulated_npu_dumps_line_up_by_op_name(tmp_path, fresh_debugger, npu_emulated):
     cpu = _dump("cpu", tmp_path / "cpu", fresh_debugger)
     npu = _dump(npu_emulated, tmp_path / "npu", fresh_debugger)
@@ -75,6 +99,7 @@ def test_cpu_and_emulated_npu_dumps_line_up_by_op_name(tmp_path, fresh_debugger,
     assert probe.registered() == [] and ops.attention.__module__ == "flux_npu.ops"
 
 
+@in_own_process
 def test_register_needs_a_debugger_and_restores_identity(fresh_debugger):
     original = ops.rms_norm
     with pytest.raises(RuntimeError, match="create msprobe's PrecisionDebugger"):
@@ -95,10 +120,11 @@ def test_register_needs_a_debugger_and_restores_identity(fresh_debugger):
     assert ops.rms_norm is original and ops.attention.__module__ == "flux_npu.ops"
 
 
+@in_own_process
 def test_verify_msprobe_writes_a_dump_and_the_compare_command(tmp_path, fresh_debugger):
     from flux_npu.verify import verify
 
-    rep = verify("cpu", out_dir=str(tmp_path / "v"), skip=("parity", "ops", "model"), msprobe=True)
+    rep = verify("cpu", out_dir=str(tmp_path / "v"), skip=("parity", "trajectory", "ops", "model"), msprobe=True)
     assert rep["verdict"] == "PASS", rep["failures"]
     m = rep["msprobe"]
     assert os.path.isfile(tmp_path / "v" / m["dump_json"])
