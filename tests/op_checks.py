@@ -1,12 +1,15 @@
 """One check per op, run on every backend, from the op catalogue (flux_npu/ops/catalogue).
 
 `tests/ops/test_<op>.py` call `check_op(op, on, dtype, shape)`: the catalogue's sample inputs at a
-named Flux shape (flux_npu.shapes), drawn on the CPU from a generator seeded by the case, run
+named Flux shape (flux_npu.shapes), or one of the op's `extra_samples` (strided views, odd shapes,
+other broadcasts: the inputs the per-backend op tests used to hold), drawn on the CPU from a
+generator seeded by the case (and again on the device, so views stay views there), run
 through `flux_npu.ops.<op>` on the backend, forward and backward (seeded random cotangents), and
 compared with the catalogue's reference run in float64 on the CPU, relative-norm error per tensor
 against the dtype's tolerance (NaN never passes). Backends (`on` fixture): cpu; cuda on the
 `device` fixture (a GPU when present, else its code path on CPU tensors under Triton's
-interpreter); npu on the torch_npu contract emulator (or a real device when present). The check
+interpreter, its buffers NaN-poisoned); npu on the torch_npu contract emulator (or a real device
+when present). Gradients must come back in their input's dtype. The check
 also proves routing: where the backend registers a kernel for the op, that kernel served the call
 (the dispatch counts), else the reference did.
 """
