@@ -102,6 +102,23 @@ class FluxInputs:
         return d
 
 
+# the attention projections a diffusers Flux LoRA adapts (what the benchmark and the trajectory check train)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def trainable_params(model: torch.nn.Module, kind: str) -> list[torch.nn.Parameter]:
+    """Set what trains for `kind` ('lora': the adapters only; anything else: every parameter) and
+    return those parameters, in the model's order (what the optimiser takes)."""
+    if kind == "lora":
+        model.requires_grad_(False)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def image_tokens(resolution: int) -> int:
     """Latent tokens for a square image: VAE downsamples 8x, Flux packs 2x2 latents per token."""
     side = resolution // 16

@@ -38,7 +38,6 @@ CONFIG = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, a
               num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
               axes_dims_rope=(16, 56, 56))
 RUN = dict(steps=8, batch=2, resolution=64, text_len=8, samples=4, seed=0, lora_rank=4, lr_lora=1e-3, lr_full=2e-4)
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def _stochastic_round(model, dtype, seed: int):
@@ -77,7 +76,7 @@ def run(backend=None, mode: str = "lora", dtype=torch.float32, patched: bool = T
 
         torch.manual_seed(RUN["seed"] + 7)
         model.add_adapter(LoraConfig(r=RUN["lora_rank"], lora_alpha=RUN["lora_rank"], init_lora_weights="gaussian",
-                                     target_modules=list(LORA_TARGETS)))
+                                     target_modules=list(models.LORA_TARGETS)))
         # peft's B starts at zero: give it a small seeded value so the first steps already move the output
         g = torch.Generator().manual_seed(RUN["seed"] + 8)
         with torch.no_grad():
@@ -87,15 +86,8 @@ def run(backend=None, mode: str = "lora", dtype=torch.float32, patched: bool = T
     if stochastic_seed is not None and dtype != torch.float32:
         _stochastic_round(model, dtype, stochastic_seed)
     model = model.to(device=device, dtype=dtype)
-    if mode == "lora":
-        model.requires_grad_(False)
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
-    else:
-        model.requires_grad_(True)
+    params = models.trainable_params(model, mode)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=RUN["lr_lora"] if mode == "lora" else RUN["lr_full"], weight_decay=0.0)
     data = [models.make_inputs(CONFIG, resolution=RUN["resolution"], text_len=RUN["text_len"], batch=RUN["batch"],
                                dtype=torch.float32, device="cpu", seed=100 + i) for i in range(RUN["samples"])]

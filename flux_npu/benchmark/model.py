@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..backends import Backend, get_backend
+from ..models import LORA_TARGETS, trainable_params
 from ..shapes import DTYPES, SHAPES
 
 # The rows, their reporting and the memory helpers live in their own modules; they are names of
@@ -72,7 +73,6 @@ from .results import (  # noqa: F401
 
 PRESETS = ("tiny", "flux-mini", "flux-dev")
 MODES = ("infer", "train")
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 # T5 tokens: the shape table's for the Flux presets; 16 for tiny (the README's main job)
 DEFAULT_TEXT_LEN = {"tiny": 16, "flux-mini": SHAPES["flux-mini"].txt, "flux-dev": SHAPES["flux-dev"].txt}
 
@@ -138,22 +138,15 @@ def _infer_once(setup: _Setup, res: int, steps: int, seed: int, progress):
 
 def _prepare_training(setup: _Setup, kind: str):
     model = setup.transformer
-    if kind == "lora":
-        if not setup.lora_added:
-            from peft import LoraConfig
+    if kind == "lora" and not setup.lora_added:
+        from peft import LoraConfig
 
-            model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                         target_modules=list(LORA_TARGETS)))
-            setup.lora_added = True
-        model.requires_grad_(False)
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(True)
-    else:
-        model.requires_grad_(True)
+        model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                     target_modules=list(LORA_TARGETS)))
+        setup.lora_added = True
+    params = trainable_params(model, kind)
     model.enable_gradient_checkpointing()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     return params, torch.optim.AdamW(params, lr=1e-5)
 
 
