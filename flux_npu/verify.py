@@ -10,6 +10,7 @@ On the chosen backend it runs, offline:
    npu the open device questions (`flux_npu.device_questions`);
 2. op benchmarks: device time and per-call latency, stock vs patched (`flux-npu bench ops`);
 3. a short whole-model benchmark, stock vs patched, inference and LoRA training;
+4. with --msprobe, last (msprobe patches torch process-wide): one patched step dumped by msprobe;
 and writes one report directory: report.md (for people), report.json (everything), plots when
 matplotlib is installed, the model benchmark's JSON and traceback log. The report says pass/fail
 per case, which kernel served each op (dispatch counts), device, versions and date, and, when

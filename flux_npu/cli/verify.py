@@ -1,22 +1,5 @@
-"""`flux-npu verify`: the one command for a machine we have never seen (a first 910B node, a GPU box).
-
-    flux-npu verify                      # the device it finds; report in ./flux-npu-verify-<backend>-<time>/
-    flux-npu verify --backend npu -o verify-910b --quick
-
-On the chosen backend it runs, offline:
-1. parity: every shipped golden (`flux_npu.parity.shipped_goldens()`), pass/fail per case, and
-   Ascend's 2x rule against each golden's float64 reference; then a training trajectory (a short
-   LoRA and full fine-tune) against the shipped reference curve (`flux_npu.trajectory`);
-2. op benchmarks: device time and per-call latency, stock vs patched (`flux-npu bench ops`);
-3. a short whole-model benchmark, stock vs patched, inference and LoRA training;
-and writes one report directory: report.md (for people), report.json (everything), plots when
-matplotlib is installed, the model benchmark's JSON and traceback log. The report says pass/fail
-per case, which kernel served each op (dispatch counts), device, versions and date, and, when
-something failed, exactly what to send back. A phase that crashes is recorded with its traceback
-and the others still run. Exit code: 0 when every check passed, 1 otherwise.
-
-This module is the command line only; the orchestration is `flux_npu.verify`.
-"""
+"""`flux-npu verify`: the command line (arguments and printing). What it runs, in which order, and
+what the report holds is `flux_npu.verify`'s docstring; the orchestration lives there."""
 
 from __future__ import annotations
 
