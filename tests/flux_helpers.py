@@ -1,9 +1,13 @@
 """Test helpers shared by the whole-model tests: run a model forward and backward and collect the
-output, the input gradients and every parameter gradient; compare two such runs."""
+output, the input gradients and every parameter gradient; compare two such runs. Also the one way
+the multi-process tests start `flux-npu run`."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -143,3 +147,22 @@ def cast_bfl_inputs(inputs, dtype):
             nv.requires_grad_(True)
         out[k] = nv
     return out
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flux_npu_run(*args, cwd=REPO, env_extra=None, timeout=300):
+    """`python -m flux_npu run ARGS` -> (returncode, stdout, stderr). In its own session, so that a
+    failing test cannot leave ranks behind: the launcher's group is killed if it outlives `timeout`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    env.pop("FLUX_NPU_BACKEND", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flux_npu", "run", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return proc.returncode, out, err

@@ -7,30 +7,13 @@ resumed losses are exactly those of the uninterrupted run."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from flux_helpers import flux_npu_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "train_flux_lora.py")
 NPU_CONFIG = os.path.join(REPO, "configs", "ds_zero2_bf16_lora.json")
-
-
-def flux_npu_run(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    env.pop("FLUX_NPU_BACKEND", None)
-    # its own session, so that a failure of this test cannot leave ranks behind (the launcher's
-    # group is killed below if it outlives the timeout)
-    proc = subprocess.Popen([sys.executable, "-m", "flux_npu", "run", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    return proc.returncode, out, err
 
 
 def _events(path):

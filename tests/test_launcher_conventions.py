@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from flux_helpers import flux_npu_run
 
 from flux_npu.cli import main
 
@@ -66,20 +67,11 @@ def test_plain_torch_distributed_module_in_two_processes(tmp_path):
     (tmp_path / "pkg" / "ddp_script.py").write_text(DDP_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("FLUX_NPU_BACKEND", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flux_npu", "run", "--backend", "cpu", "--nproc-per-node", "2", "--oversubscribe",
-         "-m", "pkg.ddp_script", str(out), "--flag"],
-        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, err[-4000:]
+    pythonpath = os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
+    rc, _, err = flux_npu_run("--backend", "cpu", "--nproc-per-node", "2", "--oversubscribe",
+                              "-m", "pkg.ddp_script", str(out), "--flag",
+                              cwd=tmp_path, env_extra={"PYTHONPATH": pythonpath})
+    assert rc == 0, err[-4000:]
     for rank in (0, 1):
         data = json.loads((out / f"rank{rank}.json").read_text())
         assert data == {"rank": rank, "world": 2, "sum": 3.0, "name": "__main__", "argv": ["--flag"],
@@ -160,20 +152,10 @@ def test_config_file_runs_an_accelerate_script_in_two_processes(tmp_path):
     (tmp_path / "accelerate.yaml").write_text(MULTI_CPU_YAML)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    env.pop("FLUX_NPU_BACKEND", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flux_npu", "run", "--backend", "cpu", "--oversubscribe", "--config_file",
-         "accelerate.yaml", "acc_script.py", str(out)],
-        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, err[-4000:]
+    pythonpath = os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
+    rc, _, err = flux_npu_run("--backend", "cpu", "--oversubscribe", "--config_file", "accelerate.yaml",
+                              "acc_script.py", str(out), cwd=tmp_path, env_extra={"PYTHONPATH": pythonpath})
+    assert rc == 0, err[-4000:]
     for rank in (0, 1):
         data = json.loads((out / f"rank{rank}.json").read_text())
         assert data == {"num_processes": 2, "mixed_precision": "bf16", "distributed_type": "DistributedType.MULTI_CPU"}
