@@ -8,12 +8,13 @@ Phases, in order of importance (names for --only / --skip):
   kernels  each memory-bound Triton kernel, forward and backward, at Flux-dev shapes (4096+512
            tokens, 24 heads x 128, width 3072, bf16): device time per call (CUDA graph replay of
            many calls; a loop of calls between two syncs where capture fails) against a copy of
-           the same bytes timed the same way
+           the same bytes timed the same way; each forward checked against float64 at those shapes
   host     host cost of one eager op call on tiny tensors, patched op against the stock code
-  model    Flux-mini (5+10 blocks, width 3072), stock vs patched eager (same weights: the patched
-           model is a copy of the stock one), forward and forward+backward (frozen weights, input
-           gradients: the backward of a LoRA step without its adapters), 1024+512 and 4096+512
-           tokens, repeats interleaved (stock/patched order alternating)
+  model    Flux-mini (5+10 blocks, width 3072), stock vs patched eager (same weights and the same
+           rank-16 LoRA adapters: the patched model is a copy of the stock one), inference (adapters
+           disabled) and a LoRA step's forward+backward (adapter gradients), 1024+512 and 4096+512
+           tokens, repeats interleaved (stock/patched order alternating), both under the SDPA
+           routing the patched attention uses
   compile  torch.compile of stock vs patched (the one-double-one-single-block "block" preset at
            4096+512 tokens): first-call time, graphs and recompiles over a short denoising loop
            (new timestep and latents each step), steady time per step
@@ -22,10 +23,15 @@ Phases, in order of importance (names for --only / --skip):
            196678): finite loss, which SDPA backend ran
   parity   the shipped CPU golden checked on cuda, and a CUDA golden recorded (OUT_DIR/parity_cuda.safetensors)
 
-Every measurement is a JSON line appended to OUT_DIR/rows.jsonl and flushed as soon as it is
-taken, so a kill loses nothing already measured. Before each phase (and each model configuration)
-the remaining budget is compared with what it needs on an H100 (the estimates below); what no
-longer fits is skipped with a row saying so. OUT_DIR/summary.md is written at the end.
+Every phase runs in a child process of its own, killed (its whole process group) when
+it outlives its share of the budget: a kernel that faults (an illegal memory access poisons the
+CUDA context for good), a hung compile or a crash becomes a row, and the next phase starts on a
+fresh CUDA context. Every measurement is a JSON line appended to OUT_DIR/rows.jsonl and flushed as
+soon as it is taken, so a kill loses nothing already measured; the children's stderr goes to
+OUT_DIR/log.txt. Before each phase (and each model configuration) the remaining budget is compared
+with what it needs on an H100 (ESTIMATE below); what no longer fits is skipped with a row saying
+so, and a phase that runs past its cap (CAP below, or what is left of the budget) is stopped with
+a "timeout" row. OUT_DIR/summary.md is written at the end.
 `--tiny --device cpu` runs every phase end to end at tiny shapes (tests/test_bench_gpu_quick.py;
 Triton under its interpreter). The full grid stays in bench/gpu_check.sh.
 """
@@ -33,7 +39,9 @@ Triton under its interpreter). The full grid stays in bench/gpu_check.sh.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -51,6 +59,9 @@ PHASES = ("env", "kernels", "host", "model", "compile", "lora", "parity")
 # seconds each phase needs on an H100 (the budget check); --tiny scales them down
 # (the smallest useful part of each phase: the model phase checks each configuration again)
 ESTIMATE = {"env": 5, "kernels": 15, "host": 10, "model": 60, "compile": 150, "lora": 45, "parity": 60}
+# the most seconds a phase's child may run before it is stopped (a guess that outran its estimate
+# must not eat the phases after it); the sum is over the budget on purpose: earlier phases come first
+CAP = {"env": 30, "kernels": 120, "host": 45, "model": 240, "compile": 180, "lora": 90, "parity": 150}
 TINY_ESTIMATE = {"env": 2, "kernels": 20, "host": 5, "model": 20, "compile": 30, "lora": 10, "parity": 60}
 MODEL_CONFIG_ESTIMATE = {512: 50, 1024: 100}  # seconds per resolution: 1024+512 and 4096+512 tokens
 
@@ -58,21 +69,23 @@ MODEL_CONFIG_ESTIMATE = {512: 50, 1024: 100}  # seconds per resolution: 1024+512
 class Out:
     """rows.jsonl appended and flushed per row; the clock and the budget."""
 
-    def __init__(self, path: str, budget: float, tiny: bool):
+    def __init__(self, path: str, budget: float, tiny: bool, start: float | None = None):
         os.makedirs(path, exist_ok=True)
         self.dir = path
-        # kept open for the whole run: rows are appended and flushed one by one
+        # kept open for the whole run: rows are appended and flushed one by one (the parent writes
+        # only while no child runs, so lines never interleave)
         self.file = open(os.path.join(path, "rows.jsonl"), "a", buffering=1)  # noqa: SIM115
-        self.t0 = time.monotonic()
+        self.start = time.time() if start is None else start  # the run's start: the `t` column
+        self.deadline = time.monotonic() + budget  # this process's own share
         self.budget = budget
         self.tiny = tiny
         self.rows = []
 
     def left(self) -> float:
-        return self.budget - (time.monotonic() - self.t0)
+        return self.deadline - time.monotonic()
 
     def row(self, phase: str, **fields):
-        r = {"phase": phase, "t": round(time.monotonic() - self.t0, 2), **fields}
+        r = {"phase": phase, "t": round(time.time() - self.start, 2), **fields}
         self.rows.append(r)
         self.file.write(json.dumps(r, default=str) + "\n")
         self.file.flush()
@@ -169,11 +182,11 @@ def phase_env(out: Out, device, backend):
 
 
 def kernel_cases(device, tiny: bool):
-    """(name, forward call, backward call, forward bytes, backward bytes) at Flux-dev shapes, bf16.
-    Forward: the public op (what a patched model calls). Backward: the kernel's backward launcher
-    with its small partial-sum reduction (what autograd runs; called directly so that the calls
-    can be captured in a CUDA graph: autograd's engine runs outside the capturing stream)."""
-    from flux_npu import ops
+    """(name, forward args, backward call, forward bytes, backward bytes) at Flux-dev shapes, bf16.
+    Forward: the public op on those args (what a patched model calls). Backward: the kernel's
+    backward launcher with its small partial-sum reduction (what autograd runs; called directly so
+    that the calls can be captured in a CUDA graph: autograd's engine runs outside the capturing
+    stream)."""
     from flux_npu.kernels.cuda import adaln_residual as AR
     from flux_npu.kernels.cuda import apply_rope as ROPE
     from flux_npu.kernels.cuda import layer_norm_modulate as LN
@@ -196,16 +209,35 @@ def kernel_cases(device, tiny: bool):
     h, sh, sc, dh = r(1, S, W), r(1, W), r(1, W), r(1, S, W)
     y, gate, dn = r(1, S, W), r(1, W), r(1, S, W)
     return [
-        ("rms_norm", lambda: ops.rms_norm(x, w, 1e-6), lambda: RMS._bwd(x, w, dy, 1e-6), 2 * n_head, 3 * n_head),
-        ("apply_rope", lambda: ops.apply_rope(x, (cos, sin), 1), lambda: ROPE._bwd(dy, cos, sin, 1),
-         2 * n_head + cs_bytes, 2 * n_head + cs_bytes),
-        ("qk_norm_rope", lambda: ops.qk_norm_rope(q, k, wq, wk, (cos, sin), 1e-6, 1),
+        ("rms_norm", (x, w, 1e-6), lambda: RMS._bwd(x, w, dy, 1e-6), 2 * n_head, 3 * n_head),
+        ("apply_rope", (x, (cos, sin), 1), lambda: ROPE._bwd(dy, cos, sin, 1), 2 * n_head + cs_bytes,
+         2 * n_head + cs_bytes),
+        ("qk_norm_rope", (q, k, wq, wk, (cos, sin), 1e-6, 1),
          lambda: QK._bwd(q, k, wq, wk, cos, sin, dy, dk, 1e-6, 1), 4 * n_head + cs_bytes, 6 * n_head + cs_bytes),
-        ("layer_norm_modulate", lambda: ops.layer_norm_modulate(h, sh[:, None], sc[:, None], 1e-6),
-         lambda: LN._bwd(h, sh, sc, dh, 1e-6), 2 * n_row, 3 * n_row),
-        ("adaln_residual", lambda: ops.adaln_residual(h, gate[:, None], y, sh[:, None], sc[:, None], 1e-6),
+        ("layer_norm_modulate", (h, sh[:, None], sc[:, None], 1e-6), lambda: LN._bwd(h, sh, sc, dh, 1e-6),
+         2 * n_row, 3 * n_row),
+        ("adaln_residual", (h, gate[:, None], y, sh[:, None], sc[:, None], 1e-6),
          lambda: AR._bwd(h, y, gate, sh, sc, dh, dn, 1e-6), 4 * n_row, 6 * n_row),
     ]
+
+
+def _flat(v):
+    return [t for x in v for t in _flat(x)] if isinstance(v, (tuple, list)) else [v]
+
+
+def _float64(v):
+    if isinstance(v, (tuple, list)):
+        return type(v)(_float64(x) for x in v)
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def forward_error(name, args, got) -> float:
+    """Largest relative error of the kernel's forward outputs against the op's plain-torch
+    reference in float64 on the same inputs (the catalogue's oracle), at the timed shapes."""
+    from flux_npu.ops import catalogue
+
+    ref = catalogue.info(name).ref(*_float64(args))
+    return max(rel_err(a, b) for a, b in zip(_flat(got), _flat(ref), strict=True))
 
 
 def phase_kernels(out: Out, device, backend, tiny: bool):
@@ -213,20 +245,23 @@ def phase_kernels(out: Out, device, backend, tiny: bool):
 
     calls, repeats = (1, 2) if tiny else (20, 7)
     with ops.use_backend(backend), torch.no_grad():
-        for name, fwd, bwd, fwd_bytes, bwd_bytes in kernel_cases(device, tiny):
+        for name, args, bwd, fwd_bytes, bwd_bytes in kernel_cases(device, tiny):
             if not out.fits("kernels", name, 4):
                 return
+            fwd = functools.partial(getattr(ops, name), *args)
             ops.reset_dispatch_stats()
-            fwd()
+            err = forward_error(name, args, fwd())
             served = sorted({key[2] for key, n in ops.dispatch_stats()["served"].items() if n})
             for direction, fn, nbytes in (("forward", fwd, fwd_bytes), ("backward", bwd, bwd_bytes)):
                 secs, lo, hi, how = device_time(fn, device, calls, repeats)
                 src = torch.empty(max(nbytes // 8, 1), dtype=torch.float32, device=device)
                 dst = torch.empty_like(src)  # a copy reads and writes nbytes/2 each: the same bytes moved
                 tc, _, _, _ = device_time(lambda: dst.copy_(src), device, calls, repeats)  # noqa: B023
+                # bf16 outputs: the brief's bf16 tolerance; NaN fails (a comparison with NaN is False)
+                extra = {"rel_err_vs_float64": err, "correct": err <= 1e-2} if direction == "forward" else {}
                 out.row("kernels", op=name, direction=direction, us=secs * 1e6, us_min=lo * 1e6, us_max=hi * 1e6,
                         bytes=nbytes, gbps=nbytes / secs / 1e9, copy_us=tc * 1e6, copy_fraction=tc / secs,
-                        method=how, served=served)
+                        method=how, served=served, **extra)
 
 
 def host_cases(device):
@@ -308,9 +343,50 @@ def model_inputs(cfg, res, text_len, device, dtype, seed):
     return models.make_inputs(cfg, resolution=res, text_len=text_len, dtype=dtype, device=device, seed=seed)
 
 
+def sdpa_context(device, backend, training: bool):
+    """(context factory, reason): the SDPA backends the patched attention allows in this mode on
+    this device, applied to the stock model too. Same routing for both, and stock training must
+    not run cuDNN SDPA's backward where it is known broken (torch >= 2.11 on H100 crashed stock
+    Flux training with an illegal memory access, which would end the phase)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext, "cpu: no SDPA routing"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flux_npu.backends.cuda import route_for
+
+    route = route_for(backend, torch.cuda.current_device(), training)
+    if not route.backends:
+        return contextlib.nullcontext, route.reason
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "math": "MATH"}
+    chosen = [getattr(SDPBackend, names[n]) for n in route.backends]
+    return (lambda: sdpa_kernel(chosen, set_priority=True)), route.reason
+
+
+def peak_gib(device, fn) -> float | None:
+    """Peak memory allocated during one call of fn, GiB (cuda only)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
 def phase_model(out: Out, device, backend, tiny: bool, state: dict):
+    """Stock vs patched Flux-mini on the same weights and the same LoRA adapters (rank 16 on
+    models.LORA_TARGETS, added before the copy): inference with the adapters disabled, and a LoRA
+    training step's forward+backward (gradients of the adapters only, no optimiser: the optimiser
+    step is the same for both)."""
+    from peft import LoraConfig
+
     import flux_npu
-    from flux_npu import ops
+    from flux_npu import models, ops
 
     dtype = torch.bfloat16
     preset, resolutions, text_len, repeats = ("tiny", (32,), 8, 2) if tiny else ("flux-mini", (512, 1024), 512, 5)
@@ -318,14 +394,16 @@ def phase_model(out: Out, device, backend, tiny: bool, state: dict):
         return
     t = time.perf_counter()
     stock, cfg = build_model(preset, device, dtype)
+    torch.manual_seed(1)
+    stock.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                 target_modules=list(models.LORA_TARGETS)))
     patched = copy.deepcopy(stock)
-    for p in list(stock.parameters()) + list(patched.parameters()):
-        p.requires_grad_(False)
+    params = {id(m): models.trainable_params(m, "lora") for m in (stock, patched)}
     handle = flux_npu.patch(backend, model=patched)
     state.update(stock=stock, patched=patched, cfg=cfg, handle=handle)
     out.row("model", status="built", preset=preset, seconds=time.perf_counter() - t,
-            params=sum(p.numel() for p in stock.parameters()), patched=handle.summary() if hasattr(handle, "summary")
-            else str(handle)[:400])
+            params=sum(p.numel() for p in stock.parameters()), lora_params=sum(p.numel() for p in params[id(stock)]),
+            patched=str(handle)[:400])
     for res in resolutions:
         if not out.fits("model", f"{preset} res {res}", MODEL_CONFIG_ESTIMATE.get(res, 60)):
             continue
@@ -338,11 +416,11 @@ def phase_model(out: Out, device, backend, tiny: bool, state: dict):
                 return m(**kw).sample
 
         def train(m, kw=kw):
-            hs = kw["hidden_states"].detach().requires_grad_()
-            o = m(**{**kw, "hidden_states": hs}).sample
-            (g,) = torch.autograd.grad(o.float().square().mean(), hs)
-            return g
+            o = m(**kw).sample
+            return torch.autograd.grad(o.float().square().mean(), params[id(m)])
 
+        for m in (stock, patched):
+            m.disable_adapters()
         ops.reset_dispatch_stats()
         ref = infer(stock).float()
         stock_calls = sum(ops.dispatch_stats()["served"].values())  # 0: the stock model runs none of our ops
@@ -351,17 +429,26 @@ def phase_model(out: Out, device, backend, tiny: bool, state: dict):
         out.row("model", status="checked", tokens=tokens, rel_err_patched_vs_stock_bf16=err, stock_op_calls=stock_calls,
                 patched_op_calls={f"{k[0]}:{k[2]}": n for k, n in served.items() if n})
         for mode, fn in (("infer", infer), ("train", train)):
+            for m in (stock, patched):
+                m.disable_adapters() if mode == "infer" else m.enable_adapters()
+            ctx, routing = sdpa_context(device, backend, mode == "train")
             times = {"stock": [], "patched": []}
-            fn(stock), fn(patched)  # warm-up (Triton compiles, caches)
-            for i in range(repeats):
-                for variant in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
-                    s = wall(lambda: fn(stock if variant == "stock" else patched), device)  # noqa: B023
-                    times[variant].append(s)
-                    out.row("model", tokens=tokens, mode=mode, variant=variant, repeat=i, seconds=s)
+            with ctx():
+                # the first call of each is also the warm-up (Triton compiles, caches)
+                peaks = {v: peak_gib(device, lambda m=m, fn=fn: fn(m))
+                         for v, m in (("stock", stock), ("patched", patched))}
+                for i in range(repeats):
+                    for variant in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
+                        s = wall(lambda: fn(stock if variant == "stock" else patched), device)  # noqa: B023
+                        times[variant].append(s)
+                        out.row("model", tokens=tokens, mode=mode, variant=variant, repeat=i, seconds=s)
             ratios = [s / p for s, p in zip(times["stock"], times["patched"], strict=True)]
             out.row("model", summary=True, tokens=tokens, mode=mode, stock_s=statistics.median(times["stock"]),
                     patched_s=statistics.median(times["patched"]), speedup=statistics.median(ratios),
-                    speedup_min=min(ratios), speedup_max=max(ratios), repeats=repeats)
+                    speedup_min=min(ratios), speedup_max=max(ratios), repeats=repeats, sdpa_routing=routing,
+                    stock_peak_gib=peaks["stock"], patched_peak_gib=peaks["patched"],
+                    note="LoRA step forward+backward (adapter gradients, no optimiser)" if mode == "train"
+                    else "inference, adapters disabled")
 
 
 def phase_compile(out: Out, device, backend, tiny: bool, compile_backend: str):
@@ -405,7 +492,9 @@ def phase_compile(out: Out, device, backend, tiny: bool, compile_backend: str):
         torch._dynamo.reset()
 
 
-def phase_lora(out: Out, device, backend, tiny: bool, state: dict):
+def phase_lora(out: Out, device, backend, tiny: bool):
+    """A LoRA training step (AdamW) on the patched Flux-mini with the default attention routing:
+    no crash, a finite loss, which SDPA backend ran. Its own model: each phase is its own process."""
     from peft import LoraConfig
 
     from flux_npu import ops
@@ -414,15 +503,14 @@ def phase_lora(out: Out, device, backend, tiny: bool, state: dict):
 
     if not out.fits("lora", "lora step", 45):
         return
-    model, cfg = state.get("patched"), state.get("cfg")
-    if model is None:  # the model phase was skipped: build the patched model here
-        import flux_npu
+    import flux_npu
+    from flux_npu import models
 
-        model, cfg = build_model("tiny" if tiny else "flux-mini", device, torch.bfloat16)
-        flux_npu.patch(backend, model=model)
+    model, cfg = build_model("tiny" if tiny else "flux-mini", device, torch.bfloat16)
+    flux_npu.patch(backend, model=model)
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    params = [p for p in model.parameters() if p.requires_grad]
+                                 target_modules=list(models.LORA_TARGETS)))
+    params = models.trainable_params(model, "lora")
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     res, text_len = (32, 8) if tiny else (512, 512)
@@ -507,16 +595,18 @@ def ensure_tabulate():
                  "pip download tabulate --no-deps -d wheels")
 
 
-def summary(out: Out) -> str:
-    lines = [f"# bench/gpu_quick.py: {round(time.monotonic() - out.t0)} s of a {out.budget:.0f} s budget", ""]
-    for r in out.rows:
-        if r.get("status") == "error":
-            lines.append(f"- {r['phase']}: ERROR {r.get('error')}")
+def summary(out: Out, rows: list) -> str:
+    lines = [f"# bench/gpu_quick.py: {round(time.time() - out.start)} s of a {out.budget:.0f} s budget", ""]
+    for r in rows:
+        if r.get("status") in ("error", "timeout", "crashed"):
+            lines.append(f"- {r['phase']}: {r['status'].upper()} {r.get('error')}")
         elif r.get("status") == "skipped":
             lines.append(f"- {r['phase']}: SKIPPED {r['what']} ({r['note']})")
         elif r["phase"] == "kernels" and "op" in r:
+            err = (f", rel err {r['rel_err_vs_float64']:.1e}{'' if r['correct'] else ' WRONG'}"
+                   if "rel_err_vs_float64" in r else "")
             lines.append(f"- kernel {r['op']} {r['direction']}: {r['us']:.1f} us, {r['gbps']:.0f} GB/s, "
-                         f"{100 * r['copy_fraction']:.0f}% of copy ({r['method']})")
+                         f"{100 * r['copy_fraction']:.0f}% of copy ({r['method']}){err}")
         elif r["phase"] == "host" and "op" in r:
             lines.append(f"- host {r['op']}: patched/stock {r['patched_over_stock']:.2f} "
                          f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
@@ -533,6 +623,101 @@ def summary(out: Out) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_phase(name: str, args, out: Out, cap: float) -> None:
+    """Run one phase in a child process (its own session, so a kill takes its whole group) with
+    `cap` seconds; what it measured is already in rows.jsonl; a timeout, a crash or a non-zero exit
+    becomes a row here with the tail of its stderr (kept whole in log.txt)."""
+    import signal
+
+    log_path = os.path.join(out.dir, "log.txt")
+    with open(log_path, "a") as log:
+        log.write(f"\n== phase {name} (cap {cap:.0f} s) ==\n")
+        log.flush()
+        offset = log.tell()
+        cmd = [sys.executable, os.path.abspath(__file__), out.dir, "--phase-child", name, "--budget", f"{cap:.1f}",
+               "--start", repr(out.start), "--device", args.device, "--compile-backend", args.compile_backend,
+               *(["--tiny"] if args.tiny else [])]
+        t = time.monotonic()
+        # its own process group (not its own session: whatever stops this script stops it too)
+        child = subprocess.Popen(cmd, stdout=None, stderr=log, cwd=REPO, process_group=0)
+        status = None
+        stop = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):  # stopped from outside: take the phase's whole group along
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            signal.signal(signal.SIGTERM, stop)
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            rc = child.wait(timeout=cap + min(15.0, max(2.0, cap / 10)))  # the child checks its own budget
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+                try:
+                    os.killpg(child.pid, sig)
+                    rc = child.wait(timeout=wait)
+                    break
+                except ProcessLookupError:
+                    rc = child.wait()
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        except KeyboardInterrupt:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, stop)
+    if status is None and rc == 0:
+        return
+    with open(log_path, errors="replace") as f:
+        f.seek(offset)
+        tail = f.read()[-2000:]
+    if status == "timeout":
+        error = f"stopped after {time.monotonic() - t:.0f} s (cap {cap:.0f} s); rows taken before the stop are kept"
+    else:
+        status = "crashed"
+        how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        error = f"the phase's process ended with {how} (a CUDA fault or a crash; the next phase starts afresh)"
+    out.row(name, status=status, error=error, stderr_tail=tail)
+
+
+def child_main(name: str, args) -> int:
+    """One phase in this process: its rows are appended to rows.jsonl."""
+    # the tests' stand-ins for a CUDA fault and a hung compile: GPU_QUICK_FAULT="env=crash,host=hang"
+    fault = dict(f.split("=", 1) for f in os.environ.get("GPU_QUICK_FAULT", "").split(",") if "=" in f).get(name)
+    if fault == "crash":
+        os.abort()
+    if fault == "hang":
+        time.sleep(3600)
+    out = Out(args.out, args.budget, args.tiny, start=args.start)
+    device = torch.device(args.device)
+    sys.path.insert(0, REPO)
+    from flux_npu import ops
+    from flux_npu.backends import cuda
+
+    backend = cuda.BACKEND if device.type == "cuda" else cuda.BACKEND.with_device_type("cpu")
+    ops.prepare(backend)
+    runs = {
+        "env": lambda: phase_env(out, device, backend),
+        "kernels": lambda: phase_kernels(out, device, backend, args.tiny),
+        "host": lambda: phase_host(out, device, backend, args.tiny),
+        "model": lambda: phase_model(out, device, backend, args.tiny, {}),
+        "compile": lambda: phase_compile(out, device, backend, args.tiny, args.compile_backend),
+        "lora": lambda: phase_lora(out, device, backend, args.tiny),
+        "parity": lambda: phase_parity(out, device, args.tiny),
+    }
+    try:
+        runs[name]()
+    except Exception as exc:  # a phase that fails is a row; the next phase still runs
+        import traceback
+
+        out.row(name, status="error", error=f"{type(exc).__name__}: {exc}"[:500], tb=traceback.format_exc()[-2000:])
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="output directory (rows.jsonl, summary.md, parity files)")
@@ -542,52 +727,37 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help=f"comma-separated phases ({','.join(PHASES)})")
     p.add_argument("--skip", default="", help="comma-separated phases to leave out")
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"))
+    p.add_argument("--phase-child", choices=PHASES, help=argparse.SUPPRESS)  # internal: one phase in a child
+    p.add_argument("--start", type=float, default=None, help=argparse.SUPPRESS)  # internal: the run's start
+    p.add_argument("--phase-cap", type=float, default=None, help="seconds each phase may run (default: CAP per phase)")
     args = p.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     skip = [s for s in args.skip.split(",") if s]
     for s in only + skip:
         if s not in PHASES:
             p.error(f"unknown phase {s!r}; phases: {', '.join(PHASES)}")
+    if args.phase_child:
+        return child_main(args.phase_child, args)
     out = Out(args.out, args.budget, args.tiny)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_quick.py: no CUDA device visible to torch; for the CPU smoke run pass --device cpu --tiny")
-    sys.path.insert(0, REPO)
-    ensure_diffusers()
+    ensure_diffusers()  # once, here: the children import what this installed
     ensure_tabulate()
-    from flux_npu.backends import cuda
-
-    backend = cuda.BACKEND if device.type == "cuda" else cuda.BACKEND.with_device_type("cpu")
-    from flux_npu import ops
-
-    ops.prepare(backend)
-    state: dict = {}
-    runs = {
-        "env": lambda: phase_env(out, device, backend),
-        "kernels": lambda: phase_kernels(out, device, backend, args.tiny),
-        "host": lambda: phase_host(out, device, backend, args.tiny),
-        "model": lambda: phase_model(out, device, backend, args.tiny, state),
-        "compile": lambda: phase_compile(out, device, backend, args.tiny, args.compile_backend),
-        "lora": lambda: phase_lora(out, device, backend, args.tiny, state),
-        "parity": lambda: phase_parity(out, device, args.tiny),
-    }
+    with open(os.path.join(out.dir, "rows.jsonl")) as f:
+        before = sum(1 for _ in f)  # rows of an earlier run into the same directory stay out of the summary
     for name in PHASES:
         if (only and name not in only) or name in skip:
             continue
         if not out.fits(name, "phase", ESTIMATE[name]):
             continue
-        try:
-            runs[name]()
-        except Exception as exc:  # a phase that fails is a row; the next phase still runs
-            import traceback
-
-            out.row(name, status="error", error=f"{type(exc).__name__}: {exc}"[:500], tb=traceback.format_exc()[-2000:])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    state.get("handle") and state["handle"].undo()
+        cap = args.phase_cap or (out.budget if args.tiny else CAP[name])
+        run_phase(name, args, out, min(cap, out.left()))
+    with open(os.path.join(out.dir, "rows.jsonl")) as f:
+        rows = [json.loads(line) for line in list(f)[before:]]
+    text = summary(out, rows)
     with open(os.path.join(out.dir, "summary.md"), "w") as f:
-        f.write(summary(out))
-    print(summary(out))
+        f.write(text)
+    print(text)
     return 0
 
 

@@ -22,8 +22,8 @@ SCRIPT = os.path.join(REPO, "bench", "gpu_quick.py")
 PHASES = ["env", "kernels", "host", "model", "compile", "lora", "parity"]
 
 
-def _run(out, *args, timeout=900):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO)
+def _run(out, *args, timeout=900, **env_extra):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO, **env_extra)
     proc = subprocess.run([sys.executable, SCRIPT, str(out), "--device", "cpu", "--tiny", *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -45,10 +45,15 @@ def test_every_phase_runs_end_to_end_at_tiny_shapes(tmp_path):
     for r in kernels:
         assert r["served"] and all(s.startswith("triton.") for s in r["served"]), r
         assert r["us"] > 0 and r["copy_us"] > 0 and r["bytes"] > 0, r
+        if r["direction"] == "forward":  # checked against the float64 reference at the timed shapes
+            assert r["correct"] and 0 < r["rel_err_vs_float64"] < 1e-2, r
     assert {r["op"] for r in rows if r["phase"] == "host"} == set(ops)
 
     model = [r for r in rows if r["phase"] == "model" and r.get("summary")]
     assert sorted(r["mode"] for r in model) == ["infer", "train"]
+    assert all(r["sdpa_routing"] for r in model), model
+    (built,) = [r for r in rows if r["phase"] == "model" and r.get("status") == "built"]
+    assert built["lora_params"] > 0, built  # the same LoRA adapters on both copies: "train" is a LoRA step
     timed = [r for r in rows if r["phase"] == "model" and "variant" in r]
     assert [r["variant"] for r in timed[:4]] == ["stock", "patched", "patched", "stock"]  # interleaved
     (checked,) = [r for r in rows if r["phase"] == "model" and r.get("status") == "checked"]
@@ -76,3 +81,23 @@ def test_a_budget_too_small_skips_phases_and_says_so(tmp_path):
     assert [r["phase"] for r in rows] == PHASES
     for r in rows:
         assert r["status"] == "skipped" and "budget left" in r["note"], r
+
+
+def test_a_crashed_or_hung_phase_is_a_row_and_the_next_phase_still_runs(tmp_path):
+    """Each phase is its own process: one that dies (os.abort, as a CUDA fault does) or outlives its
+    cap (killed with its process group) becomes a row, and the phases after it still run."""
+    rows = _run(tmp_path / "f", "--only", "env,host,parity", "--phase-cap", "25", timeout=300,
+                GPU_QUICK_FAULT="env=crash,parity=hang")
+    by_phase = {}
+    for r in rows:
+        by_phase.setdefault(r["phase"], []).append(r)
+    (env,) = by_phase["env"]
+    assert env["status"] == "crashed" and "signal 6" in env["error"], env
+    host = by_phase["host"]  # the phase after the crash ran, in a fresh process
+    assert {r["op"] for r in host if "op" in r} == {"rms_norm", "apply_rope", "qk_norm_rope", "layer_norm_modulate",
+                                                    "adaln_residual"}, host
+    (parity,) = by_phase["parity"]
+    assert parity["status"] == "timeout" and "cap 25 s" in parity["error"], parity
+    summary = (tmp_path / "f" / "summary.md").read_text()
+    assert "env: CRASHED" in summary and "parity: TIMEOUT" in summary, summary
+    assert "== phase parity" in (tmp_path / "f" / "log.txt").read_text()
