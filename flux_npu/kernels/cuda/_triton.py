@@ -170,12 +170,12 @@ def _sm_count(index: int) -> int:
 PROGRAMS_PER_SM = 2
 
 
-def persistent_programs(device: torch.device, n_blocks: int) -> int:
+def persistent_programs(device: torch.device, n_blocks: int, per_sm: int = PROGRAMS_PER_SM) -> int:
     """Programs of a backward grid that loops over row blocks and writes one float32 partial row
-    per program: PROGRAMS_PER_SM per SM on CUDA (so the partial buffers stay a few MB at Flux-dev
-    shapes instead of one row per block), a small fixed number under the interpreter."""
+    per program: `per_sm` per SM on CUDA (so the partial buffers stay a few MB at Flux-dev shapes
+    instead of one row per block), a small fixed number under the interpreter."""
     if device.type == "cuda":
-        n = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        n = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         n = INTERPRETER_PROGRAMS
     return max(1, min(n, n_blocks))

@@ -52,6 +52,18 @@ def _adaln_res_fwd(
 
 
 @jit
+def _bwd_block(H, Yin, DH, DN, g, blk, cols, n_rows, n_cols, ysg, ysl, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """h, dn, dh (dense) and y (strided rows) of row block `blk` of group g, in their own dtypes."""
+    rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
+    dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
+    h = tl.load(H + dense, mask=mask, other=0.0)
+    dn = tl.load(DN + dense, mask=mask, other=0.0)
+    dh = tl.load(DH + dense, mask=mask, other=0.0)
+    y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0)
+    return h, dn, dh, y
+
+
+@jit
 def _adaln_res_bwd(
     H, Yin, G, SC, DH, DN, DX, DY, DG, DSH, DSC, n_rows, n_cols, n_blocks, ysg, ysl, gsg, scg, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -66,15 +78,21 @@ def _adaln_res_bwd(
     dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # all four loads of a block are issued before any reduction (one DRAM round trip per block, not
+    # three), and, as rms_norm's backward, one block ahead: the next block's loads (in their own
+    # dtype, half the registers of float32) are in flight while this one is reduced and stored
     blk = pid
+    h_raw, dn_raw, dh_raw, y_raw = _bwd_block(H, Yin, DH, DN, g, blk, cols, n_rows, n_cols, ysg, ysl, BLOCK_M, BLOCK_N)
     while blk < n_blocks:  # one partial row per program (see _triton.py: a while loop, not range())
+        h_next, dn_next, dh_next, y_next = _bwd_block(H, Yin, DH, DN, g, blk + programs, cols, n_rows, n_cols,
+                                                      ysg, ysl, BLOCK_M, BLOCK_N)
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_N)
         dense = (g * n_rows + rows[:, None]) * n_cols + cols[None, :]
-        # all four loads issued before any reduction: one DRAM round trip per row block, not three
-        h = tl.load(H + dense, mask=mask, other=0.0).to(tl.float32)
-        dn = tl.load(DN + dense, mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(DH + dense, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Yin + g * ysg + rows[:, None] * ysl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = h_raw.to(tl.float32)
+        dn = dn_raw.to(tl.float32)
+        dh = dh_raw.to(tl.float32)
+        y = y_raw.to(tl.float32)
+        h_raw, dn_raw, dh_raw, y_raw = h_next, dn_next, dh_next, y_next
         hhat, rstd = ln_rows(h, mask, n_cols, eps)
         dsh += tl.sum(dn, axis=0)
         dsc += tl.sum(dn * hhat, axis=0)

@@ -27,9 +27,13 @@ written, and would then copy q, k and the weights before each call.
 With NORM the row is first RMS-normalised (weight optional) and rounded to x's dtype, as unfused
 Flux code does between its QK norm and RoPE, then rotated. The backward rotates the incoming
 gradient back (dx = M^T dout) and, with NORM, applies the RMSNorm backward in the same program;
-the weight gradient uses a persistent grid (about one program per SM) accumulating in registers
-and writing one float32 partial row per program, then one small sum. Frequencies are constants
-derived from positions and get no gradient (the check declines freqs that require grad).
+the weight gradient uses a persistent grid (as many programs per SM as fit at once: BWD_PROGRAMS_PER_SM)
+accumulating per tile element in registers, summed over rows once after the loop, and writing one
+float32 partial row per program, then one small sum. Each iteration of that loop issues every load
+of the next row block (frequencies, dy and x of q and k, in their own dtypes) before computing the
+current one, so a block's DRAM latency overlaps the previous block's reductions and stores.
+Frequencies are constants derived from positions and get no gradient (the check declines freqs
+that require grad).
 """
 
 from __future__ import annotations
@@ -103,25 +107,71 @@ def _rope_fwd(
 
 
 @jit
-def _unrotate_rows(X, w, DY, DX, rows, cols, mask, n_cols, n1, n2, s0, s1, s2, eps, m00, m01, m10, m11,
-                   NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Backward of one tensor's row block; stores dx and returns its dw contribution (BLOCK_D,)."""
+def _bwd_loads(X0, X1, DY0, DY1, F0, F1, blk, cols, n_rows, n_cols, n1, n2, a0, a1, a2, b0, b1, b2, fs0, fs1, fs2,
+               COS_SIN: tl.constexpr, NORM: tl.constexpr, TWO: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Every load of row block `blk`'s backward, in the operands' own dtypes (zeros past the end):
+    the frequencies (cos and sin rows, or a BFL row's (D/2, 2, 2) block twice), dy of both tensors
+    and, with NORM, x of both (a tensor that is not there repeats the first)."""
+    rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_D)
+    foff = row_offsets(rows, n1, n2, fs0, fs1, fs2)
+    if COS_SIN:
+        f0 = tl.load(F0 + foff[:, None] + cols[None, :], mask=mask, other=0.0)
+        f1 = tl.load(F1 + foff[:, None] + cols[None, :], mask=mask, other=0.0)
+    else:
+        fcols = tl.arange(0, 2 * BLOCK_D)  # (D/2, 2, 2) per row = 2*D contiguous elements
+        fmask = (rows < n_rows)[:, None] & (fcols < 2 * n_cols)[None, :]
+        f0 = tl.load(F0 + foff[:, None] + fcols[None, :], mask=fmask, other=0.0)
+        f1 = f0
     dense = rows[:, None] * n_cols + cols[None, :]
-    d = tl.load(DY + dense, mask=mask, other=0.0).to(tl.float32)
-    d0, d1 = tl.split(tl.reshape(d, (BLOCK_M, BLOCK_D // 2, 2)))
-    g = tl.reshape(tl.join(m00 * d0 + m10 * d1, m01 * d0 + m11 * d1), (BLOCK_M, BLOCK_D))  # M^T dout
-    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dy0 = tl.load(DY0 + dense, mask=mask, other=0.0)
+    dy1 = dy0
+    if TWO:
+        dy1 = tl.load(DY1 + dense, mask=mask, other=0.0)
+    x0 = dy0
+    x1 = dy0
     if NORM:
-        xoff = row_offsets(rows, n1, n2, s0, s1, s2)
-        x = tl.load(X + xoff[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x0 = tl.load(X0 + row_offsets(rows, n1, n2, a0, a1, a2)[:, None] + cols[None, :], mask=mask, other=0.0)
+        x1 = x0
+        if TWO:
+            x1 = tl.load(X1 + row_offsets(rows, n1, n2, b0, b1, b2)[:, None] + cols[None, :], mask=mask, other=0.0)
+    return f0, f1, dy0, dy1, x0, x1
+
+
+@jit
+def _bwd_matrix(f0, f1, COS_SIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The pairs' 2x2 matrices (M00, M01, M10, M11), each (BLOCK_M, BLOCK_D // 2) float32, from the
+    raw frequency rows `_bwd_loads` returns (as `_matrix` does from memory)."""
+    if COS_SIN:
+        c, _ = tl.split(tl.reshape(f0.to(tl.float32), (BLOCK_M, BLOCK_D // 2, 2)))
+        s, _ = tl.split(tl.reshape(f1.to(tl.float32), (BLOCK_M, BLOCK_D // 2, 2)))
+        return c, -s, s, c
+    else:
+        col0, col1 = tl.split(tl.reshape(f0.to(tl.float32), (BLOCK_M, BLOCK_D // 2, 2, 2)))
+        m00, m10 = tl.split(col0)
+        m01, m11 = tl.split(col1)
+        return m00, m01, m10, m11
+
+
+@jit
+def _unrotate_rows(x_raw, dy_raw, w, DX, rows, cols, mask, n_cols, eps, m00, m01, m10, m11,
+                   NORM: tl.constexpr, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of one tensor's row block from its loaded x and dy: stores dx and returns the
+    block's weight-gradient terms per element (BLOCK_M, BLOCK_D), summed over rows by the caller
+    once after its loop."""
+    d0, d1 = tl.split(tl.reshape(dy_raw.to(tl.float32), (BLOCK_M, BLOCK_D // 2, 2)))
+    g = tl.reshape(tl.join(m00 * d0 + m10 * d1, m01 * d0 + m11 * d1), (BLOCK_M, BLOCK_D))  # M^T dout
+    dw = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if NORM:
+        x = x_raw.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         h = x * rstd[:, None]
         if HAS_W:
-            dw = tl.sum(g * h, axis=0)
+            dw = g * h
             g = g * w[None, :]
         c = tl.sum(g * h, axis=1) / n_cols
         g = rstd[:, None] * (g - h * c[:, None])
-    tl.store(DX + dense, g.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + rows[:, None] * n_cols + cols[None, :], g.to(DX.dtype.element_ty), mask=mask)
     return dw
 
 
@@ -142,22 +192,36 @@ def _rope_bwd(
         w0 = tl.load(W0 + cols, mask=cmask, other=0.0).to(tl.float32)
         if TWO:
             w1 = tl.load(W1 + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # the weight gradients accumulate per element of the tile and are summed over rows once, after
+    # the loop (a per-block row sum is a cross-warp reduction through shared memory, with a barrier)
+    dw0 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     blk = pid
+    f0, f1, dy0, dy1, x0, x1 = _bwd_loads(X0, X1, DY0, DY1, F0, F1, blk, cols, n_rows, n_cols, n1, n2,
+                                          a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, COS_SIN, NORM, TWO, BLOCK_M, BLOCK_D)
     while blk < n_blocks:  # persistent when there is a dw to reduce (see _triton.py: a while loop, not range())
+        if HAS_W:
+            # software prefetch, as rms_norm's backward: the next block's loads (frequencies, dy,
+            # x; in their own dtypes) are in flight while this block is computed and stored
+            nf0, nf1, ndy0, ndy1, nx0, nx1 = _bwd_loads(
+                X0, X1, DY0, DY1, F0, F1, blk + programs, cols, n_rows, n_cols, n1, n2,
+                a0, a1, a2, b0, b1, b2, fs0, fs1, fs2, COS_SIN, NORM, TWO, BLOCK_M, BLOCK_D)
+        else:  # one block per program: nothing follows
+            nf0, nf1, ndy0, ndy1, nx0, nx1 = f0, f1, dy0, dy1, x0, x1
         rows, _, _, mask = row_tile(blk, n_rows, n_cols, BLOCK_M, BLOCK_D)
-        m00, m01, m10, m11 = _matrix(F0, F1, rows, n_rows, n_cols, n1, n2, fs0, fs1, fs2, COS_SIN, BLOCK_M, BLOCK_D)
-        dw0 += _unrotate_rows(X0, w0, DY0, DX0, rows, cols, mask, n_cols, n1, n2, a0, a1, a2, eps,
-                              m00, m01, m10, m11, NORM, HAS_W, BLOCK_M, BLOCK_D)
+        # the block's frequencies serve both tensors (q and k)
+        m00, m01, m10, m11 = _bwd_matrix(f0, f1, COS_SIN, BLOCK_M, BLOCK_D)
+        dw0 += _unrotate_rows(x0, dy0, w0, DX0, rows, cols, mask, n_cols, eps, m00, m01, m10, m11,
+                              NORM, HAS_W, BLOCK_M, BLOCK_D)
         if TWO:
-            dw1 += _unrotate_rows(X1, w1, DY1, DX1, rows, cols, mask, n_cols, n1, n2, b0, b1, b2, eps,
-                                  m00, m01, m10, m11, NORM, HAS_W, BLOCK_M, BLOCK_D)
+            dw1 += _unrotate_rows(x1, dy1, w1, DX1, rows, cols, mask, n_cols, eps, m00, m01, m10, m11,
+                                  NORM, HAS_W, BLOCK_M, BLOCK_D)
+        f0, f1, dy0, dy1, x0, x1 = nf0, nf1, ndy0, ndy1, nx0, nx1
         blk += programs
     if HAS_W:
-        tl.store(DW + pid * n_cols + cols, dw0, mask=cmask)
+        tl.store(DW + pid * n_cols + cols, tl.sum(dw0, axis=0), mask=cmask)
         if TWO:
-            tl.store(DW + (programs + pid) * n_cols + cols, dw1, mask=cmask)
+            tl.store(DW + (programs + pid) * n_cols + cols, tl.sum(dw1, axis=0), mask=cmask)
 
 
 # -- launchers ---------------------------------------------------------------------------------
@@ -181,6 +245,16 @@ def freq_operands(shape4, f0: torch.Tensor, f1: torch.Tensor | None, sequence_di
         f0, f1 = f0.contiguous(), f1.contiguous()
     c, s = f0.reshape(view).expand(shape4), f1.reshape(view).expand(shape4)
     return c, s, (c.stride(0), c.stride(1), c.stride(2)), True
+
+
+# The backward's tile: 8 rows of 128 on 4 warps (8 elements a thread, 16-byte loads). Its registers
+# (the next block's loads held while this one is computed) allow several such programs per SM, and
+# small programs waste less of the register file than one 8-warp program. Programs per SM of the
+# persistent (weight-gradient) grid: as many as fit at once on sm_90 with triton 3.6 and 3.9, per
+# frequency form (tests/test_triton_compile.py checks the compiled code still holds that many); a
+# program more would run as a second wave with an equal share of the blocks.
+BWD_TILE = 1024
+BWD_PROGRAMS_PER_SM = {True: 4, False: 3}  # cos/sin: 123-128 registers a thread; BFL: 160-162
 
 
 def _sizes(shape4, tile=T.TILE):
@@ -213,9 +287,9 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
     """(dxs, dws) for fwd_launch's inputs; dws are float32 sums (None without weights)."""
     x = xs[0]
     F0, F1, fstrides, cos_sin = freq_operands(x.shape, f0, f1, sequence_dim)
-    n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape, T.BWD_TILE)
+    n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape, BWD_TILE)
     has_w = norm and weights[0] is not None
-    programs = T.persistent_programs(x.device, n_blocks) if has_w else n_blocks
+    programs = T.persistent_programs(x.device, n_blocks, BWD_PROGRAMS_PER_SM[cos_sin]) if has_w else n_blocks
     dxs = [T.empty(t.shape, t.dtype, t.device) for t in xs]
     dys = [d.contiguous() for d in dys]
     dw_part = T.empty((len(xs), programs, n_cols), torch.float32, x.device) if has_w else dxs[0]
@@ -225,7 +299,7 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
         F0, F1, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
         *T.row_args(a), *T.row_args(b), *fstrides, eps,
         COS_SIN=cos_sin, NORM=norm, HAS_W=has_w, TWO=len(xs) == 2, BLOCK_M=bm, BLOCK_D=bd,
-        num_warps=T.bwd_warps(bm * bd),
+        num_warps=T.num_warps_for(bm * bd),
     )
     return dxs, ([dw_part[i].sum(0) for i in range(len(xs))] if has_w else None)
 
