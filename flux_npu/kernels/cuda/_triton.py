@@ -136,11 +136,10 @@ def num_warps_for(block_elems: int) -> int:
 
 
 # Backward kernels hold about twice the float32 values per element of a forward (x, dy, the
-# normalised x, the gradient) plus the next block's prefetched loads, so their register budget, not
-# their grid, limited how much memory traffic an SM keeps in flight (one 8-warp program per SM at
-# 150-250 registers a thread, spilling in places, compiled for sm_90). They take half-size tiles of
-# short rows (D=128: 16 rows) and spread a single long row (D=3072: BLOCK_N 4096) over 16 warps, which
-# halves the registers per thread (tests/test_triton_compile.py asserts the counts and no spills).
+# normalised x, the gradient) plus the next block's prefetched loads, so their registers, not their
+# grid, bound how much memory traffic an SM keeps in flight. They take half-size tiles of short rows
+# (D=128: 16 rows) and spread a single long row (D=3072: BLOCK_N 4096) over 16 warps, which halves the
+# registers per thread (tests/test_triton_compile.py asserts no spills and the blocks in flight).
 BWD_TILE = 2048
 
 
@@ -162,11 +161,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Programs per SM of a persistent backward grid. Two: where registers allow two resident programs
-# (the D=128 backwards on triton 3.9), both run at once and keep twice the loads in flight; where
-# they do not, the second runs as a second wave of equal share (no tail, same total work). Each
-# program also prefetches its next block (rms_norm, layer_norm_modulate). The float32 partial rows
-# double (~3 MB per gradient at D=3072 on an H100): small against the activations read.
+# Programs per SM of a persistent backward grid unless a launcher passes its own (RoPE: as many as
+# its compiled code fits). Two: where registers allow two resident programs (rms_norm's backwards)
+# both run at once and keep twice the loads in flight; where they do not (the 16-warp programs of a
+# 3072 row), the second runs as a second wave of equal share (no tail, same total work). Each
+# program also prefetches its next block. The float32 partial rows double (~3 MB per gradient at
+# D=3072 on an H100): small against the activations read.
 PROGRAMS_PER_SM = 2
 
 
