@@ -13,8 +13,9 @@ math:   attention(q, k, v, pe, [mask | attn_mask], [transformer_options], [prefe
         ComfyUI's attention takes them). Masks are served (bool True = attend, or additive float):
         ComfyUI's with its own broadcasting (2-D (L, S), 3-D (B, L, S)), kohya's as SDPA does.
         Hand-backs to the original, each counted by ops.record_fallback with its reason: an
-        `optimized_attention_override` in transformer_options or a `preferred_attention` whose
-        `function` is set (an attention the user or the model chose), keyword arguments we do not
+        `optimized_attention_override` in transformer_options, a module `optimized_attention` other
+        than ComfyUI's defaults (picked by --use-sage-attention & co.), or a `preferred_attention`
+        whose `function` is set (an attention the user or the model chose), keyword arguments we do not
         know, positional encodings of another shape. With patch(exclude=["attention"]) RoPE is still
         served here and the original attention runs with pe=None (ComfyUI applies RoPE inside it).
         rope(pos, dim, theta) -> ops.rope_freqs; apply_rope / apply_rope1 -> ops.apply_rope.
@@ -30,7 +31,8 @@ layers: RMSNorm.forward -> ops.rms_norm (output dtype probed from the original o
 blocks: DoubleStreamBlock / SingleStreamBlock / LastLayer forwards (kohya: their `_forward`): the
         inline LayerNorm+modulate expressions (4 per double block, 1 per single block, 1 in the
         last layer) -> ops.layer_norm_modulate and the gated residuals -> ops.gated_residual, by
-        rewriting those expressions in the forward's own source (rewrite.py), including ComfyUI's
+        rewriting those expressions in the forward's own source (rewrite.py; ComfyUI's norms are
+        `operations.LayerNorm`, fused when without affine), including ComfyUI's
         `apply_mod(self.N(x), (1 + scale), shift, modulation_dims)` / `x + apply_mod(y, gate, None,
         modulation_dims)` form (fused where modulation_dims is None, else handed back, counted).
 """

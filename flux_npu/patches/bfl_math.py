@@ -58,6 +58,26 @@ def _preferred_why(preferred) -> str | None:
     return "ComfyUI attention: preferred_attention names a specific attention function (the model's or user's choice)"
 
 
+# ComfyUI's own choices of `optimized_attention` when the user names none (comfy.ldm.modules.attention
+# picks one at import from the command line): SDPA where torch has it, else the exact split / sub-quadratic
+# / basic forms. Any other (--use-sage-attention, --use-flash-attention, --use-xformers, --use-ck-attention,
+# or a function a node rebinds into the module) is the user's choice and keeps the call.
+COMFY_DEFAULT_ATTENTIONS = ("attention_pytorch", "attention_basic", "attention_split", "attention_sub_quad")
+
+
+def _comfy_choice_why(original) -> str | None:
+    """Why the attention `original` calls by name (its module's `optimized_attention`, read per call:
+    a node may rebind it) is one the user chose, or None for ComfyUI's default / a module without one."""
+    chosen = getattr(original, "__globals__", {}).get("optimized_attention")
+    if chosen is None:
+        return None
+    name, module = getattr(chosen, "__name__", ""), getattr(chosen, "__module__", "") or ""
+    if name in COMFY_DEFAULT_ATTENTIONS and module.endswith("ldm.modules.attention"):
+        return None
+    return (f"ComfyUI attention: optimized_attention is {module}.{name}, not ComfyUI's default "
+            "(the user's attention choice, e.g. --use-sage-attention)")
+
+
 class KeepsOriginal(Exception):
     """The replacement would not change what runs for the chosen ops: the original stays (a skipped row)."""
 
@@ -122,7 +142,7 @@ def build_attention(original, backend, enabled=None):
         elif mask is not None and not isinstance(mask, torch.Tensor):
             why = "BFL attention: mask is not a tensor"
         else:
-            why = _preferred_why(kw.get("preferred_attention"))
+            why = _preferred_why(kw.get("preferred_attention")) or _comfy_choice_why(original)
         if why is not None:
             handback("attention", backend, why)
             return original(q, k, v, pe, *args, **kwargs)

@@ -1,7 +1,8 @@
 """A flux_npu backend in comfy-kitchen's registry (issue 15 item 2).
 
-Current ComfyUI sends RoPE (`apply_rope`, `apply_rope1`) and AdaLN (`adaln`) through
-`comfy.quant_ops.ck`, i.e. comfy-kitchen, outside training. comfy-kitchen picks, per call, the first
+Current ComfyUI sends RoPE (`apply_rope`, `apply_rope1`) through `comfy.quant_ops.ck`, i.e.
+comfy-kitchen, outside training (its Flux has no `adaln` call as of 2026-08; ours is registered for
+other callers of comfy-kitchen's `adaln`). comfy-kitchen picks, per call, the first
 backend in its priority list whose declared constraints (`FunctionConstraints`: devices, dtypes,
 call rules) accept the arguments. So instead of displacing that route, `patch()` registers a backend
 named `flux_npu_<backend>` there whose functions are our ops, declares what they take as data, and

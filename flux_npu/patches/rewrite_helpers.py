@@ -20,9 +20,18 @@ from .routes import (
 )
 
 
+def _comfy_cast_op(norm) -> bool:
+    """A ComfyUI `operations.LayerNorm` (comfy.ops: disable_weight_init / manual_cast, what every
+    ComfyUI Flux block's norms are): a torch LayerNorm subclass whose forward runs the interrupt
+    check, then torch's forward or, to cast the weights, `layer_norm` on the weights cast to x's
+    dtype. Without affine weights both compute exactly `layer_norm(x, shape, None, None, eps)`."""
+    cls = type(norm)
+    return callable(getattr(cls, "forward_comfy_cast_weights", None)) and hasattr(cls, "comfy_cast_weights")
+
+
 def _plain_ln(norm, x) -> bool:
     return (
-        type(norm) is torch.nn.LayerNorm
+        (type(norm) is torch.nn.LayerNorm or (isinstance(norm, torch.nn.LayerNorm) and _comfy_cast_op(norm)))
         and calls_plainly(norm)
         and norm.weight is None
         and norm.bias is None

@@ -1,7 +1,9 @@
 # ruff: noqa: B006  (ComfyUI's own `transformer_options={}` defaults, kept as its layout has them)
-"""comfy.ldm.flux.model layout (late 2025, layers built from `operations`): Flux.forward_orig
+"""comfy.ldm.flux.model layout (ComfyUI 2026-08, layers built from `operations`): Flux.forward_orig
 threads `transformer_options` (filled by the sampler, plus block_index / block_type per block) and
-`attn_mask` through every block."""
+`attn_mask` through every block, lets `patches_replace["dit"]` wrap a block, and with
+`timestep_zero_index` (reference images at timestep zero) modulates token ranges with a second
+modulation row (`modulation_dims`) instead of one row for all tokens."""
 
 from dataclasses import dataclass
 
@@ -29,6 +31,16 @@ class FluxParams:
     guidance_embed: bool = True
 
 
+def invert_slices(slices, length):
+    """The token ranges of [0, length) that none of `slices` covers."""
+    out, at = [], 0
+    for start, end in sorted(slices):
+        if at < start:
+            out.append((at, start))
+        at = max(at, end)
+    return out + [(at, length)] if at < length else out
+
+
 class Flux(nn.Module):
     def __init__(self, params: FluxParams, operations=comfy.ops.disable_weight_init):
         super().__init__()
@@ -37,35 +49,72 @@ class Flux(nn.Module):
         self.num_heads = params.num_heads
         self.pe_embedder = EmbedND(dim=h // params.num_heads, theta=params.theta, axes_dim=list(params.axes_dim))
         self.img_in = operations.Linear(params.in_channels, h)
-        self.time_in = MLPEmbedder(256, h, operations)
-        self.vector_in = MLPEmbedder(params.vec_in_dim, h, operations)
-        self.guidance_in = MLPEmbedder(256, h, operations)
+        self.time_in = MLPEmbedder(256, h, operations=operations)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, h, operations=operations)
+        self.guidance_in = MLPEmbedder(256, h, operations=operations)
         self.txt_in = operations.Linear(params.context_in_dim, h)
         self.double_blocks = nn.ModuleList([DoubleStreamBlock(h, params.num_heads, params.mlp_ratio, params.qkv_bias,
-                                                              operations)
+                                                              operations=operations)
                                             for _ in range(params.depth)])
-        self.single_blocks = nn.ModuleList([SingleStreamBlock(h, params.num_heads, params.mlp_ratio, operations)
+        self.single_blocks = nn.ModuleList([SingleStreamBlock(h, params.num_heads, params.mlp_ratio,
+                                                              operations=operations)
                                             for _ in range(params.depth_single_blocks)])
-        self.final_layer = LastLayer(h, 1, params.in_channels, operations)
+        self.final_layer = LastLayer(h, 1, params.in_channels, operations=operations)
 
     def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
-                     transformer_options={}, attn_mask=None):
+                     timestep_zero_index=None, transformer_options={}, attn_mask=None):
         transformer_options = transformer_options.copy()
+        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256)) + self.guidance_in(timestep_embedding(guidance, 256))
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
+        if guidance is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+
+        vec_orig, extra = vec, {}
+        if timestep_zero_index is not None:  # vec holds (normal, zero-timestep) halves of the batch
+            batch = vec.shape[0] // 2
+            vec_orig = vec.reshape(2, batch, vec.shape[1]).movedim(0, 1)  # (B, 2, D): row 0 / row 1
+            dims = [(s, e, 0) for s, e in invert_slices(timestep_zero_index, img.shape[1])]
+            dims += [(s, e, 1) for s, e in timestep_zero_index]
+            extra["modulation_dims_img"] = dims
+            vec = vec_orig  # our simplification: txt is modulated by the same two rows, row 0 for all
+            extra["modulation_dims_txt"] = [(0, txt.shape[1], 0)]
+
         transformer_options["total_blocks"] = len(self.double_blocks)
         transformer_options["block_type"] = "double"
         for i, block in enumerate(self.double_blocks):
             transformer_options["block_index"] = i
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask,
-                             transformer_options=transformer_options)
-        x = torch.cat((txt, img), 1)
+            if ("double_block", i) in blocks_replace:
+                def wrap(args, block=block):
+                    out = {}
+                    out["img"], out["txt"] = block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"],
+                                                   attn_mask=args.get("attn_mask"),
+                                                   transformer_options=args.get("transformer_options"), **extra)
+                    return out
+
+                out = blocks_replace[("double_block", i)]({"img": img, "txt": txt, "vec": vec, "pe": pe,
+                                                           "attn_mask": attn_mask,
+                                                           "transformer_options": transformer_options},
+                                                          {"original_block": wrap})
+                img, txt = out["img"], out["txt"]
+            else:
+                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask,
+                                 transformer_options=transformer_options, **extra)
+
+        img = torch.cat((txt, img), 1)
+        single = {}
+        if timestep_zero_index is not None:
+            n = txt.shape[1]
+            single["modulation_dims"] = [(0, n, 0)] + [(s + n, e + n, r) for s, e, r in extra["modulation_dims_img"]]
         transformer_options["total_blocks"] = len(self.single_blocks)
         transformer_options["block_type"] = "single"
         for i, block in enumerate(self.single_blocks):
             transformer_options["block_index"] = i
-            x = block(x, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
-        return self.final_layer(x[:, txt.shape[1]:, ...], vec)
+            img = block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options, **single)
+
+        img = img[:, txt.shape[1]:, ...]
+        last = {"modulation_dims": extra["modulation_dims_img"]} if timestep_zero_index is not None else {}
+        return self.final_layer(img, vec_orig, **last)

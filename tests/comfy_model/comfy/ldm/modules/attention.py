@@ -1,15 +1,17 @@
 """ComfyUI's attention entry point, in the shape comfy.ldm.modules.attention has it: heads-first
 inputs with `skip_reshape=True`, a mask broadcast ComfyUI's way (2-D (L, S), 3-D (B, L, S)) and
-`transformer_options`, whose `optimized_attention_override` lets a user swap the attention."""
+`transformer_options`, whose `optimized_attention_override` lets a user swap the attention.
+`optimized_attention` is an alias of the implementation ComfyUI picked at import (SDPA,
+`attention_pytorch`, when no attention flag is given), as in ComfyUI."""
 
 import torch.nn.functional as F
 
 
-def optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
-                        transformer_options={}):
+def attention_pytorch(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                      transformer_options={}):
     override = transformer_options.get("optimized_attention_override")
     if override is not None:
-        return override(optimized_attention, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+        return override(attention_pytorch, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
                         transformer_options={k_: v_ for k_, v_ in transformer_options.items()
                                              if k_ != "optimized_attention_override"})
     if not skip_reshape:
@@ -22,3 +24,6 @@ def optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_res
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+optimized_attention = attention_pytorch
