@@ -254,7 +254,7 @@ def freq_operands(shape4, f0: torch.Tensor, f1: torch.Tensor | None, sequence_di
 # frequency form (tests/test_triton_compile.py checks the compiled code still holds that many); a
 # program more would run as a second wave with an equal share of the blocks.
 BWD_TILE = 1024
-BWD_PROGRAMS_PER_SM = {True: 4, False: 3}  # cos/sin: 123-128 registers a thread; BFL: 160-162
+BWD_PROGRAMS_PER_SM = {True: 4, False: 3}  # cos/sin: 123-128 registers a thread; BFL: 158-160
 
 
 def _sizes(shape4, tile=T.TILE):
