@@ -304,6 +304,68 @@ def test_modulation_dims_hand_back_counted_and_match_stock(layout_path):
     assert per_op == {"layer_norm_modulate": 1, "gated_residual": 1}
 
 
+def test_kv_cache_reference_tokens_served(layout_path):
+    """ComfyUI's FluxKVCache (reference-image keys and values cached and appended by an attn1_patch,
+    queries without them): attention gets pe of k's length and a shorter q, which ComfyUI's RoPE
+    (`_apply_rope1`, comfy-kitchen's trim_rope_freqs) rotates with the first positions. Served by our
+    attention, and through comfy-kitchen when ComfyUI's attention runs, matching stock."""
+    model = _current(layout_path, training=False)
+    gen = torch.Generator().manual_seed(7)
+    n_txt, n_img, n_ref = 6, 9, 4
+    txt, img, vec = (torch.randn(*shape, generator=gen) for shape in ((2, n_txt, 64), (2, n_img, 64), (2, 64)))
+    ids = torch.randint(0, 8, (2, n_txt + n_img + n_ref, 3), generator=gen).float()
+    pe = model.pe_embedder(ids)  # positions of txt, img and the cached reference tokens
+    cache = [torch.randn(2, 4, n_ref, 16, generator=gen) for _ in range(2)]
+
+    def kv_cache(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        return {"q": q, "k": torch.cat((k, cache[0]), dim=2), "v": torch.cat((v, cache[1]), dim=2)}
+
+    def run(opts):
+        d_img, d_txt = model.double_blocks[0](img.clone(), txt.clone(), vec, pe, transformer_options=opts)
+        single = model.single_blocks[0](torch.cat((txt, img), 1), vec, pe, transformer_options=opts)
+        return torch.cat((d_img, d_txt, single), 1)
+
+    ours = {"patches": {"attn1_patch": [kv_cache]}}
+    theirs = dict(ours, optimized_attention_override=lambda func, *a, **k: func(*a, **k))
+    with torch.no_grad():
+        stock = run(ours)
+        with flux_npu.patch("cpu", targets=["bfl"]) as handle:
+            ops.reset_dispatch_stats()
+            patched = run(ours)
+            stats = ops.dispatch_stats()
+            ops.reset_dispatch_stats()
+            via_ck = run(theirs)
+            ck_stats, ck = ops.dispatch_stats(), _ck_row(handle)
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert rel_err(via_ck, stock) <= tolerance(torch.float32)
+    assert not stats["fallback"], stats["fallback"]
+    assert stats["served"][("attention", "cpu", "torch.sdpa")] == 2
+    assert stats["served"][("apply_rope", "cpu", "torch.complex_mul")] == 4
+    assert (ck["calls"], ck["served"]) == (2, 2)  # ComfyUI's own RoPE calls, through comfy-kitchen to us
+    assert ck_stats["served"][("apply_rope", "cpu", "torch.complex_mul")] == 4
+
+
+def test_longer_pe_is_trimmed_only_where_the_original_trims():
+    """A BFL attention (no `_apply_rope1` trimming longer frequencies) keeps its own error for a pe
+    longer than q: handed back, counted, not computed on a guess."""
+    from flux_npu.patches.bfl_math import build_attention
+
+    def original(q, k, v, pe):
+        q, k = ops.reference.apply_rope(q, pe), ops.reference.apply_rope(k, pe)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    patched = build_attention(original, flux_npu.get_backend("cpu"))
+    q = torch.randn(1, 2, 5, 8)
+    k = v = torch.randn(1, 2, 7, 8)
+    pe = ops.rope_freqs(torch.arange(7.0)[None], 8, 10_000, form="bfl", backend="cpu")[:, None]
+    with pytest.raises(Exception) as stock_err:
+        original(q, k, v, pe)
+    ops.reset_dispatch_stats()
+    with pytest.raises(type(stock_err.value)):
+        patched(q, k, v, pe)
+    assert [n for (op, b, r), n in ops.dispatch_stats()["fallback"].items() if "positional encoding" in r] == [1]
+
+
 def test_exclude_attention_keeps_rope_served(layout_path):
     model = _current(layout_path, training=True)
     inputs = bfl_inputs(model, batch=2, side=5, text_len=6)

@@ -16,8 +16,10 @@ math:   attention(q, k, v, pe, [mask | attn_mask], [transformer_options], [prefe
         `optimized_attention_override` in transformer_options, a module `optimized_attention` other
         than ComfyUI's defaults (picked by --use-sage-attention & co.), or a `preferred_attention`
         whose `function` is set (an attention the user or the model chose), keyword arguments we do not
-        know, positional encodings of another shape. With patch(exclude=["attention"]) RoPE is still
-        served here and the original attention runs with pe=None (ComfyUI applies RoPE inside it).
+        know, positional encodings of another shape (frequencies for more positions than q or k are
+        trimmed to their first L where the module's own RoPE does so: ComfyUI, its KV cache). With
+        patch(exclude=["attention"]) RoPE is still served here and the original attention runs with
+        pe=None (ComfyUI applies RoPE inside it).
         rope(pos, dim, theta) -> ops.rope_freqs; apply_rope / apply_rope1 -> ops.apply_rope.
         All are rebound where imported by name (`from flux.math import ...`).
 layers: RMSNorm.forward -> ops.rms_norm (output dtype probed from the original once: BFL promotes

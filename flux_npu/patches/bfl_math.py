@@ -11,6 +11,7 @@ import torch
 
 from .. import ops
 from . import comfy_kitchen
+from .comfy_kitchen import trim_pe
 from .routes import handback
 
 # transformer_options keys that change how ComfyUI computes attention: with one of these set the
@@ -28,6 +29,20 @@ def _pe_fits(pe, q) -> bool:
         and pe.shape[-3] * 2 == q.shape[-1]
         and pe.shape[-4] == q.shape[-2]
     )
+
+
+def _trims_long_pe(original) -> bool:
+    """Whether the module's own RoPE (`_apply_rope1`, plain torch in ComfyUI) rotates x with the first
+    L of longer frequencies rather than failing: probed once on float64 probes of 2 and 3 positions.
+    Only then does our attention trim; elsewhere (BFL, kohya) a longer pe stays the original's error."""
+    own = getattr(original, "__globals__", {}).get("_apply_rope1")
+    if not callable(own):
+        return False
+    try:
+        out = own(torch.ones(1, 1, 2, 2, dtype=torch.float64), torch.ones(1, 1, 3, 1, 2, 2, dtype=torch.float64))
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, 1, 2, 2)
 
 
 def _peek(x):
@@ -93,12 +108,14 @@ def build_attention(original, backend, enabled=None):
     use_rope = enabled is None or "apply_rope" in enabled
     own_rope = original.__globals__.get("apply_rope") if hasattr(original, "__globals__") else None
 
-    def rotate(q, k, pe):
+    trims = _trims_long_pe(original)
+
+    def rotate(q, k, pe, pe_q, pe_k):
         if use_rope:
-            return ops.apply_rope(q, pe, backend=backend), ops.apply_rope(k, pe, backend=backend)
+            return ops.apply_rope(q, pe_q, backend=backend), ops.apply_rope(k, pe_k, backend=backend)
         if callable(own_rope):
             return own_rope(q, k, pe)
-        return ops.reference.apply_rope(q, pe), ops.reference.apply_rope(k, pe)
+        return ops.reference.apply_rope(q, pe_q), ops.reference.apply_rope(k, pe_k)
     if not use_attention:
         # patch(exclude=["attention"]): ComfyUI applies RoPE inside its attention, so RoPE is served
         # here and the original attention runs with pe=None, which it must then skip (ComfyUI's
@@ -119,7 +136,8 @@ def build_attention(original, backend, enabled=None):
         kw.update(kwargs)
         mask = kw.get(mask_name) if mask_name else None
         opts = kw.get("transformer_options")
-        qt = _peek(q)
+        qt, kt = _peek(q), _peek(k)
+        pe_q, pe_k = (trim_pe(pe, qt), trim_pe(pe, kt)) if trims else (pe, pe)
         why = None
         if set(kw) - known:
             why = f"BFL attention: unknown keyword argument(s) {sorted(set(kw) - known)}"
@@ -128,14 +146,14 @@ def build_attention(original, backend, enabled=None):
             why = "BFL attention: an argument besides the mask, transformer_options and preferred_attention is set"
         elif not all(isinstance(_peek(t), torch.Tensor) for t in (q, k, v)):
             why = "BFL attention: q/k/v are neither tensors nor ComfyUI AttentionTensorContainers"
-        elif pe is not None and not _pe_fits(pe, qt):
-            why = "BFL attention: positional encoding shape is not (..., L, D/2, 2, 2) for q"
+        elif pe is not None and not (_pe_fits(pe_q, qt) and _pe_fits(pe_k, kt)):
+            why = "BFL attention: positional encoding shape is not (..., L, D/2, 2, 2) for q and k"
         elif not use_attention:
             if pe is None:
                 return original(q, k, v, pe, *args, **kwargs)  # nothing of ours to do: not a hand-back
             wrap = type(q) if not isinstance(q, torch.Tensor) else (lambda t: t)
-            qr = ops.apply_rope(_take(q), pe, backend=backend)
-            kr = ops.apply_rope(_take(k), pe, backend=backend)
+            qr = ops.apply_rope(_take(q), pe_q, backend=backend)
+            kr = ops.apply_rope(_take(k), pe_k, backend=backend)
             return original(wrap(qr), wrap(kr), v, None, *args, **kwargs)
         elif isinstance(opts, dict) and any(opts.get(key) is not None for key in COMFY_ATTENTION_KEYS):
             why = "ComfyUI attention: transformer_options sets optimized_attention_override (the user's attention)"
@@ -153,7 +171,7 @@ def build_attention(original, backend, enabled=None):
             elif mask.dim() == 3:  # (B, L, S)
                 mask = mask[:, None]
         if pe is not None:
-            q, k = rotate(q, k, pe)
+            q, k = rotate(q, k, pe, pe_q, pe_k)
         x = ops.attention(q, k, v, mask=mask, backend=backend)
         return x.transpose(1, 2).flatten(2)  # "B H L D -> B L (H D)"
 
@@ -182,12 +200,14 @@ def _keep_comfy_kitchen_route(original) -> None:
 
 def build_apply_rope(original, backend):
     _keep_comfy_kitchen_route(original)
+    trims = _trims_long_pe(original)
 
     def apply_rope(xq, xk, freqs_cis):
-        if not (_pe_fits(freqs_cis, xq) and _pe_fits(freqs_cis, xk)):
+        fq, fk = (trim_pe(freqs_cis, xq), trim_pe(freqs_cis, xk)) if trims else (freqs_cis, freqs_cis)
+        if not (_pe_fits(fq, xq) and _pe_fits(fk, xk)):
             handback("apply_rope", backend, "BFL apply_rope: freqs_cis shape does not fit q/k")
             return original(xq, xk, freqs_cis)
-        return ops.apply_rope(xq, freqs_cis, backend=backend), ops.apply_rope(xk, freqs_cis, backend=backend)
+        return ops.apply_rope(xq, fq, backend=backend), ops.apply_rope(xk, fk, backend=backend)
 
     apply_rope.__wrapped_original__ = original
     return apply_rope
@@ -195,12 +215,14 @@ def build_apply_rope(original, backend):
 
 def build_apply_rope1(original, backend):
     _keep_comfy_kitchen_route(original)
+    trims = _trims_long_pe(original)
 
     def apply_rope1(x, freqs_cis):
-        if not _pe_fits(freqs_cis, x):
+        f = trim_pe(freqs_cis, x) if trims else freqs_cis
+        if not _pe_fits(f, x):
             handback("apply_rope", backend, "ComfyUI apply_rope1: freqs_cis shape does not fit x")
             return original(x, freqs_cis)
-        return ops.apply_rope(x, freqs_cis, backend=backend)
+        return ops.apply_rope(x, f, backend=backend)
 
     apply_rope1.__wrapped_original__ = original
     return apply_rope1

@@ -61,7 +61,19 @@ def calls_comfy_kitchen(fn) -> bool:
     return code is not None and "ck" in code.co_names and "quant_ops" in code.co_names
 
 
+def trim_pe(freqs_cis, x):
+    """ComfyUI's rule for frequencies of more positions than x has (its `_apply_rope1`, and
+    comfy-kitchen's `trim_rope_freqs`): x rotates with the first L of them (dim 2 of the BFL
+    (B, 1, L, D/2, 2, 2) form). The Flux KV cache (FluxKVCache: reference-image keys cached, queries
+    without them) calls attention with pe of k's length and a shorter q."""
+    if (isinstance(freqs_cis, torch.Tensor) and isinstance(x, torch.Tensor) and x.dim() > 2 and freqs_cis.dim() > 2
+            and x.shape[2] != 1 and freqs_cis.shape[2] > x.shape[2]):
+        return freqs_cis[:, :, :x.shape[2]]
+    return freqs_cis
+
+
 def _pe_fits(freqs_cis, x) -> bool:
+    freqs_cis = trim_pe(freqs_cis, x)
     return (
         isinstance(freqs_cis, torch.Tensor) and isinstance(x, torch.Tensor) and freqs_cis.dim() >= 4
         and tuple(freqs_cis.shape[-2:]) == (2, 2) and freqs_cis.shape[-3] * 2 == x.shape[-1]
@@ -115,11 +127,11 @@ def _constraints(backend):
 
 def _functions(backend, stats: RowStats):
     def apply_rope(xq, xk, freqs_cis):
-        return run_counted(stats, lambda: (ops.apply_rope(xq, freqs_cis, backend=backend),
-                                           ops.apply_rope(xk, freqs_cis, backend=backend)), (), {})
+        return run_counted(stats, lambda: (ops.apply_rope(xq, trim_pe(freqs_cis, xq), backend=backend),
+                                           ops.apply_rope(xk, trim_pe(freqs_cis, xk), backend=backend)), (), {})
 
     def apply_rope1(x, freqs_cis):
-        return run_counted(stats, lambda: ops.apply_rope(x, freqs_cis, backend=backend), (), {})
+        return run_counted(stats, lambda: ops.apply_rope(x, trim_pe(freqs_cis, x), backend=backend), (), {})
 
     def adaln(x, scale, shift, eps=1e-6):
         return run_counted(stats, lambda: ops.layer_norm_modulate(x, shift, scale, eps, backend=backend), (), {})
