@@ -130,6 +130,17 @@ SCRIPT = textwrap.dedent(
         return dict(loads=len(loads), carried=sum(name in carried for _, name in loads),
                     loads_first=all(k < min(reduces, default=len(body)) for k, _ in loads))
 
+    def sass_order(sass):
+        # the same loop in the binary (the longest backward branch): whether ptxas left every global
+        # load (LDG) of an iteration before its first global store (STG)
+        ins = [(int(a, 16), t) for a, t in re.findall(r"/\\*([0-9a-f]{4,})\\*/\\s+([^;]*);", sass)]
+        loops = [(int(t.split("BRA")[1].split()[0], 16), a) for a, t in ins
+                 if re.search(r"\\bBRA\\s+0x", t) and int(t.split("BRA")[1].split()[0], 16) < a - 16]
+        lo, hi = max(loops, key=lambda span: span[1] - span[0])
+        body = [t for a, t in ins if lo <= a <= hi]
+        stores = [k for k, t in enumerate(body) if "STG" in t]
+        return all(k < min(stores, default=len(body)) for k, t in enumerate(body) if "LDG" in t)
+
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     done, usage = [], []
     for kernel in KERNELS:
@@ -145,10 +156,11 @@ SCRIPT = textwrap.dedent(
                         f.write(compiled.asm["cubin"])
                         f.flush()
                         res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+                        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
                     m = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:(\\d+) LOCAL:(\\d+)", res)
                     usage.append(dict(name=name, consts=consts, warps=compiled.metadata.num_warps, regs=int(m.group(1)),
                                       stack=int(m.group(2)), shared=compiled.metadata.shared,
-                                      **loop(compiled.asm["ttgir"])))
+                                      loads_before_stores=sass_order(sass), **loop(compiled.asm["ttgir"])))
     print(json.dumps({"done": done, "usage": usage, "triton": triton.__version__}))
     """
 )
@@ -192,7 +204,8 @@ def _resident(u):
 def test_backward_kernels_fit_the_sm_without_spilling(sm90):
     """Every backward kernel as its launchers compile it for sm_90 at Flux's shapes: at least one program fits an SM (so
     the launch cannot fail for registers), no register spills (the stack frame holds spills;
-    cuobjdump's STACK), every load of a loop iteration issued before its first reduction, and at
+    cuobjdump's STACK), every load of a loop iteration issued before its first reduction (triton's
+    GPU IR) and, in the binary, before its first store, and at
     least two row blocks of loads in flight per SM. Each kernel with a weight/shift/scale gradient
     (a persistent loop) carries every load of the next block into the next iteration (a software
     prefetch: checked in triton's GPU IR), and RoPE's persistent grid holds no more programs per SM
@@ -216,7 +229,7 @@ def test_backward_kernels_fit_the_sm_without_spilling(sm90):
         table.append((u["name"], u["consts"], u["warps"], u["regs"], u["stack"], resident, u["carried"], in_flight))
         assert resident >= 1, table[-1]
         assert u["stack"] == 0, table[-1]
-        assert u["loads_first"], table[-1]
+        assert u["loads_first"] and u["loads_before_stores"], table[-1]
         assert in_flight >= 2, table[-1]
         if persistent:
             assert prefetch, table[-1]
