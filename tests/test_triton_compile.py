@@ -202,14 +202,14 @@ def _resident(u):
 
 
 def test_backward_kernels_fit_the_sm_without_spilling(sm90):
-    """Every backward kernel as its launchers compile it for sm_90 at Flux's shapes: at least one program fits an SM (so
-    the launch cannot fail for registers), no register spills (the stack frame holds spills;
-    cuobjdump's STACK), every load of a loop iteration issued before its first reduction (triton's
-    GPU IR) and, in the binary, before its first store, and at
-    least two row blocks of loads in flight per SM. Each kernel with a weight/shift/scale gradient
-    (a persistent loop) carries every load of the next block into the next iteration (a software
-    prefetch: checked in triton's GPU IR), and RoPE's persistent grid holds no more programs per SM
-    than fit at once (a program more would be a second wave)."""
+    """Every backward kernel as its launchers compile it for sm_90 at Flux's shapes: at least one
+    program fits an SM (so the launch cannot fail for registers), no register spills (the stack
+    frame holds spills; cuobjdump's STACK), every load of a loop iteration issued before its first
+    reduction (triton's GPU IR) and, in the binary, before its first store, and at least two row
+    blocks of loads in flight per SM. Each kernel with a weight/shift/scale gradient (a persistent
+    loop) carries every load of the next block into the next iteration (a software prefetch,
+    checked in triton's GPU IR), and RoPE's persistent grid holds no more programs per SM than fit
+    at once (a program more would be a second wave)."""
     from flux_npu.kernels.cuda import _triton
     from flux_npu.kernels.cuda import apply_rope as rope
 
