@@ -286,22 +286,73 @@ def test_containers_and_preferred_attention_forms_are_handled():
     assert (stats.calls, stats.handed_back) == (1, 1) and "preferred_attention" in stats.top_reason()
 
 
-def test_modulation_dims_hand_back_counted_and_match_stock(layout_path):
+@pytest.mark.parametrize("dims, served", [([(0, 3, 0), (3, 7, 0)], 2), ([(0, 3, 0)], 0), ([(0, 4, 0), (3, 7, 0)], 0)])
+def test_modulation_dims_served_per_range_where_they_tile_the_tokens(layout_path, dims, served):
+    """`modulation_dims` (ComfyUI's per-range modulation rows) that tile the tokens in order: our ops per
+    range; a range left out (its tokens stay unmodulated in apply_mod) or overlapping ones: apply_mod
+    as written, handed back and counted. Stock and patched agree either way."""
     model = _current(layout_path, training=False)
     block = model.single_blocks[0]
     x = torch.randn(2, 7, 64)
     vec = torch.randn(2, 64)
     pe = model.pe_embedder(torch.zeros(2, 7, 3))
-    dims = [(0, 3, 0), (3, 7, 0)]
     with torch.no_grad():
         stock = block(x.clone(), vec, pe, modulation_dims=dims)
         with flux_npu.patch("cpu", targets=["bfl"]):
             ops.reset_dispatch_stats()
             patched = block(x.clone(), vec, pe, modulation_dims=dims)
-            fb = ops.dispatch_stats()["fallback"]
+            stats = ops.dispatch_stats()
     assert rel_err(patched, stock) <= tolerance(torch.float32)
-    per_op = {op: n for (op, b, r), n in fb.items() if "modulation_dims" in r}
-    assert per_op == {"layer_norm_modulate": 1, "gated_residual": 1}
+    assert stats["served"].get(("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul"), 0) == served
+    assert stats["served"].get(("gated_residual", "cpu", "torch.addcmul"), 0) == served
+    per_op = {op: n for (op, b, r), n in stats["fallback"].items() if "modulation_dims" in r}
+    assert per_op == ({} if served else {"layer_norm_modulate": 1, "gated_residual": 1})
+
+
+def test_flux2_reference_images_at_timestep_zero_served(layout_path):
+    """FLUX.2 (global modulation) with reference-image tokens at timestep zero (`timestep_zero_index`,
+    what FluxKVCache's index_timestep_zero sets): image tokens modulated by two rows through
+    modulation_dims, in every block and the last layer; forward and backward (trainer checkpointing)
+    match stock's forward and the float64 finite difference."""
+    layout_path("comfy_current_model", "comfy")
+    import comfy.model_management
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    comfy.model_management.in_training = False
+    torch.manual_seed(0)
+    model = Flux(FluxParams(global_modulation=True))
+    gen = torch.Generator().manual_seed(9)
+    n_img, n_txt = 25, 6
+    kwargs = {"img": torch.randn(1, n_img, 16, generator=gen), "txt": torch.randn(1, n_txt, 40, generator=gen),
+              "img_ids": torch.randint(0, 6, (1, n_img, 3), generator=gen).float(),
+              "txt_ids": torch.zeros(1, n_txt, 3), "timesteps": torch.tensor([0.6, 0.0]),
+              "guidance": torch.tensor([3.5, 3.5]), "y": torch.randn(1, 24, generator=gen),
+              "timestep_zero_index": [(15, 25)], "transformer_options": {}}
+    with torch.no_grad():
+        stock = model.forward_orig(**kwargs)
+        with flux_npu.patch("cpu", targets=["bfl"]):
+            ops.reset_dispatch_stats()
+            patched = model.forward_orig(**kwargs)
+            stats = ops.dispatch_stats()
+    assert rel_err(patched, stock) <= tolerance(torch.float32)
+    assert not stats["fallback"], stats["fallback"]
+    # img: 2 ranges (rows 0, 1) x 2 norms per double block; txt: 2 norms, one row; single blocks: 2 ranges
+    # (the first takes the text in); last layer: 2 ranges
+    assert stats["served"][("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul")] == 2 * (4 + 2) + 2 * 2 + 2
+    assert stats["served"][("gated_residual", "cpu", "torch.addcmul")] == 2 * (4 + 2) + 2 * 2
+
+    comfy.model_management.in_training = True
+    m64 = model.double()
+    k64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and not k.endswith("_ids") else v)
+           for k, v in kwargs.items()}
+    l64 = {k: k64[k].requires_grad_(True) for k in ("img", "txt")}
+    gen = torch.Generator().manual_seed(5)
+    direction = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                 for n, t in dict(l64, **dict(m64.named_parameters())).items()}
+    fd = _directional(m64, k64, l64, direction, train=False)
+    with flux_npu.patch("cpu", targets=["bfl"]):
+        patched_dd = _directional(m64, k64, l64, direction, train=True)
+    assert abs(patched_dd - fd) <= 2e-5 * abs(fd), (patched_dd, fd)
 
 
 def test_kv_cache_reference_tokens_served(layout_path):

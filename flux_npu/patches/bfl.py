@@ -36,7 +36,8 @@ blocks: DoubleStreamBlock / SingleStreamBlock / LastLayer forwards (kohya: their
         rewriting those expressions in the forward's own source (rewrite.py; ComfyUI's norms are
         `operations.LayerNorm`, fused when without affine), including ComfyUI's
         `apply_mod(self.N(x), (1 + scale), shift, modulation_dims)` / `x + apply_mod(y, gate, None,
-        modulation_dims)` form (fused where modulation_dims is None, else handed back, counted).
+        modulation_dims)` form (fused where modulation_dims is None, per range where its ranges tile
+        the tokens in order, else handed back, counted).
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class _ApplyMod(ast.NodeTransformer):
     `LN_MOD(apply_mod, self.N, X, T, S, D)`; `H += apply_mod(Y, G, None, D)` with a gate G ->
     `H = GATED_MOD(apply_mod, H, G, Y, D, True)` (in place, as written, when it hands back) and
     `X + apply_mod(Y, G, None, D)` -> `GATED_MOD(apply_mod, X, G, Y, D, False)`. The helpers fuse
-    only where D (modulation_dims) is None at run time."""
+    where D (modulation_dims) is None at run time, or per range where D's ranges tile the tokens."""
 
     def __init__(self):
         self.ln = self.gated = 0

@@ -48,6 +48,29 @@ def _broadcasts_to(t, x) -> bool:
         return False
 
 
+def _segments(dims, x, *mods):
+    """ComfyUI `modulation_dims` [(start, end, row), ...] as token ranges that tile x's dim 1 exactly,
+    in order, each with its modulation row (mods[:, row:row + 1]) present, or None. ComfyUI builds them
+    so (reference images at timestep zero: `invert_slices` and `timestep_zero_index`); then
+    `apply_mod` equals our op applied per range. Anything else stays with `apply_mod` (uncovered
+    tokens keep an unmodulated value there, overlapping ones are modulated twice)."""
+    import operator
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return None
+    try:
+        segs = sorted((operator.index(s), operator.index(e), operator.index(r)) for s, e, r in dims)
+    except (TypeError, ValueError):
+        return None
+    at = 0
+    for start, end, row in segs:
+        if start != at or end <= start or row < 0 or not all(
+                isinstance(m, torch.Tensor) and m.dim() == 3 and row < m.shape[1] for m in mods):
+            return None
+        at = end
+    return segs if segs and at == x.shape[1] else None
+
+
 def make_helpers(backend, where: str, enabled, dispatch=None):
     """The run-time helpers the rewritten function calls; each takes the fused op when it applies
     and computes what the original expression computes (counting a hand-back) when it does not.
@@ -110,16 +133,26 @@ def make_helpers(backend, where: str, enabled, dispatch=None):
     def lnmod_apply_mod(apply_mod, norm, x, shift, scale, dims):
         if dims is None and use_ln and ln_ok(norm, x, shift, scale):
             return ops.layer_norm_modulate(x, shift, scale, norm.eps, backend=backend)
+        segs = _segments(dims, x, shift, scale) if dims is not None and use_ln else None
+        if segs is not None and all(ln_ok(norm, x[:, s:e], shift[:, r:r + 1], scale[:, r:r + 1]) for s, e, r in segs):
+            # LayerNorm is per token: each range normalised and modulated by its row, as apply_mod does
+            return torch.cat([ops.layer_norm_modulate(x[:, s:e], shift[:, r:r + 1], scale[:, r:r + 1], norm.eps,
+                                                      backend=backend) for s, e, r in segs], dim=1)
         if use_ln:
-            handback("layer_norm_modulate", backend, f"{where}: modulation_dims set (per-segment modulation)"
+            handback("layer_norm_modulate", backend, f"{where}: modulation_dims not tiling the tokens in order"
                      if dims is not None else f"{where}: not a plain LayerNorm + same-dtype modulation")
         return apply_mod(norm(x), (1 + scale), shift, dims)
 
     def gated_apply_mod(apply_mod, x, gate, y, dims, inplace):
         if dims is None and use_gated and gated_ok(x, gate, y):
             return ops.gated_residual(x, gate, y, backend=backend)
+        segs = _segments(dims, x, gate) if dims is not None and use_gated else None
+        if segs is not None and isinstance(y, torch.Tensor) and y.shape == x.shape and all(
+                gated_ok(x[:, s:e], gate[:, r:r + 1], y[:, s:e]) for s, e, r in segs):
+            return torch.cat([ops.gated_residual(x[:, s:e], gate[:, r:r + 1], y[:, s:e], backend=backend)
+                              for s, e, r in segs], dim=1)
         if use_gated:
-            handback("gated_residual", backend, f"{where}: modulation_dims set (per-segment modulation)"
+            handback("gated_residual", backend, f"{where}: modulation_dims not tiling the tokens in order"
                      if dims is not None else f"{where}: shapes or dtypes of x + gate * y differ")
         if inplace:  # `x += apply_mod(...)` as written: x is changed in place
             x += apply_mod(y, gate, None, dims)

@@ -8,12 +8,13 @@ has, so what this layout has: norms from `operations` (LayerNorm without affine 
 with eps None for the QK norms; their forward runs the interrupt check first), attention on plain
 tensors through `optimized_attention` (picked at import from the command line), RoPE through
 comfy-kitchen outside training, `apply_mod` with in-place `+=` residuals, the last layer's AdaLN
-through `apply_mod` (no comfy-kitchen `adaln` call anywhere in it), `timestep_zero_index` ->
-`modulation_dims`, and training only with the trainer's non-reentrant block checkpointing.
+through `apply_mod` (no comfy-kitchen `adaln` call anywhere in it), FLUX.2's global modulation with
+`timestep_zero_index` -> `modulation_dims`, and training only with the trainer's non-reentrant block
+checkpointing.
 
 Not verified (no snapshot newer than 2026-08-22 could be fetched): the later forms third-party code
 quotes — Flux blocks passing AttentionTensorContainers and `preferred_attention=self.comfy_attention`
 (a `ComfyAttention`); in 2026-08 only ComfyUI's MiniMax model uses containers. Simplified here:
 weights are initialised by torch (ComfyUI leaves them empty for the checkpoint), no dynamic VRAM /
-offload streams in the weight cast, no global modulation (FLUX.2) or yak/SiLU MLP variants, and the
-text stream's modulation under `timestep_zero_index` (row 0 for all text tokens)."""
+offload streams in the weight cast, no yak/SiLU MLP variants (FLUX.2's MLPs) and no
+`patches_replace` around single blocks, `post_input` patches or ControlNet adds."""

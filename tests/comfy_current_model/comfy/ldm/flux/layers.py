@@ -5,7 +5,8 @@ torch's default for the QK norms; `layers.RMSNorm` is None); blocks call `attent
 mask=..., transformer_options=...)` on plain tensors, run `transformer_options["patches"]`'
 attn1_patch / attn1_output_patch around it, and write AdaLN and the gated residuals through
 `apply_mod(tensor, m_mult, m_add, modulation_dims)`, the residuals as in-place `+=` on the block's
-input; the last layer's AdaLN also goes through apply_mod."""
+input; the last layer's AdaLN also goes through apply_mod. With `modulation=False` (FLUX.2's global
+modulation) a block takes its ModulationOuts from the model as `vec`."""
 
 import math as _math
 from dataclasses import dataclass
@@ -106,12 +107,14 @@ def _heads(qkv, heads):
 
 
 class DoubleStreamBlock(nn.Module):
-    def __init__(self, hidden_size, num_heads, mlp_ratio, qkv_bias=False, operations=None):
+    def __init__(self, hidden_size, num_heads, mlp_ratio, qkv_bias=False, modulation=True, operations=None):
         super().__init__()
         mlp = int(hidden_size * mlp_ratio)
         self.num_heads, self.hidden_size = num_heads, hidden_size
+        self.modulation = modulation  # False (FLUX.2): the model hands its global modulations in as `vec`
         for side in ("img", "txt"):
-            setattr(self, f"{side}_mod", Modulation(hidden_size, double=True, operations=operations))
+            if modulation:
+                setattr(self, f"{side}_mod", Modulation(hidden_size, double=True, operations=operations))
             setattr(self, f"{side}_norm1", operations.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
             setattr(self, f"{side}_attn", SelfAttention(hidden_size, num_heads, qkv_bias, operations=operations))
             setattr(self, f"{side}_norm2", operations.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
@@ -119,8 +122,11 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img, txt, vec, pe, attn_mask=None, modulation_dims_img=None, modulation_dims_txt=None,
                 transformer_options={}):
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        if self.modulation:
+            img_mod1, img_mod2 = self.img_mod(vec)
+            txt_mod1, txt_mod2 = self.txt_mod(vec)
+        else:
+            (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
         transformer_patches = transformer_options.get("patches", {})
         extra_options = transformer_options.copy()
 
@@ -174,7 +180,7 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, operations=None):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, modulation=True, operations=None):
         super().__init__()
         self.hidden_dim = self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -184,10 +190,13 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads, operations=operations)
         self.pre_norm = operations.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
-        self.modulation = Modulation(hidden_size, double=False, operations=operations)
+        self.modulation = Modulation(hidden_size, double=False, operations=operations) if modulation else None
 
     def forward(self, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={}):
-        mod, _ = self.modulation(vec)
+        if self.modulation:
+            mod, _ = self.modulation(vec)
+        else:
+            mod = vec
         transformer_patches = transformer_options.get("patches", {})
         extra_options = transformer_options.copy()
 

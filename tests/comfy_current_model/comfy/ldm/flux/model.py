@@ -2,8 +2,9 @@
 """comfy.ldm.flux.model layout (ComfyUI 2026-08, layers built from `operations`): Flux.forward_orig
 threads `transformer_options` (filled by the sampler, plus block_index / block_type per block) and
 `attn_mask` through every block, lets `patches_replace["dit"]` wrap a block, and with
-`timestep_zero_index` (reference images at timestep zero) modulates token ranges with a second
-modulation row (`modulation_dims`) instead of one row for all tokens."""
+`timestep_zero_index` (reference images at timestep zero; with FLUX.2's `global_modulation`) modulates
+token ranges of the image with a second modulation row (`modulation_dims`) instead of one row for
+all tokens."""
 
 from dataclasses import dataclass
 
@@ -12,7 +13,15 @@ from torch import nn
 
 import comfy.ops
 
-from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .layers import (
+    DoubleStreamBlock,
+    EmbedND,
+    LastLayer,
+    MLPEmbedder,
+    Modulation,
+    SingleStreamBlock,
+    timestep_embedding,
+)
 
 
 @dataclass
@@ -29,6 +38,7 @@ class FluxParams:
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True
+    global_modulation: bool = False  # FLUX.2: one modulation per stream for all blocks, no bias
 
 
 def invert_slices(slices, length):
@@ -53,13 +63,18 @@ class Flux(nn.Module):
         self.vector_in = MLPEmbedder(params.vec_in_dim, h, operations=operations)
         self.guidance_in = MLPEmbedder(256, h, operations=operations)
         self.txt_in = operations.Linear(params.context_in_dim, h)
+        per_block = not params.global_modulation
         self.double_blocks = nn.ModuleList([DoubleStreamBlock(h, params.num_heads, params.mlp_ratio, params.qkv_bias,
-                                                              operations=operations)
+                                                              modulation=per_block, operations=operations)
                                             for _ in range(params.depth)])
         self.single_blocks = nn.ModuleList([SingleStreamBlock(h, params.num_heads, params.mlp_ratio,
-                                                              operations=operations)
+                                                              modulation=per_block, operations=operations)
                                             for _ in range(params.depth_single_blocks)])
         self.final_layer = LastLayer(h, 1, params.in_channels, operations=operations)
+        if params.global_modulation:
+            self.double_stream_modulation_img = Modulation(h, double=True, bias=False, operations=operations)
+            self.double_stream_modulation_txt = Modulation(h, double=True, bias=False, operations=operations)
+            self.single_stream_modulation = Modulation(h, double=False, bias=False, operations=operations)
 
     def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
                      timestep_zero_index=None, transformer_options={}, attn_mask=None):
@@ -73,15 +88,17 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
-        vec_orig, extra = vec, {}
+        vec_orig = txt_vec = vec
+        extra = {}
         if timestep_zero_index is not None:  # vec holds (normal, zero-timestep) halves of the batch
             batch = vec.shape[0] // 2
-            vec_orig = vec.reshape(2, batch, vec.shape[1]).movedim(0, 1)  # (B, 2, D): row 0 / row 1
+            vec_orig = vec.reshape(2, batch, vec.shape[1]).movedim(0, 1)  # (B, 2, D): modulation rows 0 / 1
             dims = [(s, e, 0) for s, e in invert_slices(timestep_zero_index, img.shape[1])]
             dims += [(s, e, 1) for s, e in timestep_zero_index]
             extra["modulation_dims_img"] = dims
-            vec = vec_orig  # our simplification: txt is modulated by the same two rows, row 0 for all
-            extra["modulation_dims_txt"] = [(0, txt.shape[1], 0)]
+            txt_vec = vec[:batch]
+        if self.params.global_modulation:
+            vec = (self.double_stream_modulation_img(vec_orig), self.double_stream_modulation_txt(txt_vec))
 
         transformer_options["total_blocks"] = len(self.double_blocks)
         transformer_options["block_type"] = "double"
@@ -105,10 +122,12 @@ class Flux(nn.Module):
                                  transformer_options=transformer_options, **extra)
 
         img = torch.cat((txt, img), 1)
+        if self.params.global_modulation:
+            vec, _ = self.single_stream_modulation(vec_orig)
         single = {}
-        if timestep_zero_index is not None:
+        if timestep_zero_index is not None:  # the img ranges shifted past txt; the first one takes txt in too
             n = txt.shape[1]
-            single["modulation_dims"] = [(0, n, 0)] + [(s + n, e + n, r) for s, e, r in extra["modulation_dims_img"]]
+            single["modulation_dims"] = [(0 if s == 0 else s + n, e + n, r) for s, e, r in extra["modulation_dims_img"]]
         transformer_options["total_blocks"] = len(self.single_blocks)
         transformer_options["block_type"] = "single"
         for i, block in enumerate(self.single_blocks):
