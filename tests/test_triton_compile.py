@@ -48,10 +48,10 @@ SCRIPT = textwrap.dedent(
 
     class Launcher:  # stands for the driver's launcher: the kernel is compiled, nothing is launched
         def __init__(self, src, metadata):
-            pass
+            self.grids = set()  # programs of each launch of this compiled kernel
 
-        def __call__(self, *args):
-            pass
+        def __call__(self, grid_x, grid_y, grid_z, *args):
+            self.grids.add(grid_x * grid_y * grid_z)
 
 
     class Driver:  # an sm_90 (H100) target, device 0, stream 0
@@ -159,9 +159,11 @@ SCRIPT = textwrap.dedent(
                         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
                     m = re.search(r"REG:(\\d+) STACK:(\\d+) SHARED:(\\d+) LOCAL:(\\d+)", res)
                     usage.append(dict(name=name, consts=consts, warps=compiled.metadata.num_warps, regs=int(m.group(1)),
+                                      grids=sorted(compiled._run.grids),
                                       stack=int(m.group(2)), shared=compiled.metadata.shared,
                                       loads_before_stores=sass_order(sass), **loop(compiled.asm["ttgir"])))
-    print(json.dumps({"done": done, "usage": usage, "triton": triton.__version__}))
+    sms = Utils().get_device_properties(0)["multiprocessor_count"]
+    print(json.dumps({"done": done, "usage": usage, "triton": triton.__version__, "sms": sms}))
     """
 )
 
@@ -201,41 +203,59 @@ def _resident(u):
     return min(REGS_PER_SM // (per_warp * u["warps"]), WARPS_PER_SM // u["warps"], CTAS_PER_SM)
 
 
-def test_backward_kernels_fit_the_sm_without_spilling(sm90):
-    """Every backward kernel as its launchers compile it for sm_90 at Flux's shapes: at least one
-    program fits an SM (so the launch cannot fail for registers), no register spills (the stack
-    frame holds spills; cuobjdump's STACK), every load of a loop iteration issued before its first
-    reduction (triton's GPU IR) and, in the binary, before its first store, and at least two row
-    blocks of loads in flight per SM. Each kernel with a weight/shift/scale gradient (a persistent
-    loop) carries every load of the next block into the next iteration (a software prefetch,
-    checked in triton's GPU IR), and RoPE's persistent grid holds no more programs per SM than fit
-    at once (a program more would be a second wave)."""
-    from flux_npu.kernels.cuda import _triton
-    from flux_npu.kernels.cuda import apply_rope as rope
+# Backward forms whose persistent grid holds fewer programs per SM than the running triton's binary
+# fits, because another supported triton's binary of the same form fits only that many (the launchers
+# take what fits on both triton 3.6, the GPU image's, and 3.9): (kernel, COS_SIN, TWO) -> (programs
+# per SM, why). Any other shortfall fails: registers left idle.
+FEWER = {
+    ("_rope_bwd", True, False): (6, "triton 3.9 compiles it to 78 registers a thread: 6 programs of 4 warps fit"),
+    ("_rope_bwd", False, False): (4, "triton 3.9 compiles it to 101 registers a thread: 4 programs of 4 warps fit"),
+}
 
-    usage = sm90["usage"]
+
+def _persistent(u):
+    """Whether this backward form runs a persistent (weight/shift/scale-gradient) grid: the AdaLN
+    kernels always, rms_norm and RoPE with a weight."""
+    return u["name"] in ("_ln_mod_bwd", "_adaln_res_bwd") or u["consts"]["HAS_W"]
+
+
+def test_backward_kernels_fit_the_sm_without_spilling(sm90):
+    """Every backward kernel as its launchers compile and launch it for sm_90 at Flux's shapes: at
+    least one program fits an SM (so the launch cannot fail for registers), no register spills (the
+    stack frame holds spills; cuobjdump's STACK), every load of a loop iteration issued before its
+    first reduction (triton's GPU IR) and, in the binary, before its first store, and at least two
+    row blocks of loads in flight per SM. Each kernel with a weight/shift/scale gradient (a
+    persistent loop) carries every load of the next block into the next iteration (a software
+    prefetch, checked in triton's GPU IR), and its grid, as launched (the stand-in driver records
+    it; the SM count is the stand-in's), holds exactly as many programs per SM as the binary fits at
+    once: a program more would wait for a second wave, one fewer would leave registers idle (unless
+    FEWER records that the other supported triton fits only that many)."""
+    usage, sms = sm90["usage"], sm90["sms"]
     if not usage:
         pytest.skip("triton's cuobjdump is not bundled here")
     table = []
     for u in usage:
         resident = _resident(u)
-        persistent = u["name"] != "_rope_bwd" or u["consts"]["HAS_W"]
+        persistent = _persistent(u)
         prefetch = 0 < u["carried"] == u["loads"]
-        per_sm = _triton.PROGRAMS_PER_SM
-        if u["name"] == "_rope_bwd":
-            per_sm = rope.BWD_PROGRAMS_PER_SM[u["consts"]["COS_SIN"]]
+        (grid,) = u["grids"]  # every launch of a compiled form at these shapes has the same grid
+        per_sm = grid / sms if persistent else None
         at_once = min(resident, per_sm) if persistent else resident
         in_flight = at_once * (2 if prefetch else 1)
-        table.append((u["name"], u["consts"], u["warps"], u["regs"], u["stack"], resident, u["carried"], in_flight))
+        form = (u["name"], u["consts"].get("COS_SIN"), u["consts"].get("TWO"))
+        table.append((u["name"], u["consts"], u["warps"], u["regs"], u["stack"], resident, per_sm, u["carried"],
+                      in_flight))
         assert resident >= 1, table[-1]
         assert u["stack"] == 0, table[-1]
         assert u["loads_first"] and u["loads_before_stores"], table[-1]
         assert in_flight >= 2, table[-1]
         if persistent:
             assert prefetch, table[-1]
-        if persistent and u["name"] == "_rope_bwd":
-            assert resident >= per_sm, table[-1]
+            assert per_sm == int(per_sm) <= resident, ("more programs per SM than fit", table[-1])
+            if per_sm < resident:
+                assert FEWER.get(form, (None,))[0] == per_sm, ("fewer programs per SM than fit", table[-1])
     assert {t[0] for t in table} == {"_rms_norm_bwd", "_rope_bwd", "_ln_mod_bwd", "_adaln_res_bwd"}, table
+    assert sum(_persistent(u) for u in usage) == 8, table  # rms_norm 128/3072, RoPE 2 forms x 2 counts, AdaLN 2
 
 
 TRACE_SCRIPT = textwrap.dedent(

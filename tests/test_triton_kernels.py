@@ -108,17 +108,19 @@ def test_rms_norm_out_dtype_promotes(device):
     assert_close(w.grad, wr.grad, torch.bfloat16)  # dw sums bf16-rounded-input terms
 
 
-def _blocks_beyond_persistent(device) -> int:
-    """A row-block count larger than the persistent grid on `device` (its SMs, or the
-    interpreter's few programs), so each program loops over several blocks."""
-    return _triton.persistent_programs(torch.device(device), 10**9) + 5
+def _blocks_beyond_persistent(device, per_sm, groups=1) -> int:
+    """A row-block count larger than the persistent grid on `device` (`per_sm` per SM over `groups`,
+    or the interpreter's few programs), so each program loops over several blocks."""
+    return _triton.persistent_programs(torch.device(device), 10**9, per_sm, groups) + 5
 
 
 def test_rms_norm_weight_grad_on_a_persistent_grid(device, launches):
-    """More row blocks than SMs: the backward runs about one program per SM (a few under the
-    interpreter), each looping over blocks and writing one partial dw row, and still matches."""
+    """More row blocks than the persistent grid: the backward runs as many programs per SM as fit
+    (a few under the interpreter), each looping over blocks and writing one partial dw row, and
+    still matches."""
     _seed("rms-persistent")
-    x = _leaf(torch.randn(_blocks_beyond_persistent(device), 32, 2, 64).to(device))  # blocks of 64 rows of 64
+    per_sm = RMS.bwd_programs_per_sm(64)
+    x = _leaf(torch.randn(_blocks_beyond_persistent(device, per_sm), 32, 2, 64).to(device))  # 64 rows of 64 each
     w = _leaf(torch.randn(64).to(device))
     y = RMS.rms_norm(x, w, 1e-6)
     g = torch.randn(y.shape).to(device)
@@ -128,7 +130,7 @@ def test_rms_norm_weight_grad_on_a_persistent_grid(device, launches):
     _check_grads([("x", x.grad, xr.grad), ("weight", w.grad, wr.grad)], torch.float32)
     (bwd,) = [grid for name, grid in launches if name == "_rms_norm_bwd"]
     (fwd,) = [grid for name, grid in launches if name == "_rms_norm_fwd"]
-    assert bwd[0] == _triton.persistent_programs(x.device, fwd[0]) < fwd[0], (bwd, fwd)
+    assert bwd[0] == _triton.persistent_programs(x.device, fwd[0], per_sm) < fwd[0], (bwd, fwd)
 
 
 # -- RoPE --------------------------------------------------------------------------------------
@@ -270,12 +272,14 @@ def test_layer_norm_modulate_fp32_constant_and_offset_rows(rows, D, device):
 
 def test_layer_norm_modulate_grads_on_a_persistent_grid(device, launches):
     _seed("ln-persistent")
-    x = _leaf(torch.randn(2, 64 * _blocks_beyond_persistent(device) - 7, 48).to(device))  # blocks of 64 rows
+    per_sm = LN.BWD_PROGRAMS_PER_SM
+    x = _leaf(torch.randn(2, 64 * _blocks_beyond_persistent(device, per_sm, 2) - 7, 48).to(device))  # 64-row blocks
     sh, sc = _leaf(torch.randn(2, 1, 48).to(device)), _leaf(torch.randn(2, 1, 48).to(device))
     _ln_run(x, sh, sc, sh, sc, torch.float32, device)
     (fwd,) = [grid for name, grid in launches if name == "_ln_mod_fwd"]
     (bwd,) = [grid for name, grid in launches if name == "_ln_mod_bwd"]
-    assert fwd[0] == bwd[0] == 2 and bwd[1] == _triton.persistent_programs(x.device, fwd[1]) < fwd[1], (fwd, bwd)
+    programs = _triton.persistent_programs(x.device, fwd[1], per_sm, groups=2)  # per group: the SMs' share
+    assert fwd[0] == bwd[0] == 2 and bwd[1] == programs < fwd[1], (fwd, bwd)
 
 
 # -- custom ops: opcheck and torch.compile -----------------------------------------------------

@@ -80,12 +80,17 @@ INTERPRETER_PROGRAMS = 3
 @jit
 def row_offsets(rows, n1, n2, s0, s1, s2):
     """Element offset of each row start: rows index a (n0, n1, n2) grid of leading dims with
-    strides (s0, s1, s2) (int64: Flux-dev activations approach 2**31 elements in a batch)."""
-    i2 = rows % n2
-    r = rows // n2
+    strides (s0, s1, s2). The indices are decoded in int32 (row counts fit it) and only the offsets
+    are int64 (Flux-dev activations approach 2**31 elements in a batch): a 64-bit division compiles
+    to a branch on whether its operands fit 32 bits, which splits a persistent loop's body into
+    blocks that ptxas does not schedule across (the prefetched loads then wait behind the current
+    block's reductions)."""
+    r32 = rows.to(tl.int32)
+    i2 = r32 % n2
+    r = r32 // n2
     i1 = r % n1
     i0 = r // n1
-    return i0 * s0 + i1 * s1 + i2 * s2
+    return i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
 
 
 @jit
@@ -161,24 +166,23 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Programs per SM of a persistent backward grid unless a launcher passes its own (RoPE: as many as
-# its compiled code fits). Two: where registers allow two resident programs (rms_norm's backwards)
-# both run at once and keep twice the loads in flight; where they do not (the 16-warp programs of a
-# 3072 row), the second runs as a second wave of equal share (no tail, same total work). Each
-# program also prefetches its next block. The float32 partial rows double (~3 MB per gradient at
-# D=3072 on an H100): small against the activations read.
-PROGRAMS_PER_SM = 2
-
-
-def persistent_programs(device: torch.device, n_blocks: int, per_sm: int = PROGRAMS_PER_SM) -> int:
+def persistent_programs(device: torch.device, n_blocks: int, per_sm: int, groups: int = 1) -> int:
     """Programs of a backward grid that loops over row blocks and writes one float32 partial row
-    per program: `per_sm` per SM on CUDA (so the partial buffers stay a few MB at Flux-dev shapes
-    instead of one row per block), a small fixed number under the interpreter."""
+    per program. On a GPU `per_sm` per SM in all, shared by `groups` (the (groups, programs) grids of
+    the AdaLN kernels), so the partial buffers stay a few MB at Flux-dev shapes instead of one row per
+    block. Each launcher passes as many programs per SM as its compiled code fits at once on sm_90
+    with triton 3.6 (the GPU image's) and 3.9: a program more would only wait for a second wave, one
+    fewer would leave registers idle (tests/test_triton_compile.py records every launch's grid and
+    holds each kernel to what its binary fits). Under the interpreter a small fixed number per group."""
     if device.type == "cuda":
-        n = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    elif device.type == "cpu" and not INTERPRETED:  # compiled kernels on CPU tensors: a stand-in driver
+        # compiling for a GPU target (tests/test_triton_compile.py); its SM count
+        drv = triton.runtime.driver.active
+        sms = drv.utils.get_device_properties(drv.get_current_device())["multiprocessor_count"]
     else:
-        n = INTERPRETER_PROGRAMS
-    return max(1, min(n, n_blocks))
+        return max(1, min(INTERPRETER_PROGRAMS, n_blocks))
+    return max(1, min(per_sm * sms // groups, n_blocks))
 
 
 def as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -222,6 +226,9 @@ except Exception:  # no (working) triton: nothing is ever launched
 def interpreted(kernel) -> bool:
     """Whether triton.jit made `kernel` an interpreter function (TRITON_INTERPRET=1 at import)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+INTERPRETED = interpreted(row_offsets)  # how this process's triton.jit made every kernel
 
 
 def define_op(name: str, fn: Callable, kernel, fake: Callable):

@@ -250,11 +250,17 @@ def freq_operands(shape4, f0: torch.Tensor, f1: torch.Tensor | None, sequence_di
 # The backward's tile: 8 rows of 128 on 4 warps (8 elements a thread, 16-byte loads). Its registers
 # (the next block's loads held while this one is computed) allow several such programs per SM, and
 # small programs waste less of the register file than one 8-warp program. Programs per SM of the
-# persistent (weight-gradient) grid: as many as fit at once on sm_90 with triton 3.6 and 3.9, per
-# frequency form (tests/test_triton_compile.py checks the compiled code still holds that many); a
-# program more would run as a second wave with an equal share of the blocks.
+# persistent (weight-gradient) grid: as many as fit at once on sm_90 with both triton 3.6 and 3.9, per
+# frequency form and tensor count (tests/test_triton_compile.py holds each compiled form to it); a
+# program more would run as a second wave with an equal share of the blocks. Keyed (cos_sin, two);
+# registers a thread on triton 3.9 / 3.6 in the comments.
 BWD_TILE = 1024
-BWD_PROGRAMS_PER_SM = {True: 4, False: 3}  # cos/sin: 123-128 registers a thread; BFL: 158-160
+BWD_PROGRAMS_PER_SM = {
+    (True, True): 4,  # 126 / 128
+    (True, False): 6,  # 78 / 72: 7 fit on 3.6
+    (False, True): 3,  # 150 / 154
+    (False, False): 4,  # 101 / 92: 5 fit on 3.6
+}
 
 
 def _sizes(shape4, tile=T.TILE):
@@ -289,7 +295,8 @@ def bwd_launch(xs, weights, dys, f0, f1, sequence_dim, norm, eps):
     F0, F1, fstrides, cos_sin = freq_operands(x.shape, f0, f1, sequence_dim)
     n_rows, n_cols, bm, bd, n_blocks = _sizes(x.shape, BWD_TILE)
     has_w = norm and weights[0] is not None
-    programs = T.persistent_programs(x.device, n_blocks, BWD_PROGRAMS_PER_SM[cos_sin]) if has_w else n_blocks
+    per_sm = BWD_PROGRAMS_PER_SM[cos_sin, len(xs) == 2]
+    programs = T.persistent_programs(x.device, n_blocks, per_sm) if has_w else n_blocks
     dxs = [T.empty(t.shape, t.dtype, t.device) for t in xs]
     dys = [d.contiguous() for d in dys]
     dw_part = T.empty((len(xs), programs, n_cols), torch.float32, x.device) if has_w else dxs[0]

@@ -20,10 +20,10 @@ float32 accuracy relative to the noise.
 Backward, with xhat = xc * rstd and dxh = dy * (1 + scale):
     dx = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat)),
     dshift = sum_L(dy),  dscale = sum_L(dy * xhat).
-The L reductions are bounded: per group, a persistent grid of about one program per SM loops over
-row blocks, accumulates in registers and writes one float32 partial row per program, then one
-small torch sum (deterministic, no atomics). At Flux-dev shape (4608 rows of 3072) that is ~132
-partial rows per gradient instead of 4608 (~54 MB less traffic per gradient).
+The L reductions are bounded: a persistent grid of one program per SM in all (BWD_PROGRAMS_PER_SM,
+shared by the groups) loops over row blocks, accumulates in registers and writes one float32 partial
+row per program, then one small torch sum (deterministic, no atomics). At Flux-dev shape (4608 rows
+of 3072) that is ~132 partial rows per gradient instead of 4608 (~54 MB less traffic per gradient).
 """
 
 from __future__ import annotations
@@ -164,13 +164,19 @@ def _fwd_fake(x, shift, scale, eps):
     return x.new_empty(x.shape)
 
 
+# Programs per SM of the backward's persistent grid (see _triton.persistent_programs): one. A 3072
+# row on 16 warps compiles to 84 (triton 3.9) / 96 (3.6) registers a thread on sm_90, so one 16-warp
+# program fits an SM's 64K registers; a second would wait for the first.
+BWD_PROGRAMS_PER_SM = 1
+
+
 def _bwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dy: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dshift, dscale), the latter two (G, N) in shift's / scale's dtypes."""
     G, L, N = x.shape
     bm, bn, nb = T.row_blocks(N, L, T.BWD_TILE)
-    programs = T.persistent_programs(x.device, nb)
+    programs = T.persistent_programs(x.device, nb, BWD_PROGRAMS_PER_SM, groups=G)
     dx = T.empty((G, L, N), x.dtype, x.device)
     dsh = T.empty((G, programs, N), torch.float32, x.device)
     dsc = T.empty((G, programs, N), torch.float32, x.device)
