@@ -53,3 +53,12 @@ def test_transfer_to_npu_is_named_because_it_turns_triton_off_for_compile(monkey
     env = versions.environment()
     assert "has_triton() to False" in env["transfer_to_npu"]
     assert "transfer_to_npu imported" in versions.system_line(env)
+
+
+def test_torch_version_is_the_imported_builds_own(monkeypatch):
+    """PyPI's CUDA wheels record a bare "2.11.0" in their metadata while torch.__version__ is
+    "2.11.0+cu130" (the GPU image's build): reports (verify, parity, benchmarks) name the build that ran."""
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert versions.versions()["torch"] == "2.11.0+cu130"
+    assert versions.package_version("torch") == "2.11.0+cu130"
+    assert versions.package_version("no-such-package-xyz") == "not installed"

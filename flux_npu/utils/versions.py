@@ -9,6 +9,10 @@ PACKAGES = ("torch", "torch_npu", "triton", "diffusers", "transformers", "accele
 
 
 def package_version(name: str) -> str:
+    if name == "torch" and "torch" in sys.modules:
+        # the imported build's own string: PyPI's CUDA wheels (torch 2.11.0+cu130) record "2.11.0" in
+        # their metadata, dropping the build tag that says which CUDA (or CPU) build ran
+        return str(sys.modules["torch"].__version__)
     try:
         return metadata.version(name.replace("_", "-"))
     except metadata.PackageNotFoundError:
