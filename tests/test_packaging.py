@@ -35,7 +35,7 @@ def test_metadata_and_license(project):
         text = f.read()
     assert "Apache License" in text and "Version 2.0" in text and "END OF TERMS AND CONDITIONS" in text
     assert meta["authors"] == [{"name": "flux-npu developers"}] and meta["readme"] == "README.md"
-    assert meta["requires-python"] == ">=3.10" and meta["description"]
+    assert meta["requires-python"] == ">=3.11" and meta["description"]
     assert any(c.startswith("Programming Language :: Python :: 3.11") for c in meta["classifiers"])
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "flux_npu.__version__"}
     assert meta["scripts"] == {"flux-npu": "flux_npu.cli:main"}
@@ -57,6 +57,31 @@ def test_extras_are_ranges_and_all_covers_the_test_suite(project):
     assert f">={gen.MIN_DEEPSPEED}" in ds
     (everything,) = extras["all"]
     assert set(everything.split("[")[1].rstrip("]").split(",")) == set(extras) - {"all"}
+
+
+def _floor(reqs, name):
+    (req,) = [r for r in reqs if _name(r) == name]
+    m = re.search(r">=([0-9.]+)", req)
+    assert m, f"{req}: no floor"
+    return m.group(1)
+
+
+def test_torch_triton_numpy_floors_are_the_tested_versions(project):
+    """Issue 20 item 3: the floors are the versions the suite passed with (docs/DESIGN.md, "Versions":
+    torch 2.11 + triton 3.6 + numpy 2.5, the GPU image's, and torch 2.13 + triton 3.9 + numpy 2.4),
+    not older ones that were never run (the old `triton>=3.2` and bare `numpy` let triton 3.6's
+    interpreter meet a numpy it breaks with)."""
+    deps, extras = project["project"]["dependencies"], project["project"]["optional-dependencies"]
+    floors = {"torch": _floor(deps, "torch"), "numpy": _floor(deps, "numpy"),
+              "triton": _floor(extras["triton"], "triton")}
+    assert floors == {"torch": "2.11", "numpy": "2.4", "triton": "3.6"}
+    assert _floor(extras["triton"], "torch") == floors["torch"]
+    with open(os.path.join(REPO, "docs", "DESIGN.md"), encoding="utf-8") as f:
+        design = f.read()
+    versions = design[design.index("**Versions.**"):]
+    versions = versions[:versions.index("\n\n")]
+    for tested in ("torch 2.11.0", "triton 3.6.0", "numpy 2.5.2", "torch 2.13", "triton 3.9", "numpy 2.4"):
+        assert tested in versions, tested
 
 
 def test_package_data_covers_the_configs_and_the_golden(project):
