@@ -56,9 +56,8 @@ def test_tiny_infer_and_lora_train_cli(tmp_path, capsys):
         assert r["s_per_img_min"] <= r["s_per_img_q1"] <= r["s_per_img"] <= r["s_per_img_q3"] <= r["s_per_img_max"]
     lora = [r for r in rows if r["mode"] == "train-lora"]
     assert all(r["trainable_params"] == _lora_params_expected() for r in lora)
-    from importlib.metadata import version
-
-    assert data["meta"]["versions"]["torch"] == version("torch") and data["meta"]["device"]
+    # the build that ran (2.11.0+cu130 on the GPU image, whose wheel's metadata says a bare 2.11.0)
+    assert data["meta"]["versions"]["torch"] == torch.__version__ and data["meta"]["device"]
     assert {(r["mode"]) for r in data["ratios"]} == {"infer", "train-lora"}
     for ratio in data["ratios"]:  # the verdict is benchmark.stats' on the per-repeat times
         s = next(r for r in rows if r["mode"] == ratio["mode"] and r["variant"] == "stock")
