@@ -114,23 +114,39 @@ def _blocks_beyond_persistent(device, per_sm, groups=1) -> int:
     return _triton.persistent_programs(torch.device(device), 10**9, per_sm, groups) + 5
 
 
-def test_rms_norm_weight_grad_on_a_persistent_grid(device, launches):
+@pytest.mark.parametrize(
+    "dtype, x_view, kernel",
+    [
+        (torch.float32, False, "_rms_norm_bwd"),
+        (torch.bfloat16, True, "_rms_norm_words_bwd"),  # 16-bit rows read as 32-bit words
+        (torch.float16, True, "_rms_norm_words_bwd"),
+        (torch.bfloat16, False, "_rms_norm_bwd"),  # an odd storage offset: rows not 4-byte aligned
+    ],
+)
+def test_rms_norm_weight_grad_on_a_persistent_grid(device, launches, dtype, x_view, kernel):
     """More row blocks than the persistent grid: the backward runs as many programs per SM as fit
-    (a few under the interpreter), each looping over blocks and writing one partial dw row, and
-    still matches."""
-    _seed("rms-persistent")
+    (a few under the interpreter), each looping over blocks (prefetching the next) and writing one
+    partial dw row, and still matches; with the kernel the launcher picks for the dtype and
+    alignment (short 16-bit rows starting 4-byte aligned: read and written as int32 words)."""
+    _seed("rms-persistent", dtype, x_view)
     per_sm = RMS.bwd_programs_per_sm(64)
-    x = _leaf(torch.randn(_blocks_beyond_persistent(device, per_sm), 32, 2, 64).to(device))  # 64 rows of 64 each
+    n = _blocks_beyond_persistent(device, per_sm)
+    if x_view:  # a strided (B, S, H, D) view, rows 64 apart from a fused projection
+        x = _leaf(_qkv_view(n, 32, 2, 64, dtype, device))
+    else:  # 64 rows of 64 per block, or (bfloat16) starting one element into its storage
+        base = torch.randn(n * 32 * 2 * 64 + (dtype != torch.float32)).to(dtype=dtype, device=device)
+        x = _leaf(base[(dtype != torch.float32):].view(n, 32, 2, 64))
     w = _leaf(torch.randn(64).to(device))
     y = RMS.rms_norm(x, w, 1e-6)
-    g = torch.randn(y.shape).to(device)
+    g = torch.randn(y.shape).to(dtype=dtype, device=device)
     y.backward(g)
     xr, wr = _ref_leaves(x, w)
     reference.rms_norm(xr, wr, 1e-6).backward(g.cpu().double())
-    _check_grads([("x", x.grad, xr.grad), ("weight", w.grad, wr.grad)], torch.float32)
-    (bwd,) = [grid for name, grid in launches if name == "_rms_norm_bwd"]
+    _check_grads([("x", x.grad, xr.grad), ("weight", w.grad, wr.grad)], dtype)
+    (bwd,) = [grid for name, grid in launches if name.startswith("_rms_norm") and name.endswith("_bwd")]
+    assert [name for name, _ in launches if name.endswith("_bwd")] == [kernel], launches
     (fwd,) = [grid for name, grid in launches if name == "_rms_norm_fwd"]
-    assert bwd[0] == _triton.persistent_programs(x.device, fwd[0], per_sm) < fwd[0], (bwd, fwd)
+    assert bwd[0] == _triton.persistent_programs(x.device, 2 * fwd[0], per_sm) < 2 * fwd[0], (bwd, fwd)
 
 
 # -- RoPE --------------------------------------------------------------------------------------

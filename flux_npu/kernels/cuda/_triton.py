@@ -185,6 +185,15 @@ def persistent_programs(device: torch.device, n_blocks: int, per_sm: int, groups
     return max(1, min(per_sm * sms // groups, n_blocks))
 
 
+def word_pairs(n_cols: int, *rows: torch.Tensor) -> bool:
+    """Whether these row tensors (last dim n_cols, stride 1) can be read and written as int32
+    words of two elements: 16-bit elements, an even row length, and every row starting 4-byte
+    aligned (aligned base, even strides)."""
+    return n_cols % 2 == 0 and all(
+        t.element_size() == 2 and t.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in t.stride()[:-1]) for t in rows
+    )
+
+
 def as_4d(t: torch.Tensor) -> torch.Tensor:
     """View t as 4-D (leading size-1 dims added; more than 4 dims merged where strides allow)."""
     while t.dim() < 4:

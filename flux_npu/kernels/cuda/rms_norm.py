@@ -9,7 +9,11 @@ dw = sum_rows(dy * xhat). rstd is recomputed from x (one reduction over data alr
 than saved. The weight gradient is bounded: a persistent grid of as many programs per SM as fit at
 once (bwd_programs_per_sm) loops over row blocks, accumulates dw in registers and writes one float32
 partial row per program; one small torch sum follows (deterministic, no atomics). At Flux-dev shapes
-(B*S*H = 110,592 rows of 128) that is 528 partial rows on an H100 instead of 6,912.
+(B*S*H = 110,592 rows of 128) that is 528 partial rows on an H100 instead of 6,912. Each program
+prefetches its next row block; on short rows of a 16-bit dtype (Flux's heads of 128) the backward
+is `_rms_norm_words_bwd`, which reads and writes the rows as 32-bit words so that the compiled loop
+issues the next block's loads at its top (docs/DESIGN.md, "CUDA / Triton layer and the op
+benchmarks").
 """
 
 from __future__ import annotations
@@ -89,6 +93,99 @@ def _rms_norm_bwd(
         tl.store(DW + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
+@jit
+def _row_starts(blk, n1, n2, xs0, xs1, xs2, BLOCK_M: tl.constexpr):
+    """Where x's rows of row block `blk` start, in 32-bit words, as a column."""
+    rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (row_offsets(rows.to(tl.int64), n1, n2, xs0, xs1, xs2) // 2)[:, None]
+
+
+@jit
+def _load_words(X, DY, blk, xstart, n_rows, n_words, BLOCK_M: tl.constexpr, WORDS: tl.constexpr):
+    """x (rows starting at word `xstart`) and dy (dense) of row block `blk` as int32 words of two
+    16-bit elements; zeros past the end."""
+    rows, lanes, _, mask = row_tile(blk, n_rows, n_words, BLOCK_M, WORDS)
+    x = tl.load(X.to(tl.pointer_type(tl.int32)) + xstart + lanes[None, :], mask=mask, other=0)
+    dy = tl.load(DY.to(tl.pointer_type(tl.int32)) + rows[:, None] * n_words + lanes[None, :], mask=mask, other=0)
+    return x, dy
+
+
+@jit
+def _halves(words, dtype: tl.constexpr):
+    """float32 (elements 2j, elements 2j + 1) of int32 words holding two 16-bit `dtype` elements
+    (little-endian: element 2j in the low half)."""
+    if dtype == tl.bfloat16:  # a bfloat16 is the high half of the float32 with its bits
+        return (words << 16).to(tl.float32, bitcast=True), (words & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = words.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@jit
+def _words(lo, hi, dtype: tl.constexpr):
+    """int32 words of (lo, hi) rounded to the 16-bit `dtype`: the inverse of _halves."""
+    lo16 = lo.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+    return lo16 | (hi.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@jit
+def _rms_norm_words_bwd(
+    X, W, DY, DX, DW, n_rows, n_cols, n_blocks, n1, n2, xs0, xs1, xs2, eps,
+    HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_rms_norm_bwd for short rows of a 16-bit dtype in 32-bit words (see the launcher): each
+    tile is the (BLOCK_M, BLOCK_N / 2) words of the rows, its even and odd elements computed as two
+    float32 halves. Written so that ptxas issues the next block's loads at the top of an iteration
+    and waits for them only late in it (tests/test_triton_compile.py measures where; in
+    _rms_norm_bwd it waits just after the reductions): the loads sit in a branch of their own (in
+    one basic block with the reductions ptxas issues them after the reductions); a loop-carried
+    tile of 32-bit words needs no repacking (a 16-bit tile is repacked in the iteration that loaded
+    it, which waits for the load); and the next block's row starts (two integer divisions a row) are
+    decoded an iteration ahead."""
+    WORDS: tl.constexpr = BLOCK_N // 2
+    pid = tl.program_id(0)
+    n_words = n_cols // 2
+    lanes = tl.arange(0, WORDS)
+    lmask = lanes < n_words
+    if HAS_W:
+        w_lo = tl.load(W + 2 * lanes, mask=lmask, other=0.0).to(tl.float32)
+        w_hi = tl.load(W + 2 * lanes + 1, mask=lmask, other=0.0).to(tl.float32)
+    dw_lo = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)  # summed over rows after the loop, as _rms_norm_bwd
+    dw_hi = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+    programs = tl.num_programs(0)
+    blk = pid
+    x_raw, dy_raw = _load_words(X, DY, blk, _row_starts(blk, n1, n2, xs0, xs1, xs2, BLOCK_M), n_rows, n_words,
+                                BLOCK_M, WORDS)
+    xstart = _row_starts(blk + programs, n1, n2, xs0, xs1, xs2, BLOCK_M)
+    while blk < n_blocks:  # one partial dw row per program (see _triton.py: a while loop, not range())
+        if blk + programs < n_blocks:
+            x_next, dy_next = _load_words(X, DY, blk + programs, xstart, n_rows, n_words, BLOCK_M, WORDS)
+        else:
+            x_next = tl.zeros((BLOCK_M, WORDS), tl.int32)
+            dy_next = tl.zeros((BLOCK_M, WORDS), tl.int32)
+        xstart = _row_starts(blk + 2 * programs, n1, n2, xs0, xs1, xs2, BLOCK_M)
+        rows, _, _, mask = row_tile(blk, n_rows, n_words, BLOCK_M, WORDS)
+        x_lo, x_hi = _halves(x_raw, X.dtype.element_ty)
+        dy_lo, dy_hi = _halves(dy_raw, DY.dtype.element_ty)
+        rstd = 1.0 / tl.sqrt(tl.sum(x_lo * x_lo + x_hi * x_hi, axis=1) / n_cols + eps)
+        x_lo = x_lo * rstd[:, None]  # xhat
+        x_hi = x_hi * rstd[:, None]
+        if HAS_W:
+            dw_lo += dy_lo * x_lo
+            dw_hi += dy_hi * x_hi
+            dy_lo = dy_lo * w_lo[None, :]  # g
+            dy_hi = dy_hi * w_hi[None, :]
+        c = tl.sum(dy_lo * x_lo + dy_hi * x_hi, axis=1) / n_cols
+        dx = _words(rstd[:, None] * (dy_lo - x_lo * c[:, None]), rstd[:, None] * (dy_hi - x_hi * c[:, None]),
+                    DX.dtype.element_ty)
+        tl.store(DX.to(tl.pointer_type(tl.int32)) + rows[:, None] * n_words + lanes[None, :], dx, mask=mask)
+        x_raw, dy_raw = x_next, dy_next
+        blk += programs
+    if HAS_W:
+        tl.store(DW + pid * n_cols + 2 * lanes, tl.sum(dw_lo, axis=0), mask=lmask)
+        tl.store(DW + pid * n_cols + 2 * lanes + 1, tl.sum(dw_hi, axis=0), mask=lmask)
+
+
 def bwd_programs_per_sm(block_n: int) -> int:
     """Programs per SM of the weight-gradient grid (see _triton.persistent_programs): the backward
     tiles hold 8 elements a thread up to 4096 columns (16 rows of 128 on 8 warps, one 3072/4096 row
@@ -150,8 +247,13 @@ def _bwd(
     programs = T.persistent_programs(x.device, n_blocks, bwd_programs_per_sm(bn)) if has_w else n_blocks
     dx = T.empty(x.shape, x.dtype, x.device)
     dw_part = T.empty((programs, n_cols), torch.float32, x.device) if has_w else dx
-    T.launch(_rms_norm_bwd)[(programs,)](
-        x, weight if has_w else x, dy.contiguous(), dx, dw_part, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
+    dy = dy.contiguous()
+    # short rows of a 16-bit dtype whose rows start 4-byte aligned: the 32-bit-word kernel, which
+    # overlaps its prefetch with more of each iteration; on long rows (one per program) it compiles
+    # to more registers on triton 3.9 (73 against 64 at D=3072: one program per SM instead of two)
+    words = bm > 1 and T.word_pairs(n_cols, x, dy, dx)
+    T.launch(_rms_norm_words_bwd if words else _rms_norm_bwd)[(programs,)](
+        x, weight if has_w else x, dy, dx, dw_part, n_rows, n_cols, n_blocks, x.shape[1], x.shape[2],
         *T.row_args(x), eps,
         HAS_W=has_w, BLOCK_M=bm, BLOCK_N=bn, num_warps=T.bwd_warps(bm * bn),
     )
