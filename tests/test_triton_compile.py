@@ -322,7 +322,9 @@ TRACE_SCRIPT = textwrap.dedent(
 
     def f(x, w, q, k, cos, sin, h, sh, sc):
         yq, yk = QK.qk_norm_rope(q, k, w, w, (cos, sin), 1e-6, 1)
-        outs = (RMS.rms_norm(x, w), yq, yk, LN.layer_norm_modulate(h, sh, sc), R.apply_rope(q, (cos, sin), 1))
+        # rms_norm in bfloat16 too: its backward launcher picks the 32-bit-word kernel from fake tensors
+        outs = (RMS.rms_norm(x, w), RMS.rms_norm(x.bfloat16(), w), yq, yk, LN.layer_norm_modulate(h, sh, sc),
+                R.apply_rope(q, (cos, sin), 1))
         outs += AR.adaln_residual(h, sc, h * 2, sh, sc)
         return (sum(o.float().pow(2).sum() for o in outs),)
 
@@ -335,7 +337,9 @@ TRACE_SCRIPT = textwrap.dedent(
     hops = [n for n in g.graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
     cloned = [n.args[0].name for n in g.graph.nodes if n.target == torch.ops.aten.clone.default
               and n.args[0].op == "placeholder" and n.args[0].name.startswith("primals")]
-    print(len(hops), cloned)
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    names = sorted({kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in hops})
+    print(len(hops), ",".join(names), cloned)
     """
 )
 
@@ -344,12 +348,14 @@ TRACE_SCRIPT = textwrap.dedent(
 def test_compiled_triton_path_traces_without_input_copies():
     """With compiled Triton the custom ops are triton_ops: torch.compile's AOT tracing (fake
     implementations derived from the launchers, functional decomposition into the Triton kernel
-    wrapper) covers forward and backward of all five kernels, and its analysis of what each kernel
+    wrapper) covers forward and backward of all five kernels (rms_norm's backward in bfloat16 too,
+    whose launcher picks its 32-bit-word kernel from fake tensors), and its analysis of what each kernel
     writes finds only the outputs, so no input is copied before a call. Traced on meta tensors
     with only a compile target set (no device)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    n_hops, cloned = res.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert int(n_hops) == 10, res.stdout  # 5 forward launches + 5 backward launches
+    n_hops, names, cloned = res.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert int(n_hops) == 12, res.stdout  # 6 forward launches + 6 backward launches
+    assert "_rms_norm_words_bwd" in names.split(","), res.stdout
     assert cloned == "[]", f"inputs copied before a Triton kernel: {cloned}"

@@ -188,10 +188,21 @@ def persistent_programs(device: torch.device, n_blocks: int, per_sm: int, groups
 def word_pairs(n_cols: int, *rows: torch.Tensor) -> bool:
     """Whether these row tensors (last dim n_cols, stride 1) can be read and written as int32
     words of two elements: 16-bit elements, an even row length, and every row starting 4-byte
-    aligned (aligned base, even strides)."""
+    aligned (even strides and storage offset, and an aligned address where there is one: a fake
+    tensor of torch.compile's tracing has none, and torch allocates storages aligned)."""
     return n_cols % 2 == 0 and all(
-        t.element_size() == 2 and t.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in t.stride()[:-1]) for t in rows
+        t.element_size() == 2 and t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:-1])
+        and _address(t) % 4 == 0
+        for t in rows
     )
+
+
+def _address(t: torch.Tensor) -> int:
+    """t's data pointer, or 0 for a tensor without one (fake and functional tensors while torch traces)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return 0
 
 
 def as_4d(t: torch.Tensor) -> torch.Tensor:
