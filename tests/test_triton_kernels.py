@@ -237,6 +237,55 @@ def test_qk_norm_rope_mixed_inputs_take_two_launches(device, launches):
     assert [name for name, _ in launches] == ["_rope_fwd", "_rope_fwd", "_rope_bwd", "_rope_bwd"]
 
 
+@pytest.mark.parametrize(
+    "form, dtype, layout, D, kernel",
+    [
+        ("cos_sin", torch.bfloat16, "qkv", 64, "_rope_words_bwd"),  # Flux's: q and k thirds of a fused projection
+        ("bfl", torch.float16, "dense", 48, "_rope_words_bwd"),  # BFL matrices; rows shorter than the tile
+        ("cos_sin", torch.bfloat16, "odd", 64, "_rope_bwd"),  # rows start 2 bytes into a word
+        ("bfl", torch.bfloat16, "split", 64, "_rope_bwd"),  # a row block spans two runs of n2
+        ("cos_sin", torch.float32, "dense", 64, "_rope_bwd"),
+    ],
+)
+def test_qk_norm_rope_weight_grads_on_a_persistent_grid(device, launches, form, dtype, layout, D, kernel):
+    """qk_norm_rope with both weights, more row blocks than the persistent grid: each program loops
+    over several blocks (prefetching the next) and the gradients of q, k and both weights match the
+    float64 reference, with the kernel the launcher picks: 16-bit rows starting 4-byte aligned whose
+    row blocks lie in one run of the innermost leading dim take _rope_words_bwd (words, frequencies
+    re-laid by `word_freqs`), any other _rope_bwd."""
+    _seed("qk-persistent", form, dtype, layout, D)
+    bm = _triton.block_sizes(D, 10**6, ROPE.BWD_TILE)[0]
+    n = _blocks_beyond_persistent(device, ROPE.BWD_PROGRAMS_PER_SM[form == "cos_sin", True])
+    off = bm // 2 if layout == "split" else 0  # n2, the innermost leading dim, a multiple of bm or not
+    if form == "cos_sin":  # diffusers' (B, S, H, D), sequence dim 1: n2 = H
+        S, shape, seq = n, (1, n, bm + off, D), 1
+        freqs = _cos_sin(S, D, device)
+    else:  # BFL's (B, H, S, D), sequence dim 2: n2 = S
+        S = bm * -(-n // 2) + off
+        shape, seq = (1, 2, S, D), 2
+        freqs = _bfl(1, S, D, device)
+    if layout == "qkv":
+        q, k = (_leaf(_qkv_view(*shape, dtype, device, which)) for which in (0, 1))
+    elif layout == "odd":
+        q, k = (_leaf(torch.randn(torch.Size(shape).numel() + 1).to(dtype=dtype,
+                                   device=device)[1:].view(shape)) for _ in range(2))
+    else:
+        q, k = (_leaf(torch.randn(shape).to(dtype=dtype, device=device)) for _ in range(2))
+    qw, kw = (_leaf(torch.randn(D).to(device)) for _ in range(2))
+    yq, yk = QK.qk_norm_rope(q, k, qw, kw, freqs, 1e-6, seq)
+    gq, gk = (torch.randn(shape).to(dtype=dtype, device=device) for _ in range(2))
+    torch.autograd.backward((yq, yk), (gq, gk))
+    qr, kr, qwr, kwr = _ref_leaves(q, k, qw, kw)
+    rq, rk = reference.qk_norm_rope(qr, kr, qwr, kwr, _double(freqs), 1e-6, seq)
+    torch.autograd.backward((rq, rk), (gq.cpu().double(), gk.cpu().double()))
+    _check_grads([("q", q.grad, qr.grad), ("k", k.grad, kr.grad), ("q_weight", qw.grad, qwr.grad),
+                  ("k_weight", kw.grad, kwr.grad)], dtype)
+    assert [name for name, _ in launches] == ["_rope_fwd", kernel], launches
+    (bwd,) = [grid for name, grid in launches if name == kernel]
+    blocks = torch.Size(shape).numel() // D // bm
+    assert bwd[0] < blocks, (bwd, blocks)  # persistent: each program loops over blocks
+
+
 # -- AdaLN modulation --------------------------------------------------------------------------
 
 # layer_norm_modulate's shapes (strided embedding thirds at 200 and 3072 wide, D-only, full-shape and
