@@ -363,8 +363,8 @@ def test_compiled_triton_path_traces_without_input_copies():
     """With compiled Triton the custom ops are triton_ops: torch.compile's AOT tracing (fake
     implementations derived from the launchers, functional decomposition into the Triton kernel
     wrapper) covers forward and backward of all five kernels (rms_norm's backward in bfloat16 too, and
-    qk_norm_rope's, whose launchers pick their 32-bit-word kernels from fake tensors), and its analysis of what each kernel
-    writes finds only the outputs, so no input is copied before a call. Traced on meta tensors
+    qk_norm_rope's, whose launchers pick their 32-bit-word kernels from fake tensors), and its analysis
+    of what each kernel writes finds only the outputs, so no input is copied before a call. Traced on meta tensors
     with only a compile target set (no device)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
