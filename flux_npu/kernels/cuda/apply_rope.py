@@ -427,7 +427,8 @@ BWD_PROGRAMS_PER_SM = {
 
 # _rope_words_bwd with cos/sin: triton 3.6's ptxas allocates it 150 registers a thread unasked (3
 # programs of 4 warps per SM), 128 when capped there, without spilling (4 per SM, as triton 3.9's
-# allocates unasked; capped, 3.9's spills 8 bytes): the cap is given below triton 3.9 only.
+# allocates unasked; capped, 3.9's spills 8 bytes): the cap is given below triton 3.9 only (3.8's,
+# capped: 128, no spill, first wait 0.69).
 def _words_maxnreg(cos_sin: bool) -> dict:
     """The launch's register cap for _rope_words_bwd."""
     if cos_sin and T.triton is not None and tuple(int(v) for v in T.triton.__version__.split(".")[:2]) < (3, 9):
