@@ -32,18 +32,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, re, subprocess, tempfile
     import torch, triton
-    from triton.backends.compiler import GPUTarget
 
-
-    class Utils:  # what triton asks of the driver's C utilities (no module is loaded into a GPU)
-        def load_binary(self, name, kernel, shared, device):
-            return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
-
-        def get_device_properties(self, device):
-            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
-
-        def unload_module(self, module):
-            pass
+    import sm90_driver  # tests/, on PYTHONPATH
 
 
     class Launcher:  # stands for the driver's launcher: the kernel is compiled, nothing is launched
@@ -54,27 +44,7 @@ SCRIPT = textwrap.dedent(
             self.grids.add(grid_x * grid_y * grid_z)
 
 
-    class Driver:  # an sm_90 (H100) target, device 0, stream 0
-        utils = Utils()
-        launcher_cls = Launcher
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def get_device_capability(self, device):
-            return (9, 0)
-
-
-    triton.runtime.driver.set_active(Driver())
+    sm90_driver.install(Launcher)
     from flux_npu.kernels.cuda import _triton, adaln_residual, layer_norm_modulate, rms_norm
     from flux_npu.kernels.cuda import apply_rope as rope, qk_norm_rope as qk
 
@@ -191,7 +161,7 @@ SCRIPT = textwrap.dedent(
                                       grids=sorted(compiled._run.grids),
                                       stack=int(m.group(2)), shared=compiled.metadata.shared,
                                       **sass_loop(sass), **loop(compiled.asm["ttgir"])))
-    sms = Utils().get_device_properties(0)["multiprocessor_count"]
+    sms = sm90_driver.SM_COUNT
     print(json.dumps({"done": done, "usage": usage, "triton": triton.__version__, "sms": sms}))
     """
 )
@@ -203,9 +173,9 @@ def sm90():
     usage and persistent loops, triton's version."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the kernel tests compile and run for real")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    from sm90_driver import script_env
+
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=script_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     import json
 

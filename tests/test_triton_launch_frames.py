@@ -19,7 +19,6 @@ through torch's wrap_triton, as it did before); a patched diffusers double-block
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -35,7 +34,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import torch, triton
-    from triton.backends.compiler import GPUTarget
+
+    import sm90_driver  # tests/, on PYTHONPATH
 
     import flux_npu.kernels.cuda  # jitted now, as compiled kernels (TRITON_INTERPRET is unset)
     from flux_npu.kernels.cuda import _triton as T, rms_norm as RMS
@@ -47,17 +47,6 @@ SCRIPT = textwrap.dedent(
     LAUNCHES = []
 
 
-    class Utils:  # what triton asks of the driver's C utilities
-        def load_binary(self, name, kernel, shared, device):
-            return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
-
-        def get_device_properties(self, device):
-            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
-
-        def unload_module(self, module):
-            pass
-
-
     class Launcher:  # stands for the driver's launcher: records instead of calling the C launch
         def __init__(self, src, metadata):
             self.name = src.fn.__name__
@@ -66,27 +55,7 @@ SCRIPT = textwrap.dedent(
             LAUNCHES.append((self.name, sys._getframe(1)))
 
 
-    class Driver:
-        utils = Utils()
-        launcher_cls = Launcher
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def get_device_capability(self, device):
-            return (9, 0)
-
-
-    triton.runtime.driver.set_active(Driver())
+    sm90_driver.install(Launcher)
 
     import flux_npu
     from flux_npu import models, ops
@@ -166,9 +135,9 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def counted():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    from sm90_driver import script_env
+
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=script_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
