@@ -4,7 +4,7 @@ Flux normalises q and k over the head dim and rotates them right after. Here q a
 once and written once, and both go through one launch of the RoPE kernel with its RMSNorm
 prologue (`apply_rope.py`, NORM and TWO on: each program reads a row block's frequencies once and
 applies them to q and k). The backward is one launch too (after a small copy of the frequencies
-where it reads them as 64-bit words: `apply_rope.word_freqs`), with the two weight gradients reduced
+where it reads them as 64-bit words: `_rope_words.word_freqs`), with the two weight gradients reduced
 on a persistent grid that prefetches each next row block. q and k of different shapes, dtypes or weight
 presence (never the case in Flux) take one launch each.
 Custom ops `flux_npu::triton_qk_norm_rope` / `_bwd`, autograd, check and registration.
