@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .benchmark.stats import CONFIDENCE
 from .utils.versions import system_line
-from .verify_sections import parity_markdown, sections_markdown
+from .verify_sections import parity_markdown, section_head, sections_markdown
 
 
 def _md_table(head: list[str], rows: list[list]) -> str:
@@ -47,9 +47,7 @@ def render_markdown(r: dict) -> str:
         out += ["## Failures", ""] + [f"- {f}" for f in r["failures"]] + [""]
     p = r.get("parity")
     if p:
-        out += ["## Parity against the shipped goldens", ""]
-        if p.get("status") == "error":
-            out += [f"**phase crashed**: {p['error']} (traceback in verify.log)", ""]
+        out += section_head("Parity against the shipped goldens", p)
         for g in p.get("goldens", []):
             if "status" not in g:  # interrupted while this golden was being checked
                 out += [f"### {g['golden']}: unfinished (interrupted)", ""]
@@ -65,9 +63,7 @@ def render_markdown(r: dict) -> str:
     out += sections_markdown(r, _md_table)
     o = r.get("ops")
     if o:
-        out += ["## Op benchmarks", ""]
-        if o.get("status") == "error":
-            out += [f"**phase crashed**: {o['error']} (traceback in verify.log)", ""]
+        out += section_head("Op benchmarks", o)
         if "table" in o:
             e = o["environment"]
             grow = (f", grown up to {o['max_repeats']} until significant" if o.get("max_repeats", 0) > o["repeats"]
@@ -81,9 +77,7 @@ def render_markdown(r: dict) -> str:
                     "cache-resident, not bandwidth.", "", "```", o["table"], "```", ""]
     m = r.get("model")
     if m:
-        out += ["## Whole-model benchmark", ""]
-        if m.get("status") == "error":
-            out += [f"**phase crashed**: {m['error']} (traceback in verify.log)", ""]
+        out += section_head("Whole-model benchmark", m)
         if "table" in m:
             out += [f"Configuration: {m['config']}; rows in `model.json`, tracebacks (if any) in `model.log`.", "",
                     "```", m["table"], "```", ""]

@@ -10,6 +10,14 @@ import os
 import shlex
 
 
+def section_head(title: str, section: dict) -> list[str]:
+    """A report section's heading, and the line saying its phase crashed when it did."""
+    out = [f"## {title}", ""]
+    if section.get("status") == "error":
+        out += [f"**phase crashed**: {section['error']} (traceback in verify.log)", ""]
+    return out
+
+
 def parity_rule(rep) -> dict:
     """Ascend's rule over one golden's check (`parity.CheckReport`), for report.json."""
     rated = [r for r in rep.results if r.rule is not None]
@@ -102,9 +110,7 @@ def sections_markdown(r: dict, _md_table) -> list:
     out = []
     dq = r.get("device_questions")
     if dq:
-        out += ["## Open device questions (please send the answers back)", ""]
-        if dq.get("status") == "error":
-            out += [f"**phase crashed**: {dq['error']} (traceback in verify.log)", ""]
+        out += section_head("Open device questions (please send the answers back)", dq)
         rows = [[q["question"], q["asked"], q.get("answer", ""), q.get("verdict", q.get("error", "")),
                  json.dumps(q.get("detail", {}), default=str)] for q in dq.get("rows", [])]
         if rows:
@@ -116,9 +122,7 @@ def sections_markdown(r: dict, _md_table) -> list:
                     f"`{r['command']}`.", ""]
     tr = r.get("trajectory")
     if tr:
-        out += ["## Training trajectory", ""]
-        if tr.get("status") == "error":
-            out += [f"**phase crashed**: {tr['error']} (traceback in verify.log)", ""]
+        out += section_head("Training trajectory", tr)
         if tr.get("modes"):
             out += [f"A short fine-tune of a small Flux-width model on synthetic data, {tr['dtype']}, patched, "
                     f"against the shipped reference: {tr['how']}.", ""]
@@ -134,9 +138,7 @@ def sections_markdown(r: dict, _md_table) -> list:
                     "Curves side by side: `trajectory.png`.", ""]
     mp = r.get("msprobe")
     if mp:
-        out += ["## msprobe dump (op names shared by every device)", ""]
-        if mp.get("status") == "error":
-            out += [f"**phase crashed**: {mp['error']} (traceback in verify.log)", ""]
+        out += section_head("msprobe dump (op names shared by every device)", mp)
         if "dump_json" in mp:
             ours = sorted({e.rsplit(".", 2)[0] for e in mp["flux_npu_entries"]})
             out += [f"One patched Flux step (forward and backward) dumped by msprobe: `{mp['dump_json']}`. "
