@@ -78,6 +78,15 @@ SERVED_PER_TRAINING_STEP = {k: 2 * n - (1 if k[0] == "layer_norm_modulate" else 
                             for k, n in SERVED_PER_FORWARD.items()}
 
 
+def _patched(run, **patch_kw):
+    """run() under flux_npu.patch("cpu", targets=["bfl"], **patch_kw), with the dispatch counts of
+    that call alone: (its result, the stats)."""
+    with flux_npu.patch("cpu", targets=["bfl"], **patch_kw):
+        ops.reset_dispatch_stats()
+        out = run()
+        return out, ops.dispatch_stats()
+
+
 def _served(stats):
     return {k: n for k, n in stats["served"].items() if k in SERVED_PER_FORWARD}
 
@@ -157,10 +166,7 @@ def test_training_forward_backward_served_and_eps_none_honoured(layout_path):
         _run(model, model.forward_orig, kwargs, leaves)
     stock = _train(model, kwargs, leaves)
     assert model.double_blocks[0].img_attn.norm.query_norm.eps is None
-    with flux_npu.patch("cpu", targets=["bfl"]):
-        ops.reset_dispatch_stats()
-        patched = _train(model, kwargs, leaves)
-        stats = ops.dispatch_stats()
+    patched, stats = _patched(lambda: _train(model, kwargs, leaves))
     assert rel_err(patched["out"], stock["out"]) <= tolerance(torch.float32)
     assert not stats["fallback"], stats["fallback"]
     assert _served(stats) == SERVED_PER_TRAINING_STEP
@@ -298,10 +304,7 @@ def test_modulation_dims_served_per_range_where_they_tile_the_tokens(layout_path
     pe = model.pe_embedder(torch.zeros(2, 7, 3))
     with torch.no_grad():
         stock = block(x.clone(), vec, pe, modulation_dims=dims)
-        with flux_npu.patch("cpu", targets=["bfl"]):
-            ops.reset_dispatch_stats()
-            patched = block(x.clone(), vec, pe, modulation_dims=dims)
-            stats = ops.dispatch_stats()
+        patched, stats = _patched(lambda: block(x.clone(), vec, pe, modulation_dims=dims))
     assert rel_err(patched, stock) <= tolerance(torch.float32)
     assert stats["served"].get(("layer_norm_modulate", "cpu", "torch.layer_norm+addcmul"), 0) == served
     assert stats["served"].get(("gated_residual", "cpu", "torch.addcmul"), 0) == served
@@ -330,10 +333,7 @@ def test_flux2_reference_images_at_timestep_zero_served(layout_path):
               "timestep_zero_index": [(15, 25)], "transformer_options": {}}
     with torch.no_grad():
         stock = model.forward_orig(**kwargs)
-        with flux_npu.patch("cpu", targets=["bfl"]):
-            ops.reset_dispatch_stats()
-            patched = model.forward_orig(**kwargs)
-            stats = ops.dispatch_stats()
+        patched, stats = _patched(lambda: model.forward_orig(**kwargs))
     assert rel_err(patched, stock) <= tolerance(torch.float32)
     assert not stats["fallback"], stats["fallback"]
     # img: 2 ranges (rows 0, 1) x 2 norms per double block; txt: 2 norms, one row; single blocks: 2 ranges
@@ -426,10 +426,7 @@ def test_exclude_attention_keeps_rope_served(layout_path):
         stock = model.forward_orig(**kwargs)
     with flux_npu.patch("cpu", targets=["bfl"]):
         every = _train(model, kwargs, leaves)  # gradients checked against float64 above
-    with flux_npu.patch("cpu", targets=["bfl"], exclude=["attention"]):
-        ops.reset_dispatch_stats()
-        patched = _train(model, kwargs, leaves)
-        stats = ops.dispatch_stats()
+    patched, stats = _patched(lambda: _train(model, kwargs, leaves), exclude=["attention"])
     assert rel_err(patched["out"], stock) <= tolerance(torch.float32)
     _check_fp32(patched, every)
     assert stats["served"][("apply_rope", "cpu", "torch.complex_mul")] == 2 * 8
@@ -447,10 +444,7 @@ def test_comfy_fp8_checkpoint_weights_cast_like_manual_cast(layout_path, fp8):
     kwargs = _comfy_kwargs(model, inputs, "bool")
     with torch.no_grad():
         stock = model.forward_orig(**kwargs)
-        with flux_npu.patch("cpu", targets=["bfl"]):
-            ops.reset_dispatch_stats()
-            patched = model.forward_orig(**kwargs)
-            stats = ops.dispatch_stats()
+        patched, stats = _patched(lambda: model.forward_orig(**kwargs))
     assert rel_err(patched, stock) <= tolerance(torch.float32)
     assert not stats["fallback"], stats["fallback"]
     assert stats["served"][("rms_norm", "cpu", "torch.rms_norm")] == 12
@@ -485,10 +479,7 @@ def test_kohya_fp8_base_scales_served_as_kohya_casts_them(layout_path):
     kwargs = _kohya_kwargs(inputs)
     leaves = {"img": inputs["img"], "txt": inputs["txt"]}
     stock = _run(model, model, kwargs, leaves)
-    with flux_npu.patch("cpu", targets=["bfl"]):
-        ops.reset_dispatch_stats()
-        patched = _run(model, model, kwargs, leaves)
-        stats = ops.dispatch_stats()
+    patched, stats = _patched(lambda: _run(model, model, kwargs, leaves))
     for k in ("out", "d_img", "d_txt"):
         assert rel_err(patched[k], stock[k]) <= tolerance(torch.float32), k
     assert not stats["fallback"], stats["fallback"]
@@ -649,10 +640,7 @@ def test_training_bfloat16_no_worse_than_stock(layout_path):
            for k, v in kwargs.items()}
     l16 = {"img": k16["img"], "txt": k16["txt"]}
     stock = _train(m16, k16, l16)
-    with flux_npu.patch("cpu", targets=["bfl"]):
-        ops.reset_dispatch_stats()
-        patched = _train(m16, k16, l16)
-        stats = ops.dispatch_stats()
+    patched, stats = _patched(lambda: _train(m16, k16, l16))
     assert not stats["fallback"], stats["fallback"]
     assert _served(stats) == SERVED_PER_TRAINING_STEP
     # the project's bf16 rule, against the float32 step whose gradients match float64 (stock's bf16
