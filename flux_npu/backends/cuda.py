@@ -43,6 +43,8 @@ def compute_capability(index: int = None):
 # -- SDPA routing around known-bad kernels ----------------------------------------------------------
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")  # torch.nn.attention.SDPBackend names, short
+_SDPA_ENUMS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+               "math": "MATH"}
 SDPA_ENV = "FLUX_NPU_SDPA_BACKENDS"
 SDPA_ENV_OLD = "FLUX_NPU_SDPA_PRIORITY"  # earlier name of the same setting, still read
 
@@ -86,6 +88,14 @@ SDPA_FACTS = (
         ),
     ),
 )
+
+
+def sdpa_enums(names) -> list:
+    """torch.nn.attention.SDPBackend members for SDPA backend names (SDPA_BACKENDS' short names), in
+    the given order: what `sdpa_kernel(..., set_priority=True)` takes."""
+    from torch.nn.attention import SDPBackend
+
+    return [getattr(SDPBackend, _SDPA_ENUMS[n]) for n in names]
 
 
 def torch_version_tuple(version: str) -> tuple[int, int]:

@@ -86,8 +86,6 @@ def golden_path(name: str = "parity_cpu.safetensors") -> str:
 # backend torch picks, so on CUDA the suite allows only these; the choice is written into the
 # golden's metadata.
 PARITY_SDPA = ("flash", "efficient", "math")
-_SDPA_ENUM = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-              "math": "MATH"}
 
 
 def sdpa_policy(backend: Backend, allow_cudnn: bool = False):
@@ -95,9 +93,11 @@ def sdpa_policy(backend: Backend, allow_cudnn: bool = False):
     `backend`'s device; elsewhere (no cuDNN SDPA) the context does nothing."""
     if backend.device_type != "cuda" or allow_cudnn:
         return contextlib.nullcontext, {"device_type": backend.device_type, "allowed": "default"}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    chosen = [getattr(SDPBackend, _SDPA_ENUM[n]) for n in PARITY_SDPA]
+    from ..backends.cuda import sdpa_enums
+
+    chosen = sdpa_enums(PARITY_SDPA)
     return (lambda: sdpa_kernel(chosen)), {"device_type": backend.device_type, "allowed": list(PARITY_SDPA)}
 
 

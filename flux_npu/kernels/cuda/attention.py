@@ -22,14 +22,7 @@ from ...backends import cuda as _cuda
 from ...ops.registry import register_kernel
 from .._common import foreign_device
 
-_NAMES = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 _CHOICES: dict = {}
-
-
-def _sdpa_backends(names):
-    from torch.nn.attention import SDPBackend
-
-    return [getattr(SDPBackend, _NAMES[n]) for n in names]
 
 
 def sdpa_choice(q, k, v, mask=None, scale=None) -> str:
@@ -66,7 +59,7 @@ def sdpa_attention(backend, q, k, v, mask, scale, layout):
     else:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(_sdpa_backends(route.backends), set_priority=True):
+        with sdpa_kernel(_cuda.sdpa_enums(route.backends), set_priority=True):
             out = _sdpa(q, k, v, mask, scale, gqa)
     return out.transpose(1, 2) if layout == "BSHD" else out
 
