@@ -79,14 +79,12 @@ class Out:
         self.deadline = time.monotonic() + budget  # this process's own share
         self.budget = budget
         self.tiny = tiny
-        self.rows = []
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def row(self, phase: str, **fields):
         r = {"phase": phase, "t": round(time.time() - self.start, 2), **fields}
-        self.rows.append(r)
         self.file.write(json.dumps(r, default=str) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -352,16 +350,14 @@ def sdpa_context(device, backend, training: bool):
 
     if device.type != "cuda":
         return contextlib.nullcontext, "cpu: no SDPA routing"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    from flux_npu.backends.cuda import route_for
+    from flux_npu.backends.cuda import route_for, sdpa_enums
 
     route = route_for(backend, torch.cuda.current_device(), training)
     if not route.backends:
         return contextlib.nullcontext, route.reason
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-             "math": "MATH"}
-    chosen = [getattr(SDPBackend, names[n]) for n in route.backends]
+    chosen = sdpa_enums(route.backends)
     return (lambda: sdpa_kernel(chosen, set_priority=True)), route.reason
 
 
@@ -378,7 +374,7 @@ def peak_gib(device, fn) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**30
 
 
-def phase_model(out: Out, device, backend, tiny: bool, state: dict):
+def phase_model(out: Out, device, backend, tiny: bool):
     """Stock vs patched Flux-mini on the same weights and the same LoRA adapters (rank 16 on
     models.LORA_TARGETS, added before the copy): inference with the adapters disabled, and a LoRA
     training step's forward+backward (gradients of the adapters only, no optimiser: the optimiser
@@ -400,7 +396,6 @@ def phase_model(out: Out, device, backend, tiny: bool, state: dict):
     patched = copy.deepcopy(stock)
     params = {id(m): models.trainable_params(m, "lora") for m in (stock, patched)}
     handle = flux_npu.patch(backend, model=patched)
-    state.update(stock=stock, patched=patched, cfg=cfg, handle=handle)
     out.row("model", status="built", preset=preset, seconds=time.perf_counter() - t,
             params=sum(p.numel() for p in stock.parameters()), lora_params=sum(p.numel() for p in params[id(stock)]),
             patched=str(handle)[:400])
@@ -704,7 +699,7 @@ def child_main(name: str, args) -> int:
         "env": lambda: phase_env(out, device, backend),
         "kernels": lambda: phase_kernels(out, device, backend, args.tiny),
         "host": lambda: phase_host(out, device, backend, args.tiny),
-        "model": lambda: phase_model(out, device, backend, args.tiny, {}),
+        "model": lambda: phase_model(out, device, backend, args.tiny),
         "compile": lambda: phase_compile(out, device, backend, args.tiny, args.compile_backend),
         "lora": lambda: phase_lora(out, device, backend, args.tiny),
         "parity": lambda: phase_parity(out, device, args.tiny),
