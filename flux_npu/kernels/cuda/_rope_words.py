@@ -173,8 +173,10 @@ def word_freqs(f0: torch.Tensor, f1: torch.Tensor | None):
 # programs of 4 warps per SM), 128 when capped there, without spilling (4 per SM, as triton 3.9's
 # allocates unasked; capped, 3.9's spills 8 bytes): the cap is given below triton 3.9 only (3.8's,
 # capped: 128, no spill, first wait 0.69).
+# Read once at import, not per launch.
+_CAP_COS_SIN = T.triton is not None and tuple(int(v) for v in T.triton.__version__.split(".")[:2]) < (3, 9)
+
+
 def _words_maxnreg(cos_sin: bool) -> dict:
     """The launch's register cap for _rope_words_bwd."""
-    if cos_sin and T.triton is not None and tuple(int(v) for v in T.triton.__version__.split(".")[:2]) < (3, 9):
-        return {"maxnreg": 128}
-    return {}
+    return {"maxnreg": 128} if cos_sin and _CAP_COS_SIN else {}
