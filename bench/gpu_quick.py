@@ -151,6 +151,20 @@ def device_time(fn, device, calls: int, repeats: int):
     return statistics.median(ts), min(ts), max(ts), f"loop of {calls} calls between two syncs" + method_note
 
 
+def significance(stock, patched) -> dict:
+    """Whether stock and patched times differ, by the project's one test (benchmark/stats.py:
+    Mann-Whitney U): the p value and the verdict, so that a ratio whose spread cannot tell the two
+    apart is not read as faster or slower."""
+    from flux_npu.benchmark.stats import compare
+
+    v = compare(stock, patched)
+    return {"p": v.p_value, "significant": v.significant, "significance_note": v.note}
+
+
+def _verdict(r) -> str:
+    return "" if r.get("significant") else f" (not significant: {r.get('significance_note', '')})"
+
+
 def wall(fn, device) -> float:
     sync(device)
     t = time.perf_counter()
@@ -320,6 +334,7 @@ def phase_host(out: Out, device, backend, tiny: bool):
             out.row("host", op=name, stock_us=statistics.median(times["stock"]) * 1e6,
                     patched_us=statistics.median(times["patched"]) * 1e6, patched_over_stock=statistics.median(ratios),
                     ratio_min=min(ratios), ratio_max=max(ratios), rounds=rounds, calls=calls,
+                    **significance(times["stock"], times["patched"]),
                     note="per call, host-bound (tiny tensors; the GPU work is negligible)")
 
 
@@ -441,6 +456,7 @@ def phase_model(out: Out, device, backend, tiny: bool):
             out.row("model", summary=True, tokens=tokens, mode=mode, stock_s=statistics.median(times["stock"]),
                     patched_s=statistics.median(times["patched"]), speedup=statistics.median(ratios),
                     speedup_min=min(ratios), speedup_max=max(ratios), repeats=repeats, sdpa_routing=routing,
+                    **significance(times["stock"], times["patched"]),
                     stock_peak_gib=peaks["stock"], patched_peak_gib=peaks["patched"],
                     note="LoRA step forward+backward (adapter gradients, no optimiser)" if mode == "train"
                     else "inference, adapters disabled")
@@ -604,10 +620,10 @@ def summary(out: Out, rows: list) -> str:
                          f"{100 * r['copy_fraction']:.0f}% of copy ({r['method']}){err}")
         elif r["phase"] == "host" and "op" in r:
             lines.append(f"- host {r['op']}: patched/stock {r['patched_over_stock']:.2f} "
-                         f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+                         f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}){_verdict(r)}")
         elif r["phase"] == "model" and r.get("summary"):
             lines.append(f"- model {r['tokens']} {r['mode']}: stock/patched {r['speedup']:.2f}x "
-                         f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f})")
+                         f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}){_verdict(r)}")
         elif r["phase"] == "compile" and "variant" in r:
             lines.append(f"- compile {r['variant']}: first {r['first_call_s']:.1f} s, "
                          f"steady {r['steady_s'] * 1e3:.1f} ms, {r['graphs']} graph(s)")
